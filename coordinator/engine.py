@@ -1,0 +1,101 @@
+"""The single-device engine: a model family over a checkpoint, with its experts in-process.
+
+`Engine.load(dir)` maps the checkpoint and picks the compute for the dense part and the experts by
+precision: `reference` (pure numpy, the spec), `exact` (native kernels, fp32 activations) or `fast`
+(native kernels, int8 activations for the experts). `logits()` runs one full forward pass;
+`generate()` yields token ids as they are sampled. The cluster engine swaps only the expert backend.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from expert_node.checkpoint import Checkpoint
+from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
+
+from .models import family_of
+from .models.gpt_oss import reference_linear
+from .sampling import SamplingParams, sample
+
+PRECISIONS = ("reference", "exact", "fast")
+PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
+
+
+class ContextLimitError(ValueError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+
+def native_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    from expert_node import native
+
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
+    return out if b is None else out + b
+
+
+def make_expert_backend(ckpt: Checkpoint, precision: str) -> ExpertBackend:
+    family = family_of(ckpt)
+    shape = family.expert_shape(ckpt.config)
+    layers = family.load_layer_experts(ckpt, range(int(ckpt.config["num_hidden_layers"])))
+    if precision == "reference":
+        return ReferenceExpertBackend(layers, shape)
+    return NativeExpertBackend(layers, shape, precision)
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, model, precision: str):
+        self.checkpoint, self.model, self.precision = ckpt, model, precision
+        self.config = model.cfg
+
+    @classmethod
+    def load(cls, folder, precision: str = "exact", experts: ExpertBackend | None = None) -> "Engine":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        ckpt = Checkpoint(folder)
+        family = family_of(ckpt)
+        if experts is None:
+            experts = make_expert_backend(ckpt, precision)
+        linear = reference_linear if precision == "reference" else native_linear
+        if precision != "reference":
+            ckpt.advise_hugepages()
+        return cls(ckpt, family.build_model(ckpt, linear, experts), precision)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def logits(self, ids: Iterable[int]) -> np.ndarray:
+        """float32 [T, vocab] logits of one forward pass over `ids` from an empty context."""
+        ids = np.asarray(list(ids), np.int64)
+        self._check_fits(ids.size, 0)
+        return self.model.forward(ids, self.model.new_cache(), all_logits=True)
+
+    def _check_fits(self, n_prompt: int, n_new: int) -> None:
+        if n_prompt + n_new > self.context_length:
+            raise ContextLimitError(
+                f"prompt of {n_prompt} tokens + {n_new} new tokens exceeds the context of {self.context_length}")
+
+    def prefill(self, ids: np.ndarray, cache) -> np.ndarray:
+        """Feed ids in chunks; logits [vocab] after the last one."""
+        for start in range(0, ids.size, PREFILL_CHUNK):
+            logits = self.model.forward(ids[start:start + PREFILL_CHUNK], cache, all_logits=False)
+        return logits[-1]
+
+    def generate(self, ids: Iterable[int], max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                 stop_ids: Iterable[int] = ()) -> Iterator[int]:
+        """Yield up to max_new_tokens sampled ids; a stop id is yielded, then generation ends."""
+        params = SamplingParams(temperature, top_p, top_k, min_p, seed)
+        ids = np.asarray(list(ids), np.int64)
+        self._check_fits(ids.size, max_new_tokens)
+        stops = set(stop_ids)
+        rng = np.random.default_rng(seed)
+        cache = self.model.new_cache()
+        logits = self.prefill(ids, cache)
+        for i in range(max_new_tokens):
+            token = sample(logits, params, rng)
+            yield token
+            if token in stops or i == max_new_tokens - 1:
+                return
+            logits = self.model.forward(np.array([token]), cache, all_logits=False)[-1]

@@ -1,0 +1,22 @@
+"""Model families, chosen by config.json's `model_type`: one module per family.
+
+A family module provides `MODEL_TYPE`, `build_model(checkpoint, linear, experts)`,
+`expert_shape(config)` and `load_layer_experts(checkpoint, layers)`.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from expert_node.checkpoint import Checkpoint, CheckpointError
+
+from . import gpt_oss
+
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_oss,)}
+
+
+def family_of(ckpt: Checkpoint) -> ModuleType:
+    model_type = ckpt.config.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{ckpt.folder / 'config.json'}: unknown model_type {model_type!r} (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[model_type]

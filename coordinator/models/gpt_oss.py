@@ -1,0 +1,331 @@
+"""gpt-oss (20b, 120b) in numpy: the coordinator's dense part and the spec in code.
+
+Readable reference functions (rmsnorm, rope_yarn, attention_with_sinks, router_topk,
+combine_experts) plus the model that strings them together over a memory-mapped checkpoint.
+The experts are computed behind an ExpertBackend (numpy, native kernels or remote nodes); the
+dense matmuls behind a `linear` function (numpy or native). Everything follows
+spec/gpt-oss.md §2; activations are float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
+from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts
+
+MODEL_TYPE = "gpt_oss"
+# Rows of a bf16 weight widened at once by the numpy linear: bounds the fp32 temporary (~90 MB
+# for the 201088 x 2880 unembedding) without a full fp32 copy of any matrix.
+REFERENCE_ROW_CHUNK = 8192
+
+Linear = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GptOssConfig:
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int
+    vocab_size: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope_theta: float
+    rope_factor: float
+    rope_beta_fast: float
+    rope_beta_slow: float
+    rope_original_max_positions: int
+    rope_truncate: bool
+    max_position_embeddings: int
+    rms_norm_eps: float
+    swiglu_limit: float
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GptOssConfig":
+        try:
+            rs = d.get("rope_scaling") or d.get("rope_parameters") or {}
+            n_layers = int(d["num_hidden_layers"])
+            layer_types = tuple(d.get("layer_types") or
+                                ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)])
+            cfg = cls(
+                num_hidden_layers=n_layers,
+                hidden_size=int(d["hidden_size"]),
+                num_attention_heads=int(d["num_attention_heads"]),
+                num_key_value_heads=int(d["num_key_value_heads"]),
+                head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
+                num_local_experts=int(d["num_local_experts"]),
+                num_experts_per_tok=int(d.get("num_experts_per_tok", d.get("experts_per_token", 4))),
+                intermediate_size=int(d["intermediate_size"]),
+                vocab_size=int(d["vocab_size"]),
+                sliding_window=int(d["sliding_window"]),
+                layer_types=layer_types,
+                rope_theta=float(d.get("rope_theta", rs.get("rope_theta", 150000.0))),
+                rope_factor=float(rs.get("factor", 1.0)),
+                rope_beta_fast=float(rs.get("beta_fast", 32.0)),
+                rope_beta_slow=float(rs.get("beta_slow", 1.0)),
+                rope_original_max_positions=int(rs.get("original_max_position_embeddings",
+                                                       d.get("initial_context_length", 4096))),
+                rope_truncate=bool(rs.get("truncate", True)),
+                max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                swiglu_limit=float(d.get("swiglu_limit", 7.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: missing or invalid gpt-oss key ({e})") from None
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            problems.append("head_dim must be even (half-split RoPE)")
+        if self.hidden_size % 32 or self.intermediate_size % 32:
+            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 blocks)")
+        if not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            problems.append("num_experts_per_tok must be in 1..num_local_experts")
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append("layer_types must list every layer")
+        if problems:
+            raise CheckpointError("config.json: " + "; ".join(problems))
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference functions (spec/gpt-oss.md §2). Short, unoptimised, float32.
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * w in float32; w multiplies directly (no 1 + w)."""
+    x = x.astype(np.float32)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w
+
+
+def rope_yarn(cfg: GptOssConfig) -> tuple[np.ndarray, float]:
+    """YaRN 'NTK-by-parts' inverse frequencies [head_dim/2] and the concentration C (§2.4).
+
+    truncate=false (gpt-oss) keeps the correction range unrounded; the range is clamped to
+    [0, dim-1] as Hugging Face does.
+    """
+    dim, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    if factor <= 1.0:
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.rope_original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    inv = (1.0 / pos_freqs) * (1 - ramp) + (1.0 / (factor * pos_freqs)) * ramp
+    concentration = 0.1 * math.log(factor) + 1.0
+    return inv.astype(np.float32), concentration
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, concentration: float) -> np.ndarray:
+    """Half-split rotation of x [T, heads, d]: element i pairs with i + d/2; cos and sin carry C."""
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, d/2]
+    cos = (np.cos(angles) * np.float32(concentration))[:, None, :]
+    sin = (np.sin(angles) * np.float32(concentration))[:, None, :]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_with_sinks(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
+    q_pos: np.ndarray, k_pos: np.ndarray, window: int | None,
+) -> np.ndarray:
+    """Causal GQA attention with one learned sink logit per query head (§2.5, §2.6).
+
+    q [T, nq, d], k/v [S, nkv, d] at absolute positions q_pos [T], k_pos [S]. The sink joins the
+    softmax denominator only. A window of W keeps keys j with t - W < j <= t.
+    """
+    T, nq, d = q.shape
+    nkv = k.shape[1]
+    group = nq // nkv
+    qg = q.reshape(T, nkv, group, d)
+    scores = np.einsum("tkgd,skd->kgts", qg, k) / np.float32(math.sqrt(d))  # [nkv, group, T, S]
+    masked = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        masked |= k_pos[None, :] <= q_pos[:, None] - window
+    scores = np.where(masked, np.float32(-np.inf), scores)
+    sink = sinks.reshape(nkv, group, 1, 1).astype(np.float32)
+    m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
+    p = np.exp(scores - m)
+    z = p.sum(axis=-1, keepdims=True) + np.exp(sink - m)
+    out = np.einsum("kgts,skd->tkgd", p / z, v)
+    return out.reshape(T, nq * d).astype(np.float32)
+
+
+def router_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k experts by logit (ties: lower expert id first) and softmax over those k only."""
+    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    top = np.take_along_axis(logits, idx, axis=-1)
+    e = np.exp(top - top.max(axis=-1, keepdims=True))
+    return idx, (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def combine_experts(outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_slot weights[t, slot] * outputs[t, slot] in slot order 0..k-1: one fixed order, so a
+    cluster and a single device add the same numbers the same way."""
+    acc = outputs[:, 0] * weights[:, 0:1]
+    for slot in range(1, outputs.shape[1]):
+        acc = acc + outputs[:, slot] * weights[:, slot:slot + 1]
+    return acc
+
+
+def reference_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """x [T, K] @ w[N, K]^T (+ b), w bf16-as-uint16 widened a chunk of rows at a time."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    for r in range(0, w.shape[0], REFERENCE_ROW_CHUNK):
+        out[:, r:r + REFERENCE_ROW_CHUNK] = x @ bf16_to_f32(w[r:r + REFERENCE_ROW_CHUNK]).T
+    return out if b is None else out + b
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+class KVCache:
+    """Per-layer keys (already rotated) and values with their absolute positions.
+
+    Full-attention layers grow; sliding layers keep only the last `sliding_window` entries,
+    which is all any later query can see, so their memory is O(window).
+    """
+
+    def __init__(self, cfg: GptOssConfig):
+        self.cfg = cfg
+        empty = lambda: np.zeros((0, cfg.num_key_value_heads, cfg.head_dim), np.float32)  # noqa: E731
+        self.k = [empty() for _ in range(cfg.num_hidden_layers)]
+        self.v = [empty() for _ in range(cfg.num_hidden_layers)]
+        self.pos = [np.zeros(0, np.int64) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0  # tokens seen so far = position of the next token
+
+    def extend(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
+        """Append new entries; return the keys, values and positions the new queries attend to."""
+        keys = np.concatenate([self.k[layer], k])
+        vals = np.concatenate([self.v[layer], v])
+        kpos = np.concatenate([self.pos[layer], pos])
+        keep = slice(-self.cfg.sliding_window, None) if self.cfg.is_sliding(layer) else slice(None)
+        self.k[layer], self.v[layer], self.pos[layer] = keys[keep], vals[keep], kpos[keep]
+        return keys, vals, kpos
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    input_norm: np.ndarray  # float32 [H]
+    q: np.ndarray  # bf16 [nq*d, H]
+    q_bias: np.ndarray
+    k: np.ndarray
+    k_bias: np.ndarray
+    v: np.ndarray
+    v_bias: np.ndarray
+    o: np.ndarray  # bf16 [H, nq*d]
+    o_bias: np.ndarray
+    sinks: np.ndarray  # float32 [nq]
+    post_norm: np.ndarray
+    router: np.ndarray  # bf16 [E, H]
+    router_bias: np.ndarray
+
+
+class GptOssModel:
+    """Embedding, attention, router and head on the coordinator; experts behind a backend."""
+
+    def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend):
+        self.cfg = cfg = GptOssConfig.from_dict(ckpt.config)
+        self.linear, self.experts = linear, experts
+        H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
+        qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.embed = ckpt.tensor("model.embed_tokens.weight", (V, H), ("BF16",))
+        self.lm_head = ckpt.tensor("lm_head.weight", (V, H), ("BF16",))
+        self.final_norm = ckpt.float_tensor("model.norm.weight", (H,))
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            w = lambda n, s: ckpt.tensor(p + n, s, ("BF16",))  # noqa: E731
+            f = lambda n, s: ckpt.float_tensor(p + n, s)  # noqa: E731
+            self.layers.append(AttentionWeights(
+                f("input_layernorm.weight", (H,)),
+                w("self_attn.q_proj.weight", (qw, H)), f("self_attn.q_proj.bias", (qw,)),
+                w("self_attn.k_proj.weight", (kvw, H)), f("self_attn.k_proj.bias", (kvw,)),
+                w("self_attn.v_proj.weight", (kvw, H)), f("self_attn.v_proj.bias", (kvw,)),
+                w("self_attn.o_proj.weight", (H, qw)), f("self_attn.o_proj.bias", (H,)),
+                f("self_attn.sinks", (cfg.num_attention_heads,)),
+                f("post_attention_layernorm.weight", (H,)),
+                w("mlp.router.weight", (E, H)), f("mlp.router.bias", (E,)),
+            ))
+        self.inv_freq, self.concentration = rope_yarn(cfg)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg)
+
+    def attention(self, i: int, x: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
+        cfg, w = self.cfg, self.layers[i]
+        xn = rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
+        T, d = x.shape[0], cfg.head_dim
+        q = self.linear(xn, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, d)
+        k = self.linear(xn, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, d)
+        v = self.linear(xn, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, d)
+        q = apply_rope(q, pos, self.inv_freq, self.concentration)
+        k = apply_rope(k, pos, self.inv_freq, self.concentration)
+        keys, vals, kpos = cache.extend(i, k, v, pos)
+        window = cfg.sliding_window if cfg.is_sliding(i) else None
+        o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window)
+        return self.linear(o, w.o, w.o_bias)
+
+    def route(self, i: int, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w = self.layers[i]
+        return router_topk(self.linear(xn, w.router, w.router_bias), self.cfg.num_experts_per_tok)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True,
+                router_log: list | None = None) -> np.ndarray:
+        """Run tokens `ids` after what `cache` holds; logits [T, V] (or [1, V] for the last token).
+
+        router_log, if given, receives (layer, expert ids [T, k]) for every layer.
+        """
+        cfg = self.cfg
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("ids: expected a non-empty 1-D sequence of token ids")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"ids: token ids must be in [0, {cfg.vocab_size})")
+        pos = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
+        x = bf16_to_f32(self.embed[ids])
+        for i in range(cfg.num_hidden_layers):
+            x = x + self.attention(i, x, cache, pos)
+            xn = rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
+            expert_ids, weights = self.route(i, xn)
+            if router_log is not None:
+                router_log.append((i, expert_ids))
+            x = x + combine_experts(self.experts.run(i, xn, expert_ids), weights)
+        cache.length += ids.size
+        h = rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
+        return self.linear(h, self.lm_head, None)
+
+
+def expert_shape(config: dict) -> ExpertShape:
+    return ExpertShape.from_config(config)
+
+
+def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, LayerExperts]:
+    shape = expert_shape(ckpt.config)
+    return {i: LayerExperts.from_checkpoint(ckpt, i, shape) for i in layers}
+
+
+def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend) -> GptOssModel:
+    return GptOssModel(ckpt, linear, experts)

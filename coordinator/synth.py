@@ -1,0 +1,244 @@
+"""`moemesh synth`: write a random gpt-oss checkpoint in exactly the Hugging Face layout.
+
+Real gpt-oss weights cannot be downloaded here, so tests and benchmarks run on checkpoints this
+module writes: same tensor names, shapes and dtypes, MXFP4 experts with valid codes and scales,
+`quantization_config`, shard naming and index file as OpenAI's converter writes them, plus the
+real o200k_harmony tokenizer. Weights are random (seeded, byte-identical run to run) at scales
+chosen so every feature of the math is exercised: non-zero biases and sinks, and gate/up
+pre-activations that hit the ±7 SwiGLU clamp. Full-size presets stream to disk in bounded memory.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from expert_node.checkpoint import INDEX_NAME, SINGLE_NAME, f32_to_bf16
+from expert_node.formats import FP4_VALUES, MXFP4
+
+from . import tokenizer as tokenizer_mod
+
+CHUNK_BYTES = 32 << 20  # largest piece of a tensor generated at once
+DEFAULT_SHARD_BYTES = 4_800_000_000  # ~ the published 20b shards (4.79 GB, 4.80 GB, 4.17 GB)
+FP4_RMS = float(np.sqrt(np.mean(np.square(FP4_VALUES))))  # rms of uniformly drawn FP4 codes
+
+BASE_CONFIG = {  # openai/gpt-oss-20b config.json (spec/gpt-oss.md §1.1)
+    "architectures": ["GptOssForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": 200002,
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "initial_context_length": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 8,
+    "num_local_experts": 32,
+    "output_router_logits": False,
+    "pad_token_id": 199999,
+    "quantization_config": {
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+        "quant_method": "mxfp4",
+    },
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.55.0.dev0",
+    "use_cache": True,
+    "vocab_size": 201088,
+}
+GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012],
+                     "pad_token_id": 199999}
+
+# Presets: overrides of BASE_CONFIG. The tiny ones keep the real vocabulary (the tokenizer's ids
+# reach 200018) and make every sequence feature reachable in a few dozen tokens: a short window,
+# a short original context for YaRN. `gate_up_gain` sets how often the SwiGLU clamp is hit.
+PRESETS: dict[str, dict] = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 4, "experts_per_token": 4,
+             "intermediate_size": 64, "sliding_window": 8, "initial_context_length": 32,
+             "max_position_embeddings": 1024,
+             "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                              "original_max_position_embeddings": 32, "rope_type": "yarn", "truncate": False}},
+    "tiny-wide": {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 3,
+                  "head_dim": 32, "num_local_experts": 6, "num_experts_per_tok": 2, "experts_per_token": 2,
+                  "intermediate_size": 32, "sliding_window": 16, "initial_context_length": 40,
+                  "max_position_embeddings": 160, "rope_theta": 10000,
+                  "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 40, "rope_type": "yarn", "truncate": False}},
+    "gpt-oss-20b": {},
+    "gpt-oss-120b": {"num_hidden_layers": 36, "num_local_experts": 128},
+}
+
+
+def make_config(preset: str | None = "gpt-oss-20b", overrides: dict | None = None) -> dict:
+    """A full HF config.json dict: the 20b base, a preset's changes, then `overrides`."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    cfg = copy.deepcopy(BASE_CONFIG)
+    for patch in (PRESETS.get(preset or "", {}), overrides or {}):
+        cfg.update(copy.deepcopy(patch))
+    n = int(cfg["num_hidden_layers"])
+    if "layer_types" not in (overrides or {}) or len(cfg.get("layer_types", [])) != n:
+        cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    return cfg
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string
+    init: str  # how values are drawn (see _draw)
+    gain: float = 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * (2 if self.dtype == "BF16" else 1)
+
+
+def tensor_plan(cfg: dict) -> list[TensorSpec]:
+    """Every tensor of the checkpoint, in the order it is written."""
+    H, V, E, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_local_experts"], cfg["num_hidden_layers"]
+    I, d = cfg["intermediate_size"], cfg["head_dim"]
+    qw, kvw = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    tiny = H < 1024  # tiny models push gate/up into the clamp; full-size ones use milder scales
+    plan = [TensorSpec("model.embed_tokens.weight", (V, H), "BF16", "normal", 1.0)]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
+        dn_b, dn_s = MXFP4.packed_shapes(H, I)
+        plan += [
+            TensorSpec(p + "input_layernorm.weight", (H,), "BF16", "norm"),
+            TensorSpec(p + "self_attn.q_proj.weight", (qw, H), "BF16", "linear"),
+            TensorSpec(p + "self_attn.q_proj.bias", (qw,), "BF16", "normal", 0.2),
+            TensorSpec(p + "self_attn.k_proj.weight", (kvw, H), "BF16", "linear"),
+            TensorSpec(p + "self_attn.k_proj.bias", (kvw,), "BF16", "normal", 0.2),
+            TensorSpec(p + "self_attn.v_proj.weight", (kvw, H), "BF16", "linear"),
+            TensorSpec(p + "self_attn.v_proj.bias", (kvw,), "BF16", "normal", 0.2),
+            TensorSpec(p + "self_attn.o_proj.weight", (H, qw), "BF16", "linear"),
+            TensorSpec(p + "self_attn.o_proj.bias", (H,), "BF16", "normal", 0.2),
+            TensorSpec(p + "self_attn.sinks", (cfg["num_attention_heads"],), "BF16", "normal", 1.5),
+            TensorSpec(p + "post_attention_layernorm.weight", (H,), "BF16", "norm"),
+            TensorSpec(p + "mlp.router.weight", (E, H), "BF16", "linear", 2.0),
+            TensorSpec(p + "mlp.router.bias", (E,), "BF16", "normal", 0.5),
+            TensorSpec(p + "mlp.experts.gate_up_proj_blocks", (E, *gu_b), "U8", "fp4_codes"),
+            TensorSpec(p + "mlp.experts.gate_up_proj_scales", (E, *gu_s), "U8", "fp4_scales", 4.0 if tiny else 1.0),
+            TensorSpec(p + "mlp.experts.gate_up_proj_bias", (E, 2 * I), "BF16", "normal", 0.5),
+            TensorSpec(p + "mlp.experts.down_proj_blocks", (E, *dn_b), "U8", "fp4_codes"),
+            TensorSpec(p + "mlp.experts.down_proj_scales", (E, *dn_s), "U8", "fp4_scales", 1.0),
+            TensorSpec(p + "mlp.experts.down_proj_bias", (E, H), "BF16", "normal", 0.2),
+        ]
+    plan += [TensorSpec("model.norm.weight", (H,), "BF16", "norm"),
+             TensorSpec("lm_head.weight", (V, H), "BF16", "linear", 4.0)]
+    return plan
+
+
+def shard_plan(plan: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy split into shards of at most max_shard_bytes (a larger tensor gets its own shard)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    """OpenAI's converter numbers shards from 0 and writes n-1 as the total (spec §3.1)."""
+    return [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
+
+
+def _draw(spec: TensorSpec, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Values for one chunk of a tensor (leading axis sliced), already in storage dtype."""
+    if spec.init == "fp4_codes":
+        return np.frombuffer(rng.bytes(int(np.prod(shape))), np.uint8).reshape(shape)
+    if spec.init == "fp4_scales":
+        # Scale so a row's weights have rms ~ gain / sqrt(fan_in); +-1 exponent of jitter per block.
+        fan_in = shape[-1] * MXFP4.block_size
+        base = 127 + round(math.log2(spec.gain / math.sqrt(fan_in) / FP4_RMS))
+        return (base + rng.integers(-1, 2, size=shape)).astype(np.uint8)
+    if spec.init == "norm":
+        values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    elif spec.init == "linear":
+        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(spec.gain / math.sqrt(spec.shape[-1]))
+    else:  # "normal"
+        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(spec.gain)
+    return f32_to_bf16(values)
+
+
+def tensor_chunks(spec: TensorSpec, seed: int) -> Iterator[bytes]:
+    """The tensor's bytes in pieces of at most ~CHUNK_BYTES; the seed depends on the name only."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(spec.name.encode())]))
+    row_bytes = max(1, spec.nbytes // spec.shape[0])
+    rows = max(1, CHUNK_BYTES // row_bytes)
+    for r in range(0, spec.shape[0], rows):
+        n = min(rows, spec.shape[0] - r)
+        yield np.ascontiguousarray(_draw(spec, rng, (n, *spec.shape[1:]))).tobytes()
+
+
+def safetensors_header(tensors: list[TensorSpec], metadata: dict | None = None) -> bytes:
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_checkpoint(out_dir: str | Path, cfg: dict, seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     progress: bool | None = None) -> Path:
+    """Write config, weights (streamed), index, generation config and tokenizer into out_dir."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = tensor_plan(cfg)
+    shards = shard_plan(plan, max_shard_bytes)
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for t in plan)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}",
+              disable=None if progress is None else not progress) as bar:
+        for name, tensors in zip(names, shards):
+            tmp = out / (name + ".partial")
+            with open(tmp, "wb") as f:
+                f.write(safetensors_header(tensors))
+                for t in tensors:
+                    for chunk in tensor_chunks(t, seed):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            tmp.replace(out / name)
+    if len(shards) > 1:
+        weight_map = {t.name: name for name, tensors in zip(names, shards) for t in tensors}
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    tokenizer_mod.write_tokenizer_files(out)
+    return out

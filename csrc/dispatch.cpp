@@ -1,0 +1,77 @@
+// Runtime ISA selection: the best path this CPU supports, or the one MOEMESH_ISA names
+// (scalar, avx2, avx512, neon) so tests and benchmarks can pin a path.
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
+#include "kernels.h"
+
+namespace moemesh {
+
+namespace {
+bool cpu_supports(Isa isa) {
+    switch (isa) {
+        case Isa::Scalar: return true;
+#if defined(__x86_64__) || defined(_M_X64)
+        case Isa::Avx2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        case Isa::Avx512:
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(__aarch64__)
+        case Isa::Neon: return true;  // Advanced SIMD is mandatory on AArch64
+#endif
+        default: return false;
+    }
+}
+}  // namespace
+
+const KernelTable* kernel_table(Isa isa) {
+    if (!cpu_supports(isa)) return nullptr;
+    switch (isa) {
+        case Isa::Scalar: return &kScalarKernels;
+#if defined(__x86_64__) || defined(_M_X64)
+        case Isa::Avx2: return &kAvx2Kernels;
+        case Isa::Avx512: return &kAvx512Kernels;
+#endif
+#if defined(__aarch64__)
+        case Isa::Neon: return &kNeonKernels;
+#endif
+        default: return nullptr;
+    }
+}
+
+Isa best_isa() {
+    for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Neon})
+        if (kernel_table(isa)) return isa;
+    return Isa::Scalar;
+}
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::Scalar: return "scalar";
+        case Isa::Avx2: return "avx2";
+        case Isa::Avx512: return "avx512";
+        case Isa::Neon: return "neon";
+    }
+    return "?";
+}
+
+bool parse_isa(const char* name, Isa* out) {
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})
+        if (std::strcmp(name, isa_name(isa)) == 0) {
+            *out = isa;
+            return true;
+        }
+    return false;
+}
+
+Isa active_isa() {
+    const char* env = std::getenv("MOEMESH_ISA");
+    Isa forced;
+    if (env && *env && parse_isa(env, &forced) && kernel_table(forced)) return forced;
+    return best_isa();
+}
+
+}  // namespace moemesh

@@ -1,0 +1,48 @@
+// Quantization formats as a table of traits (the ggml `type_traits` idea): block geometry and the
+// reference decode live here once; ISA kernels only implement dot products over these blocks.
+// Not here: anything about tensors, files or threads.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace moemesh {
+
+// MXFP4 (OCP MX v1.0): 32 FP4 E2M1 codes share one E8M0 scale byte.
+struct Mxfp4 {
+    static constexpr int kBlock = 32;          // weights per block, along the reduction axis
+    static constexpr int kBlockBytes = 16;     // two codes per byte
+    static constexpr int kScaleBytes = 1;      // one UE8M0 exponent per block
+    // E2M1 code -> value. Index = 4-bit code (bit3 sign).
+    static constexpr float kValues[16] = {+0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                          -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    // The same values doubled, as int8: exact integers for int8 dot products (halve afterwards).
+    static constexpr int8_t kDoubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+    // 2^(s - 127), exact for every byte (255 gives +inf, as the references do not special-case it).
+    static inline float scale(uint8_t s) { return std::ldexp(1.0f, int(s) - 127); }
+    // Element 2j of a block is the LOW nibble of byte j, element 2j+1 the HIGH nibble
+    // (spec/gpt-oss.md §3.3; this is not ggml's split-halves order).
+    static inline void decode_block(const uint8_t* codes, uint8_t scale_byte, float* out) {
+        const float s = scale(scale_byte);
+        for (int j = 0; j < kBlockBytes; ++j) {
+            out[2 * j] = kValues[codes[j] & 0x0F] * s;
+            out[2 * j + 1] = kValues[codes[j] >> 4] * s;
+        }
+    }
+};
+
+// bf16 is the top half of an IEEE float32: widening is a shift, exact.
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Per-32 symmetric int8 quantization of activations (the `fast` precision; llama.cpp's Q8_0 idea).
+struct Q8Block {
+    static constexpr int kBlock = 32;
+};
+
+}  // namespace moemesh

@@ -1,0 +1,22 @@
+# The native kernels as a static library: per-ISA sources get their own target flags, and the
+# runtime dispatch (dispatch.cpp) only selects a path the CPU supports. Shared by the Python
+# module and the standalone kernel check used for cross-compiled (NEON) runs.
+set(MOEMESH_CSRC ${CMAKE_CURRENT_LIST_DIR})
+add_library(moemesh_kernels STATIC
+  ${MOEMESH_CSRC}/kernels_scalar.cpp
+  ${MOEMESH_CSRC}/dispatch.cpp
+  ${MOEMESH_CSRC}/threadpool.cpp
+  ${MOEMESH_CSRC}/ops.cpp)
+set_target_properties(moemesh_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
+target_include_directories(moemesh_kernels PUBLIC ${MOEMESH_CSRC})
+# No -ffast-math anywhere: results must not depend on the compiler reassociating sums.
+target_compile_options(moemesh_kernels PRIVATE -O3 -fno-fast-math -ffp-contract=off)
+
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+  target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_avx2.cpp ${MOEMESH_CSRC}/kernels_avx512.cpp)
+  set_source_files_properties(${MOEMESH_CSRC}/kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
+  set_source_files_properties(${MOEMESH_CSRC}/kernels_avx512.cpp PROPERTIES
+    COMPILE_OPTIONS "-mavx2;-mfma;-mf16c;-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni;-mavx512bf16")
+elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64")
+  target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_neon.cpp)
+endif()

@@ -1,0 +1,47 @@
+// The per-ISA primitive table: the only code that differs between scalar, AVX2, AVX-512 and NEON.
+// Each primitive computes full dot products for one weight row against up to kMaxTokens activation
+// rows, accumulating every token in the same fixed order whatever the grouping, so a result never
+// depends on how tokens or rows were split across threads or requests.
+#pragma once
+#include <cstdint>
+
+namespace moemesh {
+
+constexpr int kMaxTokens = 4;  // activation rows sharing one pass over a weight row
+
+// Activations of the `fast` precision: int8 per 32-block with one fp32 scale per block.
+struct Q8Row {
+    const int8_t* q;
+    const float* d;
+};
+
+struct KernelTable {
+    const char* name;
+    // out[t] = sum_k W[k] * x[t][k], W one MXFP4 row of n_blocks blocks.
+    void (*mxfp4_dot_f32)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
+                          const float* const* x, int n_tok, float* out);
+    // Same with int8-quantized activations.
+    void (*mxfp4_dot_q8)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
+                         const Q8Row* x, int n_tok, float* out);
+    // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n).
+    void (*bf16_dot_f32)(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out);
+};
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
+
+const KernelTable* kernel_table(Isa isa);  // nullptr when not compiled in or not supported by the CPU
+Isa best_isa();
+Isa active_isa();                          // best_isa() unless MOEMESH_ISA forces one
+const char* isa_name(Isa isa);
+bool parse_isa(const char* name, Isa* out);
+
+extern const KernelTable kScalarKernels;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const KernelTable kAvx2Kernels;
+extern const KernelTable kAvx512Kernels;
+#endif
+#if defined(__aarch64__)
+extern const KernelTable kNeonKernels;
+#endif
+
+}  // namespace moemesh

@@ -1,0 +1,192 @@
+// The one Python boundary of the native kernels (imported as expert_node._native).
+// Every entry point checks dtype, shape, contiguity, writability and index ranges and raises
+// ValueError naming the argument, then releases the GIL for the compute. No gRPC, no files here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "formats.h"
+#include "kernels.h"
+#include "ops.h"
+#include "threadpool.h"
+
+namespace py = pybind11;
+using namespace moemesh;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+std::string shape_str(const py::array& a) {
+    std::ostringstream s;
+    s << "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+    s << (a.ndim() == 1 ? ",)" : ")");
+    return s.str();
+}
+
+// Checks dtype, C-contiguity and (where given, -1 = any) the exact shape of an argument.
+template <typename T>
+const T* in_ptr(const py::array& a, const char* name, std::vector<py::ssize_t> shape) {
+    if (!a.dtype().is(py::dtype::of<T>()))
+        fail(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " +
+             std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style)) fail(std::string(name) + ": must be C-contiguous");
+    bool ok = a.ndim() == py::ssize_t(shape.size());
+    for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(py::ssize_t(i)) == shape[i];
+    if (!ok) {
+        std::ostringstream s;
+        s << name << ": expected shape (";
+        for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+        s << "), got " << shape_str(a);
+        fail(s.str());
+    }
+    return static_cast<const T*>(a.data());
+}
+
+template <typename T>
+T* out_ptr(py::array& a, const char* name, std::vector<py::ssize_t> shape) {
+    in_ptr<T>(a, name, shape);
+    if (!a.writeable()) fail(std::string(name) + ": must be writeable");
+    return static_cast<T*>(a.mutable_data());
+}
+
+void check_finite(const float* x, size_t n, const char* name) {
+    for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(x[i])) fail(std::string(name) + ": contains NaN or Inf at flat index " + std::to_string(i));
+}
+
+void check_no_overlap(const py::array& out, const py::array& in, const char* out_name, const char* in_name) {
+    auto lo1 = static_cast<const char*>(out.data()), hi1 = lo1 + out.nbytes();
+    auto lo2 = static_cast<const char*>(in.data()), hi2 = lo2 + in.nbytes();
+    if (lo1 < hi2 && lo2 < hi1) fail(std::string(out_name) + ": must not overlap " + in_name);
+}
+
+const KernelTable& resolve_kernels(const std::optional<std::string>& isa) {
+    Isa chosen = active_isa();
+    std::string name;
+    if (isa) name = *isa;
+    else if (const char* env = std::getenv("MOEMESH_ISA"); env && *env) name = env;
+    if (!name.empty()) {
+        if (!parse_isa(name.c_str(), &chosen)) fail("isa: unknown ISA '" + name + "' (scalar, avx2, avx512, neon)");
+        if (!kernel_table(chosen)) fail("isa: '" + name + "' is not available on this CPU or build");
+    }
+    return *kernel_table(chosen);
+}
+
+Precision parse_precision(const std::string& p) {
+    if (p == "exact") return Precision::Exact;
+    if (p == "fast") return Precision::Fast;
+    fail("precision: expected 'exact' or 'fast', got '" + p + "'");
+}
+
+py::array_t<float> py_mxfp4_dequant(const py::array& blocks, const py::array& scales) {
+    if (blocks.ndim() < 2) fail("blocks: expected shape (..., n_blocks, 16), got " + shape_str(blocks));
+    std::vector<py::ssize_t> bshape(blocks.shape(), blocks.shape() + blocks.ndim());
+    if (bshape.back() != Mxfp4::kBlockBytes) fail("blocks: last axis must be 16 bytes, got " + shape_str(blocks));
+    std::vector<py::ssize_t> sshape(bshape.begin(), bshape.end() - 1);
+    const uint8_t* b = in_ptr<uint8_t>(blocks, "blocks", bshape);
+    const uint8_t* s = in_ptr<uint8_t>(scales, "scales", sshape);
+    const int64_t n_blocks = sshape.back();
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < sshape.size(); ++i) rows *= sshape[i];
+    std::vector<py::ssize_t> oshape(sshape.begin(), sshape.end());
+    oshape.back() = n_blocks * Mxfp4::kBlock;
+    py::array_t<float> out(oshape);
+    float* o = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        mxfp4_dequant(b, s, rows, n_blocks, o);
+    }
+    return out;
+}
+
+void py_bf16_matmul(const py::array& x, const py::array& w, const std::optional<py::array>& bias, py::array& out,
+                    const std::optional<std::string>& isa) {
+    if (x.ndim() != 2) fail("x: expected shape (T, K), got " + shape_str(x));
+    if (w.ndim() != 2) fail("w: expected shape (N, K), got " + shape_str(w));
+    const int64_t T = x.shape(0), K = x.shape(1), N = w.shape(0);
+    const float* xp = in_ptr<float>(x, "x", {T, K});
+    const uint16_t* wp = in_ptr<uint16_t>(w, "w", {N, K});
+    const uint16_t* bp = bias ? in_ptr<uint16_t>(*bias, "bias", {N}) : nullptr;
+    float* op = out_ptr<float>(out, "out", {T, N});
+    check_no_overlap(out, x, "out", "x");
+    check_finite(xp, size_t(T * K), "x");
+    const KernelTable& kt = resolve_kernels(isa);
+    py::gil_scoped_release nogil;
+    bf16_matmul(kt, xp, T, K, wp, N, bp, op);
+}
+
+void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::array& gate_up_blocks,
+                    const py::array& gate_up_scales, const py::array& gate_up_bias, const py::array& down_blocks,
+                    const py::array& down_scales, const py::array& down_bias, py::array& out,
+                    const std::string& precision, float swiglu_alpha, float swiglu_limit,
+                    const std::optional<std::string>& isa) {
+    if (x.ndim() != 2) fail("x: expected shape (T, H), got " + shape_str(x));
+    if (expert_ids.ndim() != 2) fail("expert_ids: expected shape (T, k), got " + shape_str(expert_ids));
+    if (gate_up_blocks.ndim() != 4) fail("gate_up_blocks: expected shape (E, 2I, H/32, 16), got " + shape_str(gate_up_blocks));
+    const int64_t T = x.shape(0), H = x.shape(1), k = expert_ids.shape(1);
+    const int64_t E = gate_up_blocks.shape(0), I2 = gate_up_blocks.shape(1);
+    if (H % Mxfp4::kBlock) fail("x: hidden size " + std::to_string(H) + " is not a multiple of 32");
+    if (I2 % 2 || (I2 / 2) % Mxfp4::kBlock) fail("gate_up_blocks: 2I = " + std::to_string(I2) + " must be 2 * a multiple of 32");
+    const int64_t I = I2 / 2;
+    MoeWeights w;
+    w.n_experts = E;
+    w.hidden = H;
+    w.inter = I;
+    w.gate_up_blocks = in_ptr<uint8_t>(gate_up_blocks, "gate_up_blocks", {E, 2 * I, H / 32, 16});
+    w.gate_up_scales = in_ptr<uint8_t>(gate_up_scales, "gate_up_scales", {E, 2 * I, H / 32});
+    w.gate_up_bias = in_ptr<uint16_t>(gate_up_bias, "gate_up_bias", {E, 2 * I});
+    w.down_blocks = in_ptr<uint8_t>(down_blocks, "down_blocks", {E, H, I / 32, 16});
+    w.down_scales = in_ptr<uint8_t>(down_scales, "down_scales", {E, H, I / 32});
+    w.down_bias = in_ptr<uint16_t>(down_bias, "down_bias", {E, H});
+    w.swiglu_alpha = swiglu_alpha;
+    w.swiglu_limit = swiglu_limit;
+    const float* xp = in_ptr<float>(x, "x", {T, H});
+    const int32_t* ids = in_ptr<int32_t>(expert_ids, "expert_ids", {T, k});
+    float* op = out_ptr<float>(out, "out", {T, k, H});
+    check_no_overlap(out, x, "out", "x");
+    for (int64_t i = 0; i < T * k; ++i)
+        if (ids[i] < -1 || ids[i] >= E)
+            fail("expert_ids: id " + std::to_string(ids[i]) + " at flat index " + std::to_string(i) +
+                 " is out of range [-1, " + std::to_string(E) + ")");
+    check_finite(xp, size_t(T * H), "x");
+    const Precision p = parse_precision(precision);
+    const KernelTable& kt = resolve_kernels(isa);
+    py::gil_scoped_release nogil;
+    moe_experts(kt, p, w, xp, T, ids, k, op);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "moemesh native kernels: MXFP4 expert FFN, bf16 matmul, MXFP4 dequantization";
+    m.def("mxfp4_dequant", &py_mxfp4_dequant, py::arg("blocks"), py::arg("scales"),
+          "Decode MXFP4 blocks (..., G, 16) u8 and scales (..., G) u8 into float32 (..., G*32).");
+    m.def("bf16_matmul", &py_bf16_matmul, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
+          py::arg("isa") = py::none(), "out[T, N] = x[T, K] @ w[N, K]^T + bias (w, bias bf16 as uint16).");
+    m.def("moe_experts", &py_moe_experts, py::arg("x"), py::arg("expert_ids"), py::arg("gate_up_blocks"),
+          py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down_blocks"), py::arg("down_scales"),
+          py::arg("down_bias"), py::arg("out"), py::arg("precision") = "exact", py::arg("swiglu_alpha") = 1.702f,
+          py::arg("swiglu_limit") = 7.0f, py::arg("isa") = py::none(),
+          "out[t, slot] = unweighted gpt-oss expert FFN of x[t] for expert_ids[t, slot] (-1 = skip, zeros).");
+    m.def("set_threads", [](int n) {
+        if (n < 0) fail("n: thread count must be >= 0 (0 = all cores)");
+        set_global_threads(n);
+    }, py::arg("n"));
+    m.def("get_threads", [] { return global_pool().size(); });
+    m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
+    m.def("available_isas", [] {
+        std::vector<std::string> names;
+        for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})
+            if (kernel_table(isa)) names.push_back(isa_name(isa));
+        return names;
+    });
+}

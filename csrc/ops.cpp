@@ -1,0 +1,173 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "formats.h"
+#include "threadpool.h"
+
+namespace moemesh {
+namespace {
+
+// Rows per task: enough tasks to balance two to a few dozen threads, few enough to amortise.
+constexpr int64_t kRowsPerTask = 64;
+
+// Symmetric per-32 int8 quantization (round half away from zero, as llama.cpp's Q8_0).
+void quantize_q8(const float* x, int64_t n, int8_t* q, float* d) {
+    for (int64_t g = 0; g < n / Q8Block::kBlock; ++g) {
+        const float* xb = x + g * Q8Block::kBlock;
+        float amax = 0.f;
+        for (int i = 0; i < Q8Block::kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float dd = amax / 127.f;
+        const float id = dd > 0.f ? 1.f / dd : 0.f;
+        for (int i = 0; i < Q8Block::kBlock; ++i) q[g * Q8Block::kBlock + i] = int8_t(std::lround(xb[i] * id));
+        d[g] = dd;
+    }
+}
+
+// Activations of one matmul: fp32 rows, plus their q8 twins when the precision is fast.
+struct Activations {
+    const float* f32;
+    int64_t ld;  // floats per row (= K)
+    std::vector<int8_t> q;
+    std::vector<float> d;
+
+    Activations(Precision p, const float* x, int64_t rows, int64_t k) : f32(x), ld(k) {
+        if (p != Precision::Fast) return;
+        q.resize(size_t(rows * k));
+        d.resize(size_t(rows * (k / Q8Block::kBlock)));
+        global_pool().parallel_for(rows, [&](int64_t r) {
+            quantize_q8(x + r * k, k, q.data() + r * k, d.data() + r * (k / Q8Block::kBlock));
+        });
+    }
+    bool fast() const { return !q.empty(); }
+};
+
+// y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
+// activation rows; tokens go through the primitive kMaxTokens at a time.
+void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
+                const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
+                const int64_t* in_rows, const int64_t* out_rows, int64_t n, float* y, int64_t ldy) {
+    const int64_t nbd = act.ld / Q8Block::kBlock;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
+        const uint8_t* rs = scales + r * nb;
+        const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
+        for (int64_t i0 = 0; i0 < n; i0 += kMaxTokens) {
+            const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
+            float res[kMaxTokens];
+            if (act.fast()) {
+                Q8Row xs[kMaxTokens];
+                for (int j = 0; j < cnt; ++j) {
+                    const int64_t row = in_rows[i0 + j];
+                    xs[j] = {act.q.data() + row * act.ld, act.d.data() + row * nbd};
+                }
+                kt.mxfp4_dot_q8(rb, rs, nb, xs, cnt, res);
+            } else {
+                const float* xs[kMaxTokens];
+                for (int j = 0; j < cnt; ++j) xs[j] = act.f32 + in_rows[i0 + j] * act.ld;
+                kt.mxfp4_dot_f32(rb, rs, nb, xs, cnt, res);
+            }
+            for (int j = 0; j < cnt; ++j) y[out_rows[i0 + j] * ldy + r] = res[j] + b;
+        }
+    }
+}
+
+// gpt-oss activation: gate = min(g, limit), up = clamp(u, -limit, limit),
+// out = gate * sigmoid(alpha * gate) * (up + 1). Rows of h are interleaved (gate even, up odd).
+void swiglu_clamped(const float* h, int64_t inter, float alpha, float limit, float* out) {
+    for (int64_t j = 0; j < inter; ++j) {
+        const float gate = std::min(h[2 * j], limit);
+        const float up = std::min(std::max(h[2 * j + 1], -limit), limit);
+        out[j] = gate / (1.f + std::exp(-alpha * gate)) * (up + 1.f);
+    }
+}
+
+}  // namespace
+
+void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t n_blocks,
+                   float* out) {
+    global_pool().parallel_for(rows, [&](int64_t r) {
+        for (int64_t g = 0; g < n_blocks; ++g)
+            Mxfp4::decode_block(blocks + (r * n_blocks + g) * Mxfp4::kBlockBytes, scales[r * n_blocks + g],
+                                out + (r * n_blocks + g) * Mxfp4::kBlock);
+    });
+}
+
+void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
+                 int64_t N, const uint16_t* bias, float* y) {
+    const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+    global_pool().parallel_for(n_tasks, [&](int64_t task) {
+        const int64_t r1 = std::min(N, (task + 1) * kRowsPerTask);
+        for (int64_t r = task * kRowsPerTask; r < r1; ++r) {
+            const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
+            for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
+                const int cnt = int(std::min<int64_t>(kMaxTokens, T - t0));
+                const float* xs[kMaxTokens];
+                float res[kMaxTokens];
+                for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
+                kt.bf16_dot_f32(w + r * K, K, xs, cnt, res);
+                for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j] + b;
+            }
+        }
+    });
+}
+
+void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w, const float* x,
+                 int64_t T, const int32_t* ids, int64_t k, float* out) {
+    const int64_t E = w.n_experts, H = w.hidden, I = w.inter, A = T * k;
+    // Group assignments a = t*k + slot by expert, in increasing a (a fixed order).
+    std::vector<std::vector<int64_t>> by_expert(static_cast<size_t>(E));
+    for (int64_t a = 0; a < A; ++a) {
+        if (ids[a] >= 0) by_expert[size_t(ids[a])].push_back(a);
+        else std::fill(out + a * H, out + (a + 1) * H, 0.f);
+    }
+    std::vector<int64_t> token_of(static_cast<size_t>(A));
+    for (int64_t a = 0; a < A; ++a) token_of[size_t(a)] = a / k;
+
+    struct Task { int64_t expert, r0, r1; };
+    auto make_tasks = [&](int64_t rows) {
+        std::vector<Task> tasks;
+        for (int64_t e = 0; e < E; ++e)
+            if (!by_expert[size_t(e)].empty())
+                for (int64_t r = 0; r < rows; r += kRowsPerTask) tasks.push_back({e, r, std::min(rows, r + kRowsPerTask)});
+        return tasks;
+    };
+    // Gathered token lists: phase 1 reads x[t], phase 2 reads act[a]; both write row a.
+    std::vector<std::vector<int64_t>> tokens_by_expert(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e)
+        for (int64_t a : by_expert[size_t(e)]) tokens_by_expert[size_t(e)].push_back(token_of[size_t(a)]);
+
+    const int64_t nb1 = H / Mxfp4::kBlock, nb2 = I / Mxfp4::kBlock;
+    std::vector<float> h(static_cast<size_t>(A * 2 * I));
+    {
+        Activations xa(precision, x, T, H);
+        const auto tasks = make_tasks(2 * I);
+        global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
+            const Task& t = tasks[size_t(i)];
+            const auto& as = by_expert[size_t(t.expert)];
+            mxfp4_rows(kt, w.gate_up_blocks + t.expert * 2 * I * nb1 * Mxfp4::kBlockBytes,
+                       w.gate_up_scales + t.expert * 2 * I * nb1, nb1, w.gate_up_bias + t.expert * 2 * I,
+                       t.r0, t.r1, xa, tokens_by_expert[size_t(t.expert)].data(), as.data(),
+                       int64_t(as.size()), h.data(), 2 * I);
+        });
+    }
+    std::vector<float> act(static_cast<size_t>(A * I));
+    global_pool().parallel_for(A, [&](int64_t a) {
+        if (ids[a] >= 0) swiglu_clamped(h.data() + a * 2 * I, I, w.swiglu_alpha, w.swiglu_limit, act.data() + a * I);
+    });
+    {
+        Activations aa(precision, act.data(), A, I);
+        const auto tasks = make_tasks(H);
+        global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
+            const Task& t = tasks[size_t(i)];
+            const auto& as = by_expert[size_t(t.expert)];
+            mxfp4_rows(kt, w.down_blocks + t.expert * H * nb2 * Mxfp4::kBlockBytes,
+                       w.down_scales + t.expert * H * nb2, nb2, w.down_bias + t.expert * H, t.r0, t.r1,
+                       aa, as.data(), as.data(), int64_t(as.size()), out, H);
+        });
+    }
+}
+
+}  // namespace moemesh

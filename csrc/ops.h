@@ -1,0 +1,38 @@
+// Layer-level operations built from the per-ISA primitives: matmuls over MXFP4 and bf16 weights and
+// the fused MoE expert FFN. Buffers in, buffers out: no Python, no files, no configs.
+// Callers (module.cpp) have already validated every shape and index.
+#pragma once
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace moemesh {
+
+enum class Precision { Exact = 0, Fast = 1 };
+
+// out[r, :] = dequantized MXFP4 row r (rows x n_blocks*32).
+void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t n_blocks,
+                   float* out);
+
+// y[T, N] = x[T, K] . W[N, K]^T (+ bias[N]); W bf16, bias bf16 or null.
+void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
+                 int64_t N, const uint16_t* bias, float* y);
+
+struct MoeWeights {
+    int64_t n_experts, hidden, inter;  // E, H, I  (gate_up has 2I rows over H, down has H rows over I)
+    const uint8_t* gate_up_blocks;     // [E, 2I, H/32, 16]
+    const uint8_t* gate_up_scales;     // [E, 2I, H/32]
+    const uint16_t* gate_up_bias;      // [E, 2I] bf16, rows interleaved gate/up
+    const uint8_t* down_blocks;        // [E, H, I/32, 16]
+    const uint8_t* down_scales;        // [E, H, I/32]
+    const uint16_t* down_bias;         // [E, H] bf16
+    float swiglu_alpha, swiglu_limit;
+};
+
+// For every assignment (t, slot) with expert e = ids[t, slot] (or skipped when e < 0):
+//   out[t, slot, :] = down_e(swiglu_clamped(gate_up_e(x[t]) + b1_e)) + b2_e
+// Unweighted: the caller combines slots in a fixed order, so local and remote sums agree bit for bit.
+void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w, const float* x,
+                 int64_t T, const int32_t* ids, int64_t k, float* out);
+
+}  // namespace moemesh

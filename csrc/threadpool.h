@@ -1,0 +1,44 @@
+// A persistent pool that runs `fn(task)` for task in [0, n) on all cores, the caller included.
+// Tasks write disjoint outputs, so results never depend on which thread ran what.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moemesh {
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int n_threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return int(workers_.size()) + 1; }
+    void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn);
+
+private:
+    void worker_loop();
+    void run_tasks();
+
+    std::vector<std::thread> workers_;
+    std::mutex run_mu_;  // one parallel_for at a time (callers on several Python threads)
+    std::mutex mu_;
+    std::condition_variable wake_, done_;
+    const std::function<void(int64_t)>* fn_ = nullptr;
+    int64_t n_tasks_ = 0;
+    std::atomic<int64_t> next_{0};
+    size_t finished_ = 0;
+    uint64_t generation_ = 0;
+    bool stop_ = false;
+};
+
+// The process-wide pool, sized by MOEMESH_THREADS or the core count; resizable for tests.
+ThreadPool& global_pool();
+void set_global_threads(int n_threads);
+
+}  // namespace moemesh

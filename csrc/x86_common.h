@@ -1,0 +1,39 @@
+// Small x86 helpers shared by the AVX2 and AVX-512 kernels (header-only so each file compiles
+// them with its own target flags).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "formats.h"
+
+namespace moemesh {
+namespace x86 {
+
+// 16 code bytes -> the block's 32 doubled int8 values in element order: e0 = elements 0..15,
+// e1 = 16..31 (low nibble = even element, high nibble = odd element).
+static inline void decode_block_i8(const uint8_t* codes, __m128i* e0, __m128i* e1) {
+    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubled));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    const __m128i even = _mm_shuffle_epi8(lut, _mm_and_si128(b, m));
+    const __m128i odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    *e0 = _mm_unpacklo_epi8(even, odd);
+    *e1 = _mm_unpackhi_epi8(even, odd);
+}
+
+// Fixed-order horizontal sum: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 bf16x8_to_f32(const uint16_t* p) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+}  // namespace x86
+}  // namespace moemesh

@@ -1,0 +1,107 @@
+"""Where a layer's experts live in a checkpoint, and the ExpertBackend seam.
+
+An ExpertBackend computes, for one layer, every selected expert of every token, unweighted:
+out[t, slot] = expert_{ids[t, slot]}(x[t]). The in-process backends (numpy reference, native
+kernels) and the remote one (gRPC) all sit behind it, so single-device and cluster runs share the
+coordinator's code and give the same numbers. Weighting and summing the slots is the
+coordinator's job, in a fixed order (see coordinator.models.gpt_oss.combine_experts).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import reference
+from .checkpoint import Checkpoint, bf16_to_f32
+from .formats import MXFP4
+
+SWIGLU_ALPHA = reference.SWIGLU_ALPHA
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    n_experts: int
+    hidden: int
+    inter: int
+    swiglu_limit: float
+    swiglu_alpha: float = SWIGLU_ALPHA
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ExpertShape":
+        return cls(int(config["num_local_experts"]), int(config["hidden_size"]),
+                   int(config["intermediate_size"]), float(config.get("swiglu_limit", reference.SWIGLU_LIMIT)))
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """Zero-copy views of one layer's packed expert tensors (gpt-oss Hugging Face layout)."""
+
+    gate_up_blocks: np.ndarray  # [E, 2I, H/32, 16] u8
+    gate_up_scales: np.ndarray  # [E, 2I, H/32] u8
+    gate_up_bias: np.ndarray  # [E, 2I] bf16 as u16
+    down_blocks: np.ndarray  # [E, H, I/32, 16] u8
+    down_scales: np.ndarray  # [E, H, I/32] u8
+    down_bias: np.ndarray  # [E, H] bf16 as u16
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, layer: int, shape: ExpertShape) -> "LayerExperts":
+        E, H, I = shape.n_experts, shape.hidden, shape.inter
+        p = f"model.layers.{layer}.mlp.experts."
+        gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
+        dn_b, dn_s = MXFP4.packed_shapes(H, I)
+        return cls(
+            ckpt.tensor(p + "gate_up_proj_blocks", (E, *gu_b), ("U8",)),
+            ckpt.tensor(p + "gate_up_proj_scales", (E, *gu_s), ("U8",)),
+            ckpt.tensor(p + "gate_up_proj_bias", (E, 2 * I), ("BF16",)),
+            ckpt.tensor(p + "down_proj_blocks", (E, *dn_b), ("U8",)),
+            ckpt.tensor(p + "down_proj_scales", (E, *dn_s), ("U8",)),
+            ckpt.tensor(p + "down_proj_bias", (E, H), ("BF16",)),
+        )
+
+
+class ExpertBackend(ABC):
+    """Computes the selected experts of one layer for a batch of tokens."""
+
+    @abstractmethod
+    def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+        """x [T, H] float32, expert_ids [T, k] int32 -> unweighted outputs [T, k, H] float32."""
+
+
+class ReferenceExpertBackend(ExpertBackend):
+    """Pure numpy: dequantize each selected expert and apply the reference FFN."""
+
+    def __init__(self, layers: dict[int, LayerExperts], shape: ExpertShape):
+        self.layers, self.shape = layers, shape
+
+    def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+        w = self.layers[layer]
+        out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
+        for e in np.unique(expert_ids):
+            t, slot = np.nonzero(expert_ids == e)
+            w1 = MXFP4.dequant(w.gate_up_blocks[e], w.gate_up_scales[e])
+            w2 = MXFP4.dequant(w.down_blocks[e], w.down_scales[e])
+            out[t, slot] = reference.expert_ffn(
+                x[t], w1, bf16_to_f32(w.gate_up_bias[e]), w2, bf16_to_f32(w.down_bias[e]),
+                self.shape.swiglu_alpha, self.shape.swiglu_limit)
+        return out
+
+
+class NativeExpertBackend(ExpertBackend):
+    """The native fused MXFP4 kernels, reading the mapped checkpoint bytes in place."""
+
+    def __init__(self, layers: dict[int, LayerExperts], shape: ExpertShape, precision: str = "exact"):
+        from . import native  # imported here so the numpy reference works without the extension
+
+        self._native, self.layers, self.shape, self.precision = native, layers, shape, precision
+
+    def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+        w = self.layers[layer]
+        out = np.empty(expert_ids.shape + (x.shape[1],), np.float32)
+        self._native.moe_experts(
+            np.ascontiguousarray(x, np.float32), np.ascontiguousarray(expert_ids, np.int32),
+            w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, w.down_blocks, w.down_scales, w.down_bias,
+            out, precision=self.precision, swiglu_alpha=self.shape.swiglu_alpha,
+            swiglu_limit=self.shape.swiglu_limit)
+        return out

@@ -1,0 +1,56 @@
+"""Quantized weight formats as a table: one QuantFormat record per format.
+
+Adding a format = one row here, one reference decode function, one native kernel; parametrised
+tests iterate over QUANT_FORMATS. The numpy decode functions are the spec the kernels are tested
+against. Not here: which tensors use which format (the model family decides).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# FP4 E2M1 code -> value; bit 3 is the sign (spec/gpt-oss.md §3.3).
+FP4_VALUES = np.array(
+    [+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
+)
+UE8_BIAS = 127  # E8M0 scale byte s means 2^(s - 127)
+
+
+def mxfp4_unpack_codes(blocks: np.ndarray) -> np.ndarray:
+    """Packed bytes [..., G, 16] -> 4-bit codes [..., G, 32] in element order.
+
+    The one place the nibble order is pinned: the LOW nibble of byte j is element 2j, the HIGH
+    nibble element 2j+1 (the checkpoint's order; ggml's split-halves order would be wrong here).
+    """
+    codes = np.empty(blocks.shape[:-1] + (blocks.shape[-1] * 2,), dtype=np.uint8)
+    codes[..., 0::2] = blocks & 0x0F
+    codes[..., 1::2] = blocks >> 4
+    return codes
+
+
+def mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks [..., G, 16] u8 and scales [..., G] u8 -> float32 [..., G*32], exactly."""
+    values = FP4_VALUES[mxfp4_unpack_codes(blocks)]
+    multipliers = np.ldexp(np.float32(1.0), scales.astype(np.int32) - UE8_BIAS).astype(np.float32)
+    out = values * multipliers[..., None]
+    return out.reshape(out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    block_size: int  # weights sharing one scale, along the reduction axis
+    block_bytes: int  # packed bytes per block
+    scale_bytes: int  # scale bytes per block
+    dequant: Callable[[np.ndarray, np.ndarray], np.ndarray]  # numpy reference decode
+
+    def packed_shapes(self, rows: int, cols: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
+        """Shapes of the blocks and scales tensors for a [rows, cols] weight matrix."""
+        groups = cols // self.block_size
+        return (rows, groups, self.block_bytes), (rows, groups)
+
+
+MXFP4 = QuantFormat("mxfp4", block_size=32, block_bytes=16, scale_bytes=1, dequant=mxfp4_dequant)
+QUANT_FORMATS: dict[str, QuantFormat] = {f.name: f for f in (MXFP4,)}

@@ -1,0 +1,19 @@
+"""The native kernels (the `_native` extension built from csrc/), re-exported under stable names.
+
+Importing this fails with a clear message when the extension was not built (e.g. running from a
+source tree without `pip install .`).
+"""
+from __future__ import annotations
+
+try:
+    from ._native import (  # noqa: F401  (re-exports)
+        active_isa,
+        available_isas,
+        bf16_matmul,
+        get_threads,
+        moe_experts,
+        mxfp4_dequant,
+        set_threads,
+    )
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(f"moemesh native kernels are not built ({e}); run `pip install .` in the repository") from e
