@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "formats.h"
@@ -170,4 +171,27 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     }
 }
 
+}  // namespace moemesh
+
+namespace moemesh {
+uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
+    constexpr int64_t kChunk = 1 << 20;
+    const int64_t n_chunks = (n_bytes + kChunk - 1) / kChunk;
+    std::vector<uint64_t> partial(static_cast<size_t>(n_chunks), 0);
+    global_pool().parallel_for(n_chunks, [&](int64_t c) {
+        const int64_t end = std::min(n_bytes, (c + 1) * kChunk) / 8 * 8;
+        uint64_t acc[4] = {0, 0, 0, 0};
+        int64_t i = c * kChunk;
+        for (; i + 32 <= end; i += 32)
+            for (int j = 0; j < 4; ++j) {
+                uint64_t v;
+                std::memcpy(&v, buf + i + 8 * j, 8);
+                acc[j] ^= v;
+            }
+        partial[static_cast<size_t>(c)] = acc[0] ^ acc[1] ^ acc[2] ^ acc[3];
+    });
+    uint64_t x = 0;
+    for (uint64_t p : partial) x ^= p;
+    return x;
+}
 }  // namespace moemesh

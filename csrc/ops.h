@@ -36,3 +36,9 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
                  int64_t T, const int32_t* ids, int64_t k, float* out);
 
 }  // namespace moemesh
+
+namespace moemesh {
+// Reads every byte of buf once with all threads (a STREAM-like read for benchmarks); returns an
+// xor checksum so the reads cannot be optimised away.
+uint64_t stream_read(const uint8_t* buf, int64_t n_bytes);
+}  // namespace moemesh

@@ -14,6 +14,7 @@ try:
         moe_experts,
         mxfp4_dequant,
         set_threads,
+        stream_read,
     )
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError(f"moemesh native kernels are not built ({e}); run `pip install .` in the repository") from e

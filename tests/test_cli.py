@@ -2,15 +2,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from coordinator import Engine
 
 
-def run(*args, check=True):
+def run(*args, check=True, cwd=None):
+    # cwd away from the source tree: the installed package (with its native extension) is tested
     proc = subprocess.run([sys.executable, "-m", "coordinator.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=cwd or Path(__file__).parent)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

@@ -1,0 +1,160 @@
+"""Kernel benchmark on gpt-oss-20b shapes (issue 3); run by hand, not a test.
+
+Measures this machine's read bandwidth in the same run (a STREAM-like read of a huge-page buffer),
+then for 1 and 2 threads: expert FFN decode (T=1, 4 experts), prefill (T=128 and 512 routed
+over 32 experts), q/k/v/o and the unembedding at T=1 — GB/s of weights, GFLOP/s, time, and
+ratios to the bandwidth and to numpy. Weights live in madvise(MADV_HUGEPAGE) memory, as the
+engine maps checkpoints. The last line is one JSON object.
+
+    python bench/kernels.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import platform
+import time
+
+import numpy as np
+
+from coordinator.models.gpt_oss import reference_linear
+from expert_node import native
+from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
+
+H, I, E, K = 2880, 2880, 32, 4
+Q_ROWS, KV_ROWS, VOCAB = 4096, 512, 201088
+
+
+def huge_array(shape, dtype, rng) -> np.ndarray:
+    """Random contents in an anonymous mapping advised to use transparent huge pages."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    buf = mmap.mmap(-1, n)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    a = np.frombuffer(buf, np.uint8, n)
+    step = 1 << 26
+    for i in range(0, n, step):
+        a[i:i + step] = np.frombuffer(rng.bytes(min(step, n - i)), np.uint8)
+    out = a.view(dtype).reshape(shape)
+    if dtype == np.uint16:  # bf16 weights: keep exponents small (no inf/nan), |w| < 2
+        out &= np.uint16(0xBFFF)
+    return out
+
+
+def timeit(fn, min_time=1.0, min_runs=3) -> float:
+    """Median seconds per call."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def make_experts(rng) -> tuple[LayerExperts, ExpertShape]:
+    scales = lambda shape: (118 + rng.integers(-1, 2, shape)).astype(np.uint8)  # noqa: E731
+    w = LayerExperts(
+        huge_array((E, 2 * I, H // 32, 16), np.uint8, rng), scales((E, 2 * I, H // 32)),
+        np.zeros((E, 2 * I), np.uint16), huge_array((E, H, I // 32, 16), np.uint8, rng), scales((E, H, I // 32)),
+        np.zeros((E, H), np.uint16))
+    return w, ExpertShape(E, H, I, 7.0)
+
+
+def expert_bytes_per_expert() -> int:
+    return (2 * I * H + H * I) // 2 + (2 * I * H + H * I) // 32  # blocks (4 bit) + scales
+
+
+def run_experts(w: LayerExperts, x, ids, precision):
+    out = np.empty(ids.shape + (H,), np.float32)
+    native.moe_experts(x, ids, w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, w.down_blocks,
+                       w.down_scales, w.down_bias, out, precision=precision)
+    return out
+
+
+def routed_ids(rng, T) -> np.ndarray:
+    return np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter timings")
+    args = ap.parse_args()
+    min_time = 0.3 if args.quick else 1.0
+    rng = np.random.default_rng(0)
+    machine = f"{platform.machine()} {platform.processor() or ''} isa={native.active_isa()}".strip()
+    print(f"machine: {machine}, threads available: {native.get_threads()}")
+
+    stream_buf = huge_array((1 << 30,), np.uint8, rng)
+    w, shape = make_experts(rng)
+    qkvo = [huge_array(s, np.uint16, rng) for s in ((Q_ROWS, H), (KV_ROWS, H), (KV_ROWS, H), (H, Q_ROWS))]
+    unembed = huge_array((VOCAB, H), np.uint16, rng)
+    x1 = rng.standard_normal((1, H)).astype(np.float32)
+    xq = rng.standard_normal((1, Q_ROWS)).astype(np.float32)
+
+    # numpy baselines (single run each: numpy is slow)
+    ids1 = routed_ids(rng, 1)
+    t0 = time.perf_counter()
+    ReferenceExpertBackend({0: w}, shape).run(0, x1, ids1)
+    numpy_decode_s = time.perf_counter() - t0
+    numpy_unembed_s = timeit(lambda: reference_linear(x1, unembed, None), 0, 1)
+
+    results: dict = {"machine": machine}
+    rows = []
+    for threads in (1, 2):
+        native.set_threads(threads)
+        bw = stream_buf.nbytes / timeit(lambda: native.stream_read(stream_buf), min_time) / 1e9
+        results[f"bandwidth_gbps_t{threads}"] = bw
+        for precision in ("fast", "exact"):
+            # decode: different experts every call, so weights stream from memory, not cache
+            def decode():
+                run_experts(w, x1, routed_ids(rng, 1), precision)
+            s = timeit(decode, min_time)
+            gbps = K * expert_bytes_per_expert() / s / 1e9
+            rows.append((threads, precision, "expert decode T=1", s, gbps, gbps / bw, numpy_decode_s / s))
+            results[f"expert_decode_gbps_{precision}_t{threads}"] = gbps
+            for T in (128, 512):
+                xs = rng.standard_normal((T, H)).astype(np.float32)
+                ids = routed_ids(rng, T)
+                s = timeit(lambda: run_experts(w, xs, ids, precision), min_time)
+                gflops = 2 * T * K * (2 * I * H + H * I) / s / 1e9
+                rows.append((threads, precision, f"prefill T={T} gflops={gflops:.1f}", s, float("nan"),
+                             float("nan"), float("nan")))
+                results[f"prefill{T}_gflops_{precision}_t{threads}"] = gflops
+        for name, mats in (("qkvo T=1", qkvo), ("unembedding T=1", [unembed])):
+            def dense():
+                for m in mats:
+                    x = xq if m.shape[1] == Q_ROWS else x1
+                    native.bf16_matmul(x, m, None, np.empty((1, m.shape[0]), np.float32))
+            s = timeit(dense, min_time)
+            gbps = sum(m.nbytes for m in mats) / s / 1e9
+            base = numpy_unembed_s / s if name.startswith("unembed") else float("nan")
+            rows.append((threads, "exact", name, s, gbps, gbps / bw, base))
+            results[f"{name.split()[0]}_gbps_t{threads}"] = gbps
+
+    print(f"{'thr':>3} {'prec':>5} {'kernel':<34} {'ms':>9} {'GB/s':>7} {'x bw':>6} {'x numpy':>8}")
+    for t, p, name, s, gbps, ratio, vs_numpy in rows:
+        print(f"{t:>3} {p:>5} {name:<34} {s * 1e3:9.3f} {gbps:7.2f} {ratio:6.2f} {vs_numpy:8.1f}")
+    bw2 = results["bandwidth_gbps_t2"]
+    summary = {
+        "machine": machine,
+        "bandwidth_gbps": bw2,
+        "expert_decode_gbps": results["expert_decode_gbps_fast_t2"],
+        "expert_decode_gbps_exact": results["expert_decode_gbps_exact_t2"],
+        "expert_decode_ratio_to_bandwidth": results["expert_decode_gbps_fast_t2"] / bw2,
+        "prefill128_gflops": results["prefill128_gflops_fast_t2"],
+        "prefill512_gflops": results["prefill512_gflops_fast_t2"],
+        "prefill512_gflops_exact": results["prefill512_gflops_exact_t2"],
+        "qkvo_gbps": results["qkvo_gbps_t2"],
+        "unembed_gbps": results["unembedding_gbps_t2"],
+        "unembed_ratio_to_bandwidth": results["unembedding_gbps_t2"] / bw2,
+        "numpy_expert_decode_s": numpy_decode_s,
+        "numpy_unembed_s": numpy_unembed_s,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
