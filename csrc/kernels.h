@@ -9,9 +9,9 @@ namespace moemesh {
 
 constexpr int kMaxTokens = 4;  // activation rows sharing one pass over a weight row
 
-// Activations of the `fast` precision: int8 per 32-block with one fp32 scale per block.
-struct Q8Row {
-    const int8_t* q;
+// Activations of the `fast` precision: int16 per 32-block with one fp32 scale per block.
+struct Q16Row {
+    const int16_t* q;
     const float* d;
 };
 
@@ -20,9 +20,9 @@ struct KernelTable {
     // out[t] = sum_k W[k] * x[t][k], W one MXFP4 row of n_blocks blocks.
     void (*mxfp4_dot_f32)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
                           const float* const* x, int n_tok, float* out);
-    // Same with int8-quantized activations.
-    void (*mxfp4_dot_q8)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
-                         const Q8Row* x, int n_tok, float* out);
+    // Same with int16-quantized activations (exact integer sums per block).
+    void (*mxfp4_dot_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
+                          const Q16Row* x, int n_tok, float* out);
     // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n).
     void (*bf16_dot_f32)(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out);
 };

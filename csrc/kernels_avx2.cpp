@@ -33,21 +33,19 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
 }
 
-void mxfp4_dot_q8(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q8Row* x,
-                  int n_tok, float* out) {
+void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
+                   int n_tok, float* out) {
     __m256 acc[kMaxTokens];
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
         x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        const __m256i w = _mm256_set_m128i(e1, e0);
-        const __m256i aw = _mm256_sign_epi8(w, w);
+        const __m256i w0 = _mm256_cvtepi8_epi16(e0), w1 = _mm256_cvtepi8_epi16(e1);
         const float ws = Mxfp4::scale(scales[g]) * 0.5f;
         for (int t = 0; t < n_tok; ++t) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t].q + g * Mxfp4::kBlock));
-            const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w));
-            const __m256i p32 = _mm256_madd_epi16(p16, ones);
+            const __m256i* q = reinterpret_cast<const __m256i*>(x[t].q + g * Mxfp4::kBlock);
+            const __m256i p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(q)),
+                                                 _mm256_madd_epi16(w1, _mm256_loadu_si256(q + 1)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(ws * x[t].d[g]), acc[t]);
         }
     }
@@ -71,6 +69,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kAvx2Kernels = {"avx2", mxfp4_dot_f32, mxfp4_dot_q8, bf16_dot_f32};
+const KernelTable kAvx2Kernels = {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, bf16_dot_f32};
 
 }  // namespace moemesh

@@ -1,6 +1,6 @@
 // AVX-512 kernels (F/BW/VL + VNNI; compiled with those flags, selected only when the CPU has them).
-// fp32 path: a block's 32 weights are two zmm registers. int8 path: VNNI dot products (vpdpbusd)
-// with the sign moved onto the activations, as the unsigned*signed instruction requires.
+// fp32 path: a block's 32 weights are two zmm registers. int16 path: one zmm of 32 int16 weights
+// per block and a VNNI vpdpwssd per token (exact int32 block sums).
 #include <immintrin.h>
 
 #include "formats.h"
@@ -36,23 +36,22 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = hsum512(acc[t]);
 }
 
-void mxfp4_dot_q8(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q8Row* x,
-                  int n_tok, float* out) {
-    __m256 acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
+void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
+                   int n_tok, float* out) {
+    __m512 acc[kMaxTokens];
+    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
         x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        const __m256i w = _mm256_set_m128i(e1, e0);
-        const __m256i aw = _mm256_abs_epi8(w);
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));  // 32 int16, element order
         const float ws = Mxfp4::scale(scales[g]) * 0.5f;
         for (int t = 0; t < n_tok; ++t) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t].q + g * Mxfp4::kBlock));
-            const __m256i p32 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(q, w));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(ws * x[t].d[g]), acc[t]);
+            const __m512i q = _mm512_loadu_si512(x[t].q + g * Mxfp4::kBlock);
+            const __m512i p32 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, q);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_set1_ps(ws * x[t].d[g]), acc[t]);
         }
     }
-    for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
+    for (int t = 0; t < n_tok; ++t) out[t] = hsum512(acc[t]);
 }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
@@ -73,6 +72,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q8, bf16_dot_f32};
+const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, bf16_dot_f32};
 
 }  // namespace moemesh

@@ -1,5 +1,5 @@
-// NEON kernels for AArch64 (phones, Raspberry Pi). Baseline ARMv8 only (no dotprod extension) so
-// the same build runs on a Cortex-A72 Pi: int8 products go through vmull_s8 + pairwise adds.
+// NEON kernels for AArch64 (phones, Raspberry Pi). Baseline ARMv8 only, so the same build runs on
+// a Cortex-A72 Pi: int16 products go through vmlal_s16.
 #include <arm_neon.h>
 
 #include "formats.h"
@@ -55,21 +55,24 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
 }
 
-void mxfp4_dot_q8(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q8Row* x,
-                  int n_tok, float* out) {
+void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
+                   int n_tok, float* out) {
     float32x4_t acc[kMaxTokens];
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = vdupq_n_f32(0.f);
     for (int64_t g = 0; g < n_blocks; ++g) {
         int8x16_t e0, e1;
         decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
         const float ws = Mxfp4::scale(scales[g]) * 0.5f;
+        const int16x8_t w[4] = {vmovl_s8(vget_low_s8(e0)), vmovl_s8(vget_high_s8(e0)),
+                                vmovl_s8(vget_low_s8(e1)), vmovl_s8(vget_high_s8(e1))};
         for (int t = 0; t < n_tok; ++t) {
-            const int8_t* q = x[t].q + g * Mxfp4::kBlock;
-            const int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
-            int32x4_t s = vpaddlq_s16(vmull_s8(vget_low_s8(e0), vget_low_s8(q0)));
-            s = vpadalq_s16(s, vmull_s8(vget_high_s8(e0), vget_high_s8(q0)));
-            s = vpadalq_s16(s, vmull_s8(vget_low_s8(e1), vget_low_s8(q1)));
-            s = vpadalq_s16(s, vmull_s8(vget_high_s8(e1), vget_high_s8(q1)));
+            const int16_t* q = x[t].q + g * Mxfp4::kBlock;
+            int32x4_t s = vdupq_n_s32(0);
+            for (int i = 0; i < 4; ++i) {
+                const int16x8_t qi = vld1q_s16(q + 8 * i);
+                s = vmlal_s16(s, vget_low_s16(w[i]), vget_low_s16(qi));
+                s = vmlal_s16(s, vget_high_s16(w[i]), vget_high_s16(qi));
+            }
             acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), ws * x[t].d[g]);
         }
     }
@@ -93,6 +96,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kNeonKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q8, bf16_dot_f32};
+const KernelTable kNeonKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, bf16_dot_f32};
 
 }  // namespace moemesh

@@ -21,14 +21,14 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = acc[t];
 }
 
-void mxfp4_dot_q8(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q8Row* x,
-                  int n_tok, float* out) {
+void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
+                   int n_tok, float* out) {
     float acc[kMaxTokens] = {0, 0, 0, 0};
     for (int64_t g = 0; g < n_blocks; ++g) {
         const uint8_t* c = blocks + g * Mxfp4::kBlockBytes;
         const float ws = Mxfp4::scale(scales[g]) * 0.5f;
         for (int t = 0; t < n_tok; ++t) {
-            const int8_t* q = x[t].q + g * Mxfp4::kBlock;
+            const int16_t* q = x[t].q + g * Mxfp4::kBlock;
             int32_t s = 0;
             for (int j = 0; j < Mxfp4::kBlockBytes; ++j) {
                 s += int32_t(Mxfp4::kDoubled[c[j] & 0x0F]) * q[2 * j];
@@ -50,6 +50,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kScalarKernels = {"scalar", mxfp4_dot_f32, mxfp4_dot_q8, bf16_dot_f32};
+const KernelTable kScalarKernels = {"scalar", mxfp4_dot_f32, mxfp4_dot_q16, bf16_dot_f32};
 
 }  // namespace moemesh

@@ -14,32 +14,32 @@ namespace {
 // Rows per task: enough tasks to balance two to a few dozen threads, few enough to amortise.
 constexpr int64_t kRowsPerTask = 64;
 
-// Symmetric per-32 int8 quantization (round half away from zero, as llama.cpp's Q8_0).
-void quantize_q8(const float* x, int64_t n, int8_t* q, float* d) {
-    for (int64_t g = 0; g < n / Q8Block::kBlock; ++g) {
-        const float* xb = x + g * Q8Block::kBlock;
+// Symmetric per-32 int16 quantization (round half away from zero).
+void quantize_q16(const float* x, int64_t n, int16_t* q, float* d) {
+    for (int64_t g = 0; g < n / Q16Block::kBlock; ++g) {
+        const float* xb = x + g * Q16Block::kBlock;
         float amax = 0.f;
-        for (int i = 0; i < Q8Block::kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        const float dd = amax / 127.f;
+        for (int i = 0; i < Q16Block::kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float dd = amax / Q16Block::kMax;
         const float id = dd > 0.f ? 1.f / dd : 0.f;
-        for (int i = 0; i < Q8Block::kBlock; ++i) q[g * Q8Block::kBlock + i] = int8_t(std::lround(xb[i] * id));
+        for (int i = 0; i < Q16Block::kBlock; ++i) q[g * Q16Block::kBlock + i] = int16_t(std::lround(xb[i] * id));
         d[g] = dd;
     }
 }
 
-// Activations of one matmul: fp32 rows, plus their q8 twins when the precision is fast.
+// Activations of one matmul: fp32 rows, plus their q16 twins when the precision is fast.
 struct Activations {
     const float* f32;
     int64_t ld;  // floats per row (= K)
-    std::vector<int8_t> q;
+    std::vector<int16_t> q;
     std::vector<float> d;
 
     Activations(Precision p, const float* x, int64_t rows, int64_t k) : f32(x), ld(k) {
         if (p != Precision::Fast) return;
         q.resize(size_t(rows * k));
-        d.resize(size_t(rows * (k / Q8Block::kBlock)));
+        d.resize(size_t(rows * (k / Q16Block::kBlock)));
         global_pool().parallel_for(rows, [&](int64_t r) {
-            quantize_q8(x + r * k, k, q.data() + r * k, d.data() + r * (k / Q8Block::kBlock));
+            quantize_q16(x + r * k, k, q.data() + r * k, d.data() + r * (k / Q16Block::kBlock));
         });
     }
     bool fast() const { return !q.empty(); }
@@ -50,7 +50,7 @@ struct Activations {
 void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
                 const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
                 const int64_t* in_rows, const int64_t* out_rows, int64_t n, float* y, int64_t ldy) {
-    const int64_t nbd = act.ld / Q8Block::kBlock;
+    const int64_t nbd = act.ld / Q16Block::kBlock;
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
         const uint8_t* rs = scales + r * nb;
@@ -59,12 +59,12 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
             const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
             float res[kMaxTokens];
             if (act.fast()) {
-                Q8Row xs[kMaxTokens];
+                Q16Row xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) {
                     const int64_t row = in_rows[i0 + j];
                     xs[j] = {act.q.data() + row * act.ld, act.d.data() + row * nbd};
                 }
-                kt.mxfp4_dot_q8(rb, rs, nb, xs, cnt, res);
+                kt.mxfp4_dot_q16(rb, rs, nb, xs, cnt, res);
             } else {
                 const float* xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) xs[j] = act.f32 + in_rows[i0 + j] * act.ld;
