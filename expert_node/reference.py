@@ -24,7 +24,9 @@ def swiglu_clamped(h: np.ndarray, alpha: float = SWIGLU_ALPHA, limit: float = SW
     gate, up = split_gate_up(h)
     gate = np.minimum(gate, np.float32(limit))
     up = np.clip(up, np.float32(-limit), np.float32(limit))
-    return gate * (np.float32(1.0) / (np.float32(1.0) + np.exp(-np.float32(alpha) * gate))) * (up + np.float32(1.0))
+    with np.errstate(over="ignore"):  # exp(+large) = inf gives sigmoid 0, the right limit
+        sigmoid = np.float32(1.0) / (np.float32(1.0) + np.exp(-np.float32(alpha) * gate))
+    return gate * sigmoid * (up + np.float32(1.0))
 
 
 def expert_ffn(

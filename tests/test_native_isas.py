@@ -1,0 +1,47 @@
+"""Every native ISA path against the scalar kernels, outside Python: natively for this CPU's
+paths, and the NEON path (phones, Raspberry Pi) cross-compiled with g++-aarch64-linux-gnu and run
+under qemu-aarch64. CI installs both tools; there a missing tool is a failure, not a skip."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CHECK_SRC = Path(__file__).resolve().parent.parent / "csrc" / "check"
+CROSS_CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
+
+
+def build(build_dir: Path, *cmake_args: str) -> Path:
+    subprocess.run(["cmake", "-S", CHECK_SRC, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", *cmake_args],
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run(["cmake", "--build", build_dir, "-j2"], check=True, capture_output=True, timeout=600)
+    return build_dir / "kernel_check"
+
+
+def run_check(cmd: list) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.timeout(900)
+def test_native_isa_paths_match_scalar(tmp_path):
+    out = run_check([str(build(tmp_path / "native"))])
+    assert " 0 failed" in out and "moe_experts fast" in out
+
+
+@pytest.mark.timeout(900)
+def test_neon_path_under_qemu(tmp_path):
+    missing = [tool for tool in (CROSS_CXX, QEMU) if not shutil.which(tool)]
+    if missing:
+        message = f"{', '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    exe = build(tmp_path / "aarch64", f"-DCMAKE_CXX_COMPILER={CROSS_CXX}", "-DCMAKE_SYSTEM_NAME=Linux",
+                "-DCMAKE_SYSTEM_PROCESSOR=aarch64")
+    out = run_check([QEMU, "-L", "/usr/aarch64-linux-gnu", str(exe)])
+    neon = [line for line in out.splitlines() if line.startswith("neon")]
+    assert len(neon) == 3 and all(line.endswith("ok") for line in neon), out
