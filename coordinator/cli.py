@@ -84,20 +84,48 @@ def cmd_logits(args) -> int:
 def cmd_generate(args) -> int:
     from .tokenizer import Tokenizer
 
+    from .sampling import SamplingParams
+
     engine = load_engine(args)
     tok = Tokenizer.from_dir(engine.checkpoint.folder)
     prompt_ids = args.tokens if args.tokens is not None else tok.encode(args.prompt)
+    params = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
+    gen = engine.stream(prompt_ids, args.max_tokens, params, tokenizer=None if args.json else tok)
     generated = []
-    for token in engine.generate(prompt_ids, max_new_tokens=args.max_tokens, temperature=args.temp,
-                                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed):
-        generated.append(token)
+    try:
+        for step in gen:
+            generated.append(step.token)
+            if not args.json:
+                print(step.text, end="", flush=True)
+    finally:
         if not args.json:
-            print(tok.decode([token]), end="", flush=True)
+            print()
+        print(gen.stats.summary(), file=sys.stderr)
     if args.json:
         print(json.dumps({"prompt_ids": list(prompt_ids), "generated_ids": generated, "text": tok.decode(generated)}))
-    else:
-        print()
     return 0
+
+
+def cmd_chat(args) -> int:
+    from . import chat
+    from .sampling import SamplingParams
+    from .tokenizer import Tokenizer
+
+    for stream in (sys.stdout, sys.stderr):
+        if (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="replace")
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        print(f"note: the terminal encoding is {sys.stdout.encoding}, not UTF-8: characters it cannot show "
+              "are replaced", file=sys.stderr)
+    sys.stdin.reconfigure(errors="replace")
+    engine = load_engine(args)
+    engine.warm()
+    tok = Tokenizer.from_dir(engine.checkpoint.folder)
+    options = chat.ChatOptions(
+        system=args.system, reasoning_effort=args.reasoning_effort,
+        params=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.seed),
+        max_tokens=args.max_tokens, show_reasoning=args.show_reasoning)
+    return chat.run_repl(chat.ChatSession(engine, tok, options))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model (harmony format) in the terminal")
+    add_model_args(p, default_precision="fast")
+    add_sampling_args(p)
+    p.set_defaults(max_tokens=2048)
+    p.add_argument("--system", help="developer instructions for the assistant")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--show-reasoning", action="store_true", help="show the analysis channel (dimmed)")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -14,16 +14,13 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint
 from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
 
+from .generation import ContextLimitError, Generation
 from .models import family_of
 from .models.gpt_oss import reference_linear
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
 PRECISIONS = ("reference", "exact", "fast")
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
-
-
-class ContextLimitError(ValueError):
-    """The prompt plus the requested tokens do not fit the model's context."""
 
 
 def native_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -61,6 +58,24 @@ class Engine:
             ckpt.advise_hugepages()
         return cls(ckpt, family.build_model(ckpt, linear, experts), precision)
 
+    def warm(self, progress: bool | None = None) -> None:
+        """Read the weights this device computes with into memory, with a progress bar: the
+        mapping is lazy, so without this the first answer would pay for the disk reads."""
+        from tqdm import tqdm
+
+        from expert_node import native
+
+        arrays = [a for a in self.model.weight_arrays()]
+        arrays += [a for layer in getattr(self.model.experts, "layers", {}).values() for a in vars(layer).values()]
+        step = 64 << 20
+        with tqdm(total=sum(a.nbytes for a in arrays), unit="B", unit_scale=True, desc="loading",
+                  disable=None if progress is None else not progress, leave=False) as bar:
+            for a in arrays:
+                flat = a.reshape(-1).view(np.uint8)
+                for i in range(0, flat.size, step):
+                    native.stream_read(flat[i:i + step])
+                    bar.update(min(step, flat.size - i))
+
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
@@ -68,13 +83,9 @@ class Engine:
     def logits(self, ids: Iterable[int]) -> np.ndarray:
         """float32 [T, vocab] logits of one forward pass over `ids` from an empty context."""
         ids = np.asarray(list(ids), np.int64)
-        self._check_fits(ids.size, 0)
+        if ids.size > self.context_length:
+            raise ContextLimitError(f"{ids.size} tokens exceed the model's context of {self.context_length}")
         return self.model.forward(ids, self.model.new_cache(), all_logits=True)
-
-    def _check_fits(self, n_prompt: int, n_new: int) -> None:
-        if n_prompt + n_new > self.context_length:
-            raise ContextLimitError(
-                f"prompt of {n_prompt} tokens + {n_new} new tokens exceeds the context of {self.context_length}")
 
     def prefill(self, ids: np.ndarray, cache) -> np.ndarray:
         """Feed ids in chunks; logits [vocab] after the last one."""
@@ -82,20 +93,15 @@ class Engine:
             logits = self.model.forward(ids[start:start + PREFILL_CHUNK], cache, all_logits=False)
         return logits[-1]
 
+    def stream(self, ids: Iterable[int], max_new_tokens: int = 128, params: SamplingParams | None = None,
+               stop_ids: Iterable[int] = (), tokenizer=None) -> Generation:
+        """The streaming generator: iterate it for Steps; its .stats holds the timings."""
+        return Generation(self, list(ids), params or SamplingParams(), max_new_tokens, stop_ids, tokenizer)
+
     def generate(self, ids: Iterable[int], max_new_tokens: int = 128, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
                  stop_ids: Iterable[int] = ()) -> Iterator[int]:
         """Yield up to max_new_tokens sampled ids; a stop id is yielded, then generation ends."""
         params = SamplingParams(temperature, top_p, top_k, min_p, seed)
-        ids = np.asarray(list(ids), np.int64)
-        self._check_fits(ids.size, max_new_tokens)
-        stops = set(stop_ids)
-        rng = np.random.default_rng(seed)
-        cache = self.model.new_cache()
-        logits = self.prefill(ids, cache)
-        for i in range(max_new_tokens):
-            token = sample(logits, params, rng)
-            yield token
-            if token in stops or i == max_new_tokens - 1:
-                return
-            logits = self.model.forward(np.array([token]), cache, all_logits=False)[-1]
+        for step in self.stream(ids, max_new_tokens, params, stop_ids):
+            yield step.token

@@ -105,5 +105,6 @@ def test_sliding_layers_keep_only_the_window(tiny_dir):
     cache = engine.model.new_cache()
     engine.model.forward(np.arange(40), cache)
     window = engine.config.sliding_window
-    assert cache.k[0].shape[0] == window and cache.k[1].shape[0] == 40
-    np.testing.assert_array_equal(cache.pos[0], np.arange(40 - window, 40))
+    assert cache.k[0].shape[0] == window and cache.k[1].shape[0] >= 40
+    np.testing.assert_array_equal(np.sort(cache.pos[0]), np.arange(40 - window, 40))
+    np.testing.assert_array_equal(cache.pos[1][:40], np.arange(40))

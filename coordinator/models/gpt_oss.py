@@ -204,26 +204,48 @@ def reference_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.n
 class KVCache:
     """Per-layer keys (already rotated) and values with their absolute positions.
 
-    Full-attention layers grow; sliding layers keep only the last `sliding_window` entries,
-    which is all any later query can see, so their memory is O(window).
+    Full-attention layers append into a buffer that doubles when full (amortised O(1) per token);
+    sliding layers keep a ring of the last `sliding_window` entries, all any later query can see,
+    so their memory is O(window) however long the context grows.
     """
 
-    def __init__(self, cfg: GptOssConfig):
+    def __init__(self, cfg: GptOssConfig, initial_capacity: int = 256):
         self.cfg = cfg
-        empty = lambda: np.zeros((0, cfg.num_key_value_heads, cfg.head_dim), np.float32)  # noqa: E731
-        self.k = [empty() for _ in range(cfg.num_hidden_layers)]
-        self.v = [empty() for _ in range(cfg.num_hidden_layers)]
-        self.pos = [np.zeros(0, np.int64) for _ in range(cfg.num_hidden_layers)]
+        shape = (cfg.num_key_value_heads, cfg.head_dim)
+        self._cap = [cfg.sliding_window if cfg.is_sliding(i) else initial_capacity
+                     for i in range(cfg.num_hidden_layers)]
+        self.k = [np.zeros((c, *shape), np.float32) for c in self._cap]
+        self.v = [np.zeros((c, *shape), np.float32) for c in self._cap]
+        self.pos = [np.full(c, -1, np.int64) for c in self._cap]  # -1 = empty slot
         self.length = 0  # tokens seen so far = position of the next token
 
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
     def extend(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
-        """Append new entries; return the keys, values and positions the new queries attend to."""
-        keys = np.concatenate([self.k[layer], k])
-        vals = np.concatenate([self.v[layer], v])
-        kpos = np.concatenate([self.pos[layer], pos])
-        keep = slice(-self.cfg.sliding_window, None) if self.cfg.is_sliding(layer) else slice(None)
-        self.k[layer], self.v[layer], self.pos[layer] = keys[keep], vals[keep], kpos[keep]
-        return keys, vals, kpos
+        """Store new entries; return the keys, values and positions the new queries attend to."""
+        if self.cfg.is_sliding(layer):
+            filled = self.pos[layer] >= 0
+            keys = np.concatenate([self.k[layer][filled], k])
+            vals = np.concatenate([self.v[layer][filled], v])
+            kpos = np.concatenate([self.pos[layer][filled], pos])
+            keep = min(len(kpos), self._cap[layer])  # ring slot = position mod window
+            slots = kpos[-keep:] % self._cap[layer]
+            self.k[layer][slots], self.v[layer][slots], self.pos[layer][slots] = keys[-keep:], vals[-keep:], kpos[-keep:]
+            return keys, vals, kpos
+        n = int(pos[0])  # full layers hold positions 0..n-1 in order
+        if n + len(pos) > self._cap[layer]:
+            cap = max(2 * self._cap[layer], n + len(pos))
+            for store in (self.k, self.v):
+                grown = np.zeros((cap, *store[layer].shape[1:]), np.float32)
+                grown[:n] = store[layer][:n]
+                store[layer] = grown
+            grown_pos = np.full(cap, -1, np.int64)
+            grown_pos[:n] = self.pos[layer][:n]
+            self.pos[layer], self._cap[layer] = grown_pos, cap
+        end = n + len(pos)
+        self.k[layer][n:end], self.v[layer][n:end], self.pos[layer][n:end] = k, v, pos
+        return self.k[layer][:end], self.v[layer][:end], self.pos[layer][:end]
 
 
 @dataclass(frozen=True)
@@ -273,6 +295,13 @@ class GptOssModel:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg)
+
+    def weight_arrays(self) -> list[np.ndarray]:
+        """The mapped dense weights (what the coordinator itself reads per token)."""
+        arrays = [self.embed, self.lm_head, self.final_norm]
+        for w in self.layers:
+            arrays += list(vars(w).values())
+        return arrays
 
     def attention(self, i: int, x: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
         cfg, w = self.cfg, self.layers[i]

@@ -1,0 +1,114 @@
+"""The one streaming generator that the CLI, chat, profiler and benchmarks all consume.
+
+`Generation` prefills a prompt (in chunks), then samples token by token, yielding a `Step` per
+token: the id, the text it completes (UTF-8 safe across tokens), and the finish reason on the last
+one. Timings accumulate in `Generation.stats` as it runs (prefill and decode rates, time to
+first token), so a consumer that stops early still has correct figures.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .sampling import SamplingParams, sample
+
+
+class ContextLimitError(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class Step:
+    token: int
+    text: str  # text completed by this token ("" while a multi-byte character is incomplete)
+    finish_reason: str | None = None  # "stop" (a stop token), "length" (max tokens or context), None
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0  # time spent producing tokens after the first
+    time_to_first_token: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok @ {self.prefill_tps:.1f} tok/s, "
+                f"generated {self.generated_tokens} tok @ {self.decode_tps:.1f} tok/s, "
+                f"first token {self.time_to_first_token * 1e3:.0f} ms")
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text pieces without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a character still waiting for its remaining bytes
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+@dataclass
+class Generation:
+    """Iterate to generate. `cache` may carry a conversation's KV cache between turns."""
+
+    engine: object
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 128
+    stop_ids: Iterable[int] = ()
+    tokenizer: object = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __iter__(self) -> Iterator[Step]:
+        engine, model = self.engine, self.engine.model
+        ids = np.asarray(self.prompt_ids, np.int64)
+        limit = engine.context_length
+        if ids.size == 0:
+            raise ValueError("the prompt is empty")
+        if ids.size >= limit:
+            raise ContextLimitError(f"the prompt has {ids.size} tokens; the model's context holds {limit}")
+        budget = min(self.max_new_tokens, limit - ids.size)
+        stops = set(self.stop_ids)
+        rng = np.random.default_rng(self.params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        cache = model.new_cache()
+        self.stats = stats = GenerationStats(prompt_tokens=int(ids.size))
+        t0 = time.perf_counter()
+        logits = engine.prefill(ids, cache)
+        stats.prompt_seconds = time.perf_counter() - t0
+        t_first = None
+        for i in range(budget):
+            token = sample(logits, self.params, rng)
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+                stats.time_to_first_token = now - t0
+            stats.generated_tokens = i + 1
+            stats.decode_seconds = now - t_first
+            finish = "stop" if token in stops else ("length" if i == budget - 1 else None)
+            stats.finish_reason = finish
+            yield Step(token, detok.push(token), finish)
+            if finish:
+                return
+            logits = model.forward(np.array([token]), cache, all_logits=False)[-1]
