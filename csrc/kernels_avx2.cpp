@@ -15,6 +15,7 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
+        x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
         x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0));
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8)));
@@ -39,6 +40,7 @@ void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
+        x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
         x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
         const __m256i w0 = _mm256_cvtepi8_epi16(e0), w1 = _mm256_cvtepi8_epi16(e1);
         const float ws = Mxfp4::scale(scales[g]) * 0.5f;
@@ -57,6 +59,7 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
+        x86::prefetch_ahead(w + i);
         const __m256 wf = x86::bf16x8_to_f32(w + i);
         for (int t = 0; t < n_tok; ++t) acc[t] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x[t] + i), acc[t]);
     }

@@ -10,6 +10,8 @@
 namespace moemesh {
 namespace {
 
+constexpr int kPrefetchBytes = 4096;
+
 // Fixed-order horizontal sum of 16 lanes: fold the halves, then the 8-lane AVX sum.
 inline float hsum512(__m512 v) {
     const __m256 lo = _mm512_castps512_ps256(v);
@@ -23,6 +25,7 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
+        x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
         x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
         const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(e0));
         const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(e1));
@@ -79,6 +82,7 @@ void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
         for (; i + 2 <= n; i += 2) {
             const int64_t g = g0 + i;
             __m512i w0, w1;
+            x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
             decode_pair_i16(blocks + g * Mxfp4::kBlockBytes, &w0, &w1);
             for (int t = 0; t < n_tok; ++t) {
                 const int16_t* q = x[t].q + g * Mxfp4::kBlock;
@@ -105,6 +109,8 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
+        // Stream ahead: hardware prefetchers stop at 4 KiB page edges of the mapped checkpoint.
+        x86::prefetch_ahead(w + i);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
         const __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
         for (int t = 0; t < n_tok; ++t) acc[t] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x[t] + i), acc[t]);
