@@ -41,6 +41,17 @@ def add_model_args(p: argparse.ArgumentParser, default_precision: str = "exact")
                    help="exact: fp32 activations; fast: int8 activations in the experts; reference: pure numpy")
 
 
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", action="store_true", help="compute the experts on expert nodes")
+    g.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
+                   help="an expert node's address (repeatable); without it nodes are found by mDNS")
+    g.add_argument("--expect", type=int, default=None, help="wait for this many nodes on mDNS")
+    g.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse mDNS")
+    g.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
+    g.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
     p.add_argument("--temp", type=float, default=1.0, help="temperature (0 = greedy)")
@@ -72,7 +83,23 @@ def cmd_synth(args) -> int:
 def load_engine(args):
     from .engine import Engine
 
-    return Engine.load(resolve_model(args.model), precision=args.precision)
+    folder = resolve_model(args.model)
+    if not getattr(args, "cluster", False):
+        return Engine.load(folder, precision=args.precision)
+    from . import cluster, discovery
+    from expert_node.checkpoint import Checkpoint
+
+    if args.node:
+        addresses = [a.address for a in discovery.parse_static(args.node)]
+    else:
+        addresses = [a.address for a in discovery.browse(args.discover_timeout, args.expect, args.interface)]
+    if args.expect and len(addresses) < args.expect:
+        raise cluster.ClusterError(f"found {len(addresses)} expert nodes, expected {args.expect}")
+    experts, reports = cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas)
+    for r in reports:
+        print(f"node {r.info.name} ({r.address}): {r.pieces} experts, {r.bytes_pushed / 1e6:.1f} MB pushed",
+              file=sys.stderr)
+    return Engine.load(folder, precision=args.precision, experts=experts)
 
 
 def cmd_logits(args) -> int:
@@ -128,6 +155,64 @@ def cmd_chat(args) -> int:
     return chat.run_repl(chat.ChatSession(engine, tok, options))
 
 
+def cmd_node_serve(args) -> int:
+    import signal
+    import threading
+
+    from expert_node.server import serve
+
+    server, service, port = serve(args.port, args.name, args.cache_dir, args.max_memory, args.model, args.host)
+    advert = None
+    if not args.no_mdns:
+        from expert_node.advertise import Advertiser
+        from expert_node import native
+
+        advert = Advertiser(service.node_id, service.name, port,
+                            {"mem": str(service.memory_budget()), "cores": str(native.get_threads()),
+                             "isa": native.active_isa()}, args.interface)
+        advert.start()
+    print(f"moemesh node {service.name} (id {service.node_id}) listening on port {port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    if advert:
+        advert.stop()  # withdraw the advertisement first: nobody should pick a node that is leaving
+    server.stop(grace=2).wait()
+    return 0
+
+
+def cmd_discover(args) -> int:
+    from . import discovery
+
+    def event(kind, node):
+        if args.json:
+            print(json.dumps({"event": kind, "node_id": node.node_id, "address": node.address}), flush=True)
+        else:
+            print(f"{kind:8} {node.node_id}  {node.address}  {node.properties.get('isa', '')}", flush=True)
+
+    nodes = discovery.browse(args.timeout, None if args.watch else args.expect, args.interface,
+                             on_event=event if args.watch else None)
+    if not args.watch:
+        if args.json:
+            print(json.dumps([{"node_id": n.node_id, "address": n.address, **n.properties} for n in nodes]))
+        else:
+            for n in nodes:
+                print(f"{n.node_id}  {n.address}  cores={n.properties.get('cores')} isa={n.properties.get('isa')} "
+                      f"mem={int(n.properties.get('mem', 0)) / 1e9:.1f}GB")
+            print(f"{len(nodes)} expert node(s) found", file=sys.stderr)
+    return 0
+
+
+def parse_bytes(text: str) -> int:
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+    t = text.strip().lower().rstrip("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected a size like 6G or 512M, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moemesh", description="Mixture-of-Experts LLMs across your devices")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logits", help="write float32 [T, vocab] logits of one forward pass to a .npy file")
     add_model_args(p)
+    add_cluster_args(p)
     p.add_argument("--tokens", type=parse_ids, required=True, help="comma-separated token ids")
     p.add_argument("--out", required=True, help="output .npy file")
     p.set_defaults(func=cmd_logits)
 
     p = sub.add_parser("generate", help="complete a raw prompt (no chat template)")
     add_model_args(p)
+    add_cluster_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="prompt text (special tokens like <|start|> are honoured)")
     src.add_argument("--tokens", type=parse_ids, help="prompt as comma-separated token ids")
@@ -160,12 +247,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with the model (harmony format) in the terminal")
     add_model_args(p, default_precision="fast")
+    add_cluster_args(p)
     add_sampling_args(p)
     p.set_defaults(max_tokens=2048)
     p.add_argument("--system", help="developer instructions for the assistant")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     p.add_argument("--show-reasoning", action="store_true", help="show the analysis channel (dimmed)")
     p.set_defaults(func=cmd_chat)
+
+    node = sub.add_parser("node", help="run an expert node").add_subparsers(dest="node_command", required=True)
+    p = node.add_parser("serve", help="host experts for a coordinator (gRPC + mDNS advertisement)")
+    p.add_argument("--port", type=int, default=7070, help="gRPC port (0 = any free port)")
+    p.add_argument("--host", default="[::]", help="address to listen on")
+    p.add_argument("--name", default=None, help="name shown to coordinators (default: host name)")
+    p.add_argument("--cache-dir", default=None, help="where pushed weights are cached")
+    p.add_argument("--max-memory", type=parse_bytes, default=None, help="memory offered for experts, e.g. 6G")
+    p.add_argument("-m", "--model", default=None, help="this device's own copy of the checkpoint (optional)")
+    p.add_argument("--interface", default=None, help="IP address of the interface to advertise on (default: all)")
+    p.add_argument("--no-mdns", action="store_true", help="do not advertise (coordinators use --node host:port)")
+    p.set_defaults(func=cmd_node_serve)
+
+    p = sub.add_parser("discover", help="list the expert nodes advertising on mDNS")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
+    p.add_argument("--expect", type=int, default=None, help="stop as soon as this many are found")
+    p.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
+    p.add_argument("--watch", action="store_true", help="print nodes appearing and leaving until --timeout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_discover)
     return parser
 
 
@@ -176,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as e:
         print(f"moemesh {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

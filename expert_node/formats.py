@@ -38,6 +38,26 @@ def mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
 
 
+Q16_BLOCK = 32
+Q16_MAX = 32767.0
+
+
+def q16_quantize(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Activations [..., n] (n % 32 == 0) -> int16 codes [..., n] and float32 scales [..., n/32]:
+    symmetric per-32 blocks, scale = block max / 32767. The `fast` precision's activation format,
+    both in the expert kernels and on the wire (15 bits per value, 2.125 bytes)."""
+    blocks = a.astype(np.float32).reshape(*a.shape[:-1], a.shape[-1] // Q16_BLOCK, Q16_BLOCK)
+    d = (np.abs(blocks).max(axis=-1) / np.float32(Q16_MAX)).astype(np.float32)
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
+    q = np.rint(blocks * inv[..., None]).astype(np.int16)
+    return q.reshape(a.shape), d
+
+
+def q16_dequantize(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    blocks = q.reshape(*q.shape[:-1], q.shape[-1] // Q16_BLOCK, Q16_BLOCK).astype(np.float32)
+    return (blocks * d[..., None]).reshape(q.shape)
+
+
 @dataclass(frozen=True)
 class QuantFormat:
     name: str

@@ -1,0 +1,289 @@
+"""The coordinator's side of a cluster: connect to expert nodes, place and ship the experts, and
+compute each layer's experts remotely behind the same ExpertBackend as the local kernels.
+
+One request per node per layer carries every token that needs that node's experts; requests to
+all nodes go out together on per-node bidirectional streams and the answers are combined in a
+fixed order, so the result is bit-identical to a single-device run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from expert_node.checkpoint import Checkpoint
+from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts
+from expert_node.proto import moemesh_pb2 as pb
+from expert_node.proto import moemesh_pb2_grpc as pb_grpc
+from expert_node.protocol import (GRPC_OPTIONS, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, activation_dtype,
+                                  decode_tensor, encode_tensor)
+from expert_node.store import piece_sha256
+
+from .models import family_of
+from .placement import NodeCapacity, Placement, plan_placement
+from .tokenizer import cache_dir
+
+PUSH_ATTEMPTS = 3  # a piece rejected for a bad checksum is sent again this many times
+
+
+class ClusterError(RuntimeError):
+    """A node could not be used; the message names it and says why."""
+
+
+def rpc_error(address: str, what: str, e: grpc.RpcError) -> ClusterError:
+    return ClusterError(f"node {address}: {what} failed: {e.code().name}: {e.details()}")
+
+
+@dataclass
+class HopRecord:
+    """One request to one node for one layer, for the profiler."""
+    layer: int
+    node: str
+    tokens: int
+    send_us: float
+    rtt_us: float
+    timing: pb.NodeTiming
+
+
+class ComputeSession:
+    """A Compute stream to one node: submit() sends a request and returns a Future for its reply."""
+
+    def __init__(self, stub: pb_grpc.ExpertNodeStub, address: str):
+        self.address = address
+        self._requests: queue.Queue = queue.Queue()
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._closed = None
+        self._call = stub.Compute(iter(self._requests.get, None))
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"moemesh-recv-{address}")
+        self._reader.start()
+
+    def submit(self, request: pb.ExpertRequest) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed is not None:
+                raise self._closed
+            self._pending[request.seq] = fut
+        self._requests.put(request)
+        return fut
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                with self._lock:
+                    fut = self._pending.pop(reply.seq, None)
+                if fut is not None:
+                    fut.set_result(reply)
+            error = ClusterError(f"node {self.address}: compute stream ended")
+        except grpc.RpcError as e:
+            error = rpc_error(self.address, "compute", e)
+        with self._lock:
+            self._closed = error
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.set_exception(error)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+class NodeClient:
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.ExpertNodeStub(self.channel)
+        self.info: pb.NodeInfo | None = None
+        self.session: ComputeSession | None = None
+
+    def handshake(self, timeout: float = 5.0) -> pb.NodeInfo:
+        try:
+            info = self.stub.Info(pb.InfoRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout)
+        except grpc.RpcError as e:
+            raise rpc_error(self.address, "handshake", e) from None
+        if info.protocol_version != PROTOCOL_VERSION:
+            raise ClusterError(f"node {self.address} speaks protocol version {info.protocol_version}; "
+                               f"this coordinator speaks {PROTOCOL_VERSION}")
+        self.info = info
+        return info
+
+    def call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as e:
+            raise rpc_error(self.address, what, e) from None
+
+    def close(self) -> None:
+        if self.session:
+            self.session.close()
+        self.channel.close()
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+def piece_hashes(ckpt: Checkpoint, shape: ExpertShape, n_layers: int) -> dict[tuple[int, int], str]:
+    """sha256 of every (layer, expert) piece, cached per checkpoint (files' sizes and mtimes)."""
+    stamp = hashlib.sha256(str(ckpt.folder.resolve()).encode())
+    for f in sorted(ckpt.folder.glob("*.safetensors")):
+        st = f.stat()
+        stamp.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    path = cache_dir() / "piece-hashes" / f"{stamp.hexdigest()[:32]}.json"
+    if path.exists():
+        return {tuple(map(int, k.split(","))): v for k, v in json.loads(path.read_text()).items()}
+    family = family_of(ckpt)
+    layers = family.load_layer_experts(ckpt, range(n_layers))
+    keys = [(l, e) for l in range(n_layers) for e in range(shape.n_experts)]
+    with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL on large buffers
+        hashes = dict(zip(keys, pool.map(lambda k: piece_sha256(layers[k[0]].piece(k[1])), keys)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({f"{l},{e}": h for (l, e), h in hashes.items()}))
+    return hashes
+
+
+def model_id(ckpt: Checkpoint, hashes: dict) -> str:
+    h = hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode())
+    for k in sorted(hashes):
+        h.update(hashes[k].encode())
+    return h.hexdigest()[:24]
+
+
+def piece_chunks(layers: dict[int, LayerExperts], refs: list[pb.PieceRef]):
+    for ref in refs:
+        raw = b"".join(np.ascontiguousarray(a).tobytes() for a in layers[ref.layer].piece(ref.expert))
+        for off in range(0, len(raw), WEIGHT_CHUNK_BYTES):
+            data = raw[off:off + WEIGHT_CHUNK_BYTES]
+            yield pb.WeightChunk(layer=ref.layer, expert=ref.expert, offset=off, data=data, crc32=zlib.crc32(data))
+
+
+def push_pieces(client: NodeClient, layers: dict[int, LayerExperts], missing: list[pb.PieceRef], bar=None) -> int:
+    """Send missing pieces; re-send rejected ones. Returns bytes sent."""
+    sent = 0
+    for _ in range(PUSH_ATTEMPTS):
+        if not missing:
+            return sent
+
+        def counted(chunks):
+            nonlocal sent
+            for c in chunks:
+                sent += len(c.data)
+                if bar is not None:
+                    bar.update(len(c.data))
+                yield c
+
+        reply = client.call("weight push", client.stub.PushWeights, counted(piece_chunks(layers, missing)))
+        missing = list(reply.rejected)
+    raise ClusterError(f"node {client.address}: {len(missing)} pieces still fail their checksum after "
+                       f"{PUSH_ATTEMPTS} attempts")
+
+
+# -- the backend -------------------------------------------------------------------------------------
+
+@dataclass
+class RemoteExpertBackend(ExpertBackend):
+    clients: dict[str, NodeClient]  # node id -> client
+    placement: Placement
+    shape: ExpertShape
+    precision: str
+    hops: list[HopRecord] | None = None  # set to a list to record every request (profiler)
+    _seq: int = 0
+    _owner: np.ndarray = field(default=None, repr=False)
+
+    def __post_init__(self):
+        ids = sorted(self.clients)
+        self._node_ids = ids
+        self._owner = np.array([[ids.index(self.placement.primary(l, e)) for e in range(self.placement.n_experts)]
+                                for l in range(self.placement.n_layers)], np.int32)
+
+    def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+        dtype = activation_dtype(self.precision)
+        owner = self._owner[layer][expert_ids]
+        out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
+        sent = []
+        for i, node in enumerate(self._node_ids):
+            mask = owner == i
+            rows = mask.any(axis=1)
+            if not rows.any():
+                continue
+            self._seq += 1
+            ids = np.where(mask, expert_ids, -1)[rows].astype(np.int32)
+            request = pb.ExpertRequest(seq=self._seq, layer=layer, x=encode_tensor(x[rows], dtype),
+                                       expert_ids=encode_tensor(ids, "i32"), precision=self.precision)
+            t0 = time.perf_counter()
+            sent.append((node, mask, int(rows.sum()), t0, self.clients[node].session.submit(request)))
+        for node, mask, n_tokens, t0, fut in sent:
+            reply = fut.result()
+            rtt = (time.perf_counter() - t0) * 1e6
+            y = decode_tensor(reply.y, "y", (dtype,), 2)
+            if y.shape != (int(mask.sum()), x.shape[1]):
+                raise ClusterError(f"node {self.clients[node].address}: reply of shape {list(y.shape)} for "
+                                   f"{int(mask.sum())} expert outputs")
+            out[mask] = y
+            if self.hops is not None:
+                self.hops.append(HopRecord(layer, node, n_tokens, t0, rtt, reply.timing))
+        return out
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+
+
+@dataclass(frozen=True)
+class ClusterReport:
+    """What `connect` did, for the topology table."""
+    node_id: str
+    address: str
+    info: pb.NodeInfo
+    pieces: int
+    bytes_pushed: int
+
+
+def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: int = 1,
+            placement: Placement | None = None, progress: bool | None = None
+            ) -> tuple[RemoteExpertBackend, list[ClusterReport]]:
+    """Handshake with every node, plan, ship the missing weights, load, and open the streams."""
+    from tqdm import tqdm
+
+    if not addresses:
+        raise ClusterError("no expert nodes found (start `moemesh node serve` on a device, or pass --node host:port)")
+    family = family_of(ckpt)
+    shape = family.expert_shape(ckpt.config)
+    n_layers = int(ckpt.config["num_hidden_layers"])
+    clients = [NodeClient(a) for a in addresses]
+    infos = {}
+    for c in clients:
+        info = c.handshake()
+        if info.node_id in infos:
+            raise ClusterError(f"nodes {infos[info.node_id].address} and {c.address} share node id {info.node_id}")
+        infos[info.node_id] = c
+    piece_bytes = LayerExperts.piece_nbytes(shape)
+    if placement is None:
+        capacities = [NodeCapacity(c.info.node_id, c.info.memory_budget, float(max(c.info.cores, 1))) for c in clients]
+        placement = plan_placement(n_layers, shape.n_experts, piece_bytes, capacities, replicas)
+    hashes = piece_hashes(ckpt, shape, n_layers)
+    mid = model_id(ckpt, hashes)
+    layers = family.load_layer_experts(ckpt, range(n_layers))
+    config_json = json.dumps(ckpt.config)
+    reports = []
+    for node_id, client in infos.items():
+        mine = placement.pieces_of(node_id)
+        refs = [pb.PieceRef(layer=l, expert=e, nbytes=piece_bytes, sha256=hashes[(l, e)]) for l, e in mine]
+        reply = client.call("assign", client.stub.Assign,
+                            pb.Assignment(model_id=mid, config_json=config_json, pieces=refs), timeout=600)
+        missing = list(reply.missing)
+        with tqdm(total=len(missing) * piece_bytes, unit="B", unit_scale=True, leave=False,
+                  desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
+            pushed = push_pieces(client, layers, missing, bar)
+        client.call("load", client.stub.Load, pb.LoadRequest(model_id=mid), timeout=600)
+        client.session = ComputeSession(client.stub, client.address)
+        reports.append(ClusterReport(node_id, client.address, client.handshake(), len(mine), pushed))
+    backend = RemoteExpertBackend({nid: c for nid, c in infos.items()}, placement, shape, precision)
+    return backend, reports
+

@@ -1,0 +1,79 @@
+"""Placement of experts on nodes: a pure function from (model shape, node capacities) to a frozen
+plan. No sockets here, so every rule is unit-tested.
+
+Rules: every (layer, expert) piece goes to `replicas` distinct nodes; no node gets more pieces than
+its memory holds; work is shared in proportion to node speed; pieces are dealt layer by layer so
+each layer's experts spread over the nodes (a token's 4 experts then tend to run in parallel).
+Ties go to the node listed first, so the same inputs always give the same plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlacementError(ValueError):
+    """The nodes cannot hold the model as asked."""
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    node_id: str
+    memory_bytes: int
+    speed: float = 1.0  # relative compute speed (cores, or measured)
+
+
+@dataclass(frozen=True)
+class Placement:
+    n_layers: int
+    n_experts: int
+    hosts: tuple[tuple[tuple[str, ...], ...], ...]  # hosts[layer][expert] = node ids, primary first
+
+    def nodes(self) -> list[str]:
+        return sorted({n for layer in self.hosts for hs in layer for n in hs})
+
+    def pieces_of(self, node_id: str) -> list[tuple[int, int]]:
+        return [(l, e) for l, layer in enumerate(self.hosts) for e, hs in enumerate(layer) if node_id in hs]
+
+    def primary(self, layer: int, expert: int) -> str:
+        return self.hosts[layer][expert][0]
+
+    def to_dict(self) -> dict:
+        return {"n_layers": self.n_layers, "n_experts": self.n_experts,
+                "hosts": [[list(hs) for hs in layer] for layer in self.hosts]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Placement":
+        return cls(d["n_layers"], d["n_experts"], tuple(tuple(tuple(hs) for hs in layer) for layer in d["hosts"]))
+
+
+def plan_placement(n_layers: int, n_experts: int, piece_bytes: int, nodes: list[NodeCapacity],
+                   replicas: int = 1) -> Placement:
+    if not nodes:
+        raise PlacementError("no expert nodes to place the experts on")
+    if replicas < 1 or replicas > len(nodes):
+        raise PlacementError(f"{replicas} replicas need at least {replicas} nodes; {len(nodes)} available")
+    capacity = {n.node_id: n.memory_bytes // piece_bytes for n in nodes}
+    needed = n_layers * n_experts * replicas
+    if sum(capacity.values()) < needed:
+        raise PlacementError(
+            f"not enough memory: {needed} pieces of {piece_bytes / 1e6:.1f} MB needed, the nodes hold "
+            f"{sum(capacity.values())} ({', '.join(f'{k}: {v}' for k, v in capacity.items())})")
+    total_speed = sum(max(n.speed, 1e-9) for n in nodes)
+    target = {n.node_id: needed * max(n.speed, 1e-9) / total_speed for n in nodes}
+    count = {n.node_id: 0 for n in nodes}
+    order = [n.node_id for n in nodes]
+    hosts = []
+    for _ in range(n_layers):
+        layer = []
+        for _ in range(n_experts):
+            chosen: list[str] = []
+            for _ in range(replicas):
+                candidates = [n for n in order if n not in chosen and count[n] < capacity[n]]
+                if not candidates:
+                    raise PlacementError("not enough distinct nodes with free memory for every replica")
+                best = min(candidates, key=lambda n: (count[n] / target[n], order.index(n)))
+                chosen.append(best)
+                count[best] += 1
+            layer.append(tuple(chosen))
+        hosts.append(tuple(layer))
+    return Placement(n_layers, n_experts, tuple(hosts))

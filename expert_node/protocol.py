@@ -1,0 +1,78 @@
+"""Wire format of the expert-node protocol: versions, limits, and tensor <-> message conversion.
+
+Pure functions over protobuf messages, so they are tested without sockets. Tensors travel as one
+message (dtype, shape, raw little-endian bytes) decoded with np.frombuffer; every decode checks
+dtype, shape and byte length against what the caller expects and raises WireError (which the
+server turns into INVALID_ARGUMENT).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .experts import ACTIVATION_DTYPE
+from .formats import Q16_BLOCK, q16_dequantize, q16_quantize
+from .proto import moemesh_pb2 as pb
+
+PROTOCOL_VERSION = 1
+SERVICE_TYPE = "_moemesh._tcp.local."
+# Explicit message limits on both sides. One layer's activations for a 2048-token prefill chunk of
+# gpt-oss: 2048 x 4 x 2880 fp32 = 94 MB; the cap leaves room for that and no more.
+MAX_MESSAGE_BYTES = 128 << 20
+WEIGHT_CHUNK_BYTES = 2 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+WIRE_DTYPES = {"f32": np.dtype("<f4"), "q16": np.dtype("<i2"), "i32": np.dtype("<i4")}
+
+
+class WireError(ValueError):
+    """A message that does not carry what it must; the text says what and why."""
+
+
+def encode_tensor(a: np.ndarray, dtype: str) -> pb.Tensor:
+    """float32 -> f32, or q16 (int16 codes then float32 per-32 scales); int32 -> i32."""
+    if dtype == "q16":
+        q, d = q16_quantize(a)
+        raw = q.tobytes() + d.tobytes()
+    else:
+        raw = np.ascontiguousarray(a, WIRE_DTYPES[dtype]).tobytes()
+    return pb.Tensor(dtype=dtype, shape=list(a.shape), data=raw)
+
+
+def decode_tensor(t: pb.Tensor, name: str, dtypes: tuple[str, ...], ndim: int) -> np.ndarray:
+    """Checked decode: floats come back as float32, ids as int32."""
+    if t.dtype not in dtypes:
+        raise WireError(f"{name}: dtype {t.dtype!r} not accepted here (expected {' or '.join(dtypes)})")
+    shape = tuple(t.shape)
+    if len(shape) != ndim or any(d < 0 for d in shape):
+        raise WireError(f"{name}: expected a {ndim}-D shape, got {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    dt = WIRE_DTYPES[t.dtype]
+    if t.dtype == "q16" and (ndim == 0 or shape[-1] % Q16_BLOCK):
+        raise WireError(f"{name}: q16 needs a last dimension that is a multiple of {Q16_BLOCK}, got {list(shape)}")
+    expected = count * dt.itemsize + (count // Q16_BLOCK * 4 if t.dtype == "q16" else 0)
+    if len(t.data) != expected:
+        raise WireError(f"{name}: {len(t.data)} bytes do not hold {t.dtype}{list(shape)} ({expected} bytes)")
+    a = np.frombuffer(t.data, dt, count=count).reshape(shape)
+    if t.dtype == "q16":
+        scales = np.frombuffer(t.data, np.dtype("<f4"), offset=count * 2).reshape(*shape[:-1], -1)
+        return q16_dequantize(a, scales)
+    return a
+
+
+def activation_dtype(precision: str) -> str:
+    if precision not in ("exact", "fast"):
+        raise WireError(f"precision: expected 'exact' or 'fast', got {precision!r}")
+    return ACTIVATION_DTYPE[precision]
+
+
+def pieces_to_layers(pieces) -> dict[int, list[int]]:
+    layers: dict[int, list[int]] = {}
+    for p in pieces:
+        layers.setdefault(int(p.layer), []).append(int(p.expert))
+    return {layer: sorted(experts) for layer, experts in sorted(layers.items())}

@@ -1,0 +1,50 @@
+"""Wire format: tensors round-trip, bad messages are named, committed stubs are current."""
+import filecmp
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from expert_node.experts import round_activations
+from expert_node.protocol import WireError, decode_tensor, encode_tensor
+from expert_node.proto import moemesh_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_f32_and_i32_round_trip_exactly():
+    a = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(decode_tensor(encode_tensor(a, "f32"), "x", ("f32",), 2), a)
+    ids = np.array([[1, -1], [3, 0]], np.int32)
+    np.testing.assert_array_equal(decode_tensor(encode_tensor(ids, "i32"), "ids", ("i32",), 2), ids)
+
+
+def test_q16_on_the_wire_equals_local_rounding():
+    a = (np.random.default_rng(1).standard_normal((5, 96)) * 10).astype(np.float32)
+    wire = decode_tensor(encode_tensor(a, "q16"), "x", ("q16",), 2)
+    np.testing.assert_array_equal(wire, round_activations(a, "fast"))
+    assert np.abs(wire - a).max() <= np.abs(a).max() / 32767
+    assert len(encode_tensor(a, "q16").data) == a.size * 2 + a.size // 32 * 4
+
+
+@pytest.mark.parametrize("msg,match", [
+    (pb.Tensor(dtype="f64", shape=[1, 2], data=b"\0" * 16), "dtype 'f64' not accepted"),
+    (pb.Tensor(dtype="f32", shape=[2], data=b"\0" * 8), "expected a 2-D shape"),
+    (pb.Tensor(dtype="f32", shape=[2, 2], data=b"\0" * 15), "15 bytes do not hold f32"),
+    (pb.Tensor(dtype="f32", shape=[2, -2], data=b""), "expected a 2-D shape"),
+    (pb.Tensor(dtype="q16", shape=[1, 30], data=b"\0" * 60), "multiple of 32"),
+])
+def test_bad_tensors_are_named(msg, match):
+    with pytest.raises(WireError, match=match):
+        decode_tensor(msg, "x", ("f32", "q16"), 2)
+
+
+def test_committed_stubs_are_current(tmp_path):
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "protos" / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    gen.generate(tmp_path)
+    committed = ROOT / "expert_node" / "proto"
+    for name in ("moemesh_pb2.py", "moemesh_pb2.pyi", "moemesh_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / name, committed / name, shallow=False), f"{name} is stale: run protos/generate.py"
