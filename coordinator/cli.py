@@ -155,6 +155,22 @@ def cmd_chat(args) -> int:
     return chat.run_repl(chat.ChatSession(engine, tok, options))
 
 
+def cmd_profile(args) -> int:
+    from . import profile
+    from .tokenizer import Tokenizer
+
+    engine = load_engine(args)
+    engine.warm()
+    prompt_ids = Tokenizer.from_dir(engine.checkpoint.folder).encode(args.prompt)
+    result = profile.run_profile(engine, prompt_ids, args.max_tokens)
+    if args.trace:
+        result["tracer"].write(args.trace)
+    if args.plot:
+        profile.plot(result, args.plot)
+    print(profile.to_json(result) if args.json else profile.render(result))
+    return 0
+
+
 def cmd_node_serve(args) -> int:
     import signal
     import threading
@@ -254,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     p.add_argument("--show-reasoning", action="store_true", help="show the analysis channel (dimmed)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("profile", help="latency of every stage and hop of a token, per device")
+    add_model_args(p, default_precision="fast")
+    add_cluster_args(p)
+    p.add_argument("-p", "--prompt", default="Explain how a mixture-of-experts model routes tokens.")
+    p.add_argument("-n", "--max-tokens", type=int, default=16, help="decode steps to profile")
+    p.add_argument("--trace", help="write Chrome trace JSON (open in Perfetto or chrome://tracing)")
+    p.add_argument("--plot", help="write a per-layer PNG of one token (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_profile)
 
     node = sub.add_parser("node", help="run an expert node").add_subparsers(dest="node_command", required=True)
     p = node.add_parser("serve", help="host experts for a coordinator (gRPC + mDNS advertisement)")

@@ -30,6 +30,7 @@ from expert_node.store import piece_sha256
 from .models import family_of
 from .placement import NodeCapacity, Placement, plan_placement
 from .tokenizer import cache_dir
+from .tracing import NULL_TRACER
 
 PUSH_ATTEMPTS = 3  # a piece rejected for a bad checksum is sent again this many times
 
@@ -40,17 +41,6 @@ class ClusterError(RuntimeError):
 
 def rpc_error(address: str, what: str, e: grpc.RpcError) -> ClusterError:
     return ClusterError(f"node {address}: {what} failed: {e.code().name}: {e.details()}")
-
-
-@dataclass
-class HopRecord:
-    """One request to one node for one layer, for the profiler."""
-    layer: int
-    node: str
-    tokens: int
-    send_us: float
-    rtt_us: float
-    timing: pb.NodeTiming
 
 
 class ComputeSession:
@@ -81,6 +71,7 @@ class ComputeSession:
                 with self._lock:
                     fut = self._pending.pop(reply.seq, None)
                 if fut is not None:
+                    fut.arrived = time.perf_counter()  # for the profiler: the reply's arrival
                     fut.set_result(reply)
             error = ClusterError(f"node {self.address}: compute stream ended")
         except grpc.RpcError as e:
@@ -192,7 +183,7 @@ class RemoteExpertBackend(ExpertBackend):
     placement: Placement
     shape: ExpertShape
     precision: str
-    hops: list[HopRecord] | None = None  # set to a list to record every request (profiler)
+    tracer: object = NULL_TRACER
     _seq: int = 0
     _owner: np.ndarray = field(default=None, repr=False)
 
@@ -201,6 +192,10 @@ class RemoteExpertBackend(ExpertBackend):
         self._node_ids = ids
         self._owner = np.array([[ids.index(self.placement.primary(l, e)) for e in range(self.placement.n_experts)]
                                 for l in range(self.placement.n_layers)], np.int32)
+
+    def node_label(self, node: str) -> str:
+        c = self.clients[node]
+        return f"node {c.info.name} {c.address}"
 
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
         dtype = activation_dtype(self.precision)
@@ -213,22 +208,41 @@ class RemoteExpertBackend(ExpertBackend):
             if not rows.any():
                 continue
             self._seq += 1
+            t0 = time.perf_counter()
             ids = np.where(mask, expert_ids, -1)[rows].astype(np.int32)
             request = pb.ExpertRequest(seq=self._seq, layer=layer, x=encode_tensor(x[rows], dtype),
                                        expert_ids=encode_tensor(ids, "i32"), precision=self.precision)
-            t0 = time.perf_counter()
-            sent.append((node, mask, int(rows.sum()), t0, self.clients[node].session.submit(request)))
-        for node, mask, n_tokens, t0, fut in sent:
+            t1 = time.perf_counter()
+            sent.append((node, mask, int(rows.sum()), t0, t1, self.clients[node].session.submit(request)))
+        for node, mask, n_tokens, t0, t1, fut in sent:
             reply = fut.result()
-            rtt = (time.perf_counter() - t0) * 1e6
+            t3 = time.perf_counter()
             y = decode_tensor(reply.y, "y", (dtype,), 2)
             if y.shape != (int(mask.sum()), x.shape[1]):
                 raise ClusterError(f"node {self.clients[node].address}: reply of shape {list(y.shape)} for "
                                    f"{int(mask.sum())} expert outputs")
             out[mask] = y
-            if self.hops is not None:
-                self.hops.append(HopRecord(layer, node, n_tokens, t0, rtt, reply.timing))
+            if self.tracer.enabled:
+                self._trace_hop(node, layer, n_tokens, t0, t1, fut.arrived, t3, time.perf_counter(), reply.timing)
         return out
+
+    def _trace_hop(self, node, layer, tokens, t0, t1, t2, t3, t4, timing: pb.NodeTiming) -> None:
+        """serialize [t0, t1], round trip [t1, t2] (wire = rtt - node time), deserialize [t3, t4];
+        the node's own spans are centred in the round trip."""
+        tr, label, us = self.tracer, self.node_label(node), self.tracer.us
+        node_us = timing.decode_us + timing.queue_us + timing.compute_us + timing.encode_us
+        rtt_us = (t2 - t1) * 1e6
+        wire_us = max(rtt_us - node_us, 0.0)
+        args = dict(layer=layer, node=label, tokens=tokens)
+        track = f"rpc {label}"
+        tr.add("serialize", "coordinator", track, us(t0), (t1 - t0) * 1e6, **args)
+        tr.add("round trip", "coordinator", track, us(t1), rtt_us, wire_us=wire_us, node_us=node_us, **args)
+        tr.add("deserialize", "coordinator", track, us(t3), (t4 - t3) * 1e6, **args)
+        start = us(t1) + wire_us / 2
+        for name, dur in (("node decode", timing.decode_us), ("node queue", timing.queue_us),
+                          ("node compute", timing.compute_us), ("node encode", timing.encode_us)):
+            tr.add(name, label, "expert node", start, float(dur), **args)
+            start += dur
 
     def close(self) -> None:
         for c in self.clients.values():

@@ -58,6 +58,12 @@ class Engine:
             ckpt.advise_hugepages()
         return cls(ckpt, family.build_model(ckpt, linear, experts), precision)
 
+    def set_tracer(self, tracer) -> None:
+        """Trace the model's stages and, for a cluster, every hop (see coordinator.tracing)."""
+        self.model.tracer = tracer
+        if hasattr(self.model.experts, "tracer"):
+            self.model.experts.tracer = tracer
+
     def warm(self, progress: bool | None = None) -> None:
         """Read the weights this device computes with into memory, with a progress bar: the
         mapping is lazy, so without this the first answer would pay for the disk reads."""

@@ -95,11 +95,13 @@ class Generation:
         cache = model.new_cache()
         self.stats = stats = GenerationStats(prompt_tokens=int(ids.size))
         t0 = time.perf_counter()
-        logits = engine.prefill(ids, cache)
+        with model.tracer.span("prefill", track="steps", tokens=int(ids.size)):
+            logits = engine.prefill(ids, cache)
         stats.prompt_seconds = time.perf_counter() - t0
         t_first = None
         for i in range(budget):
-            token = sample(logits, self.params, rng)
+            with model.tracer.span("sample"):
+                token = sample(logits, self.params, rng)
             now = time.perf_counter()
             if t_first is None:
                 t_first = now
@@ -111,4 +113,5 @@ class Generation:
             yield Step(token, detok.push(token), finish)
             if finish:
                 return
-            logits = model.forward(np.array([token]), cache, all_logits=False)[-1]
+            with model.tracer.span("decode", track="steps", position=int(cache.length)):
+                logits = model.forward(np.array([token]), cache, all_logits=False)[-1]

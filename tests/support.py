@@ -37,3 +37,26 @@ class NodeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+
+
+ROOT = TESTS.parent
+LINKEM = ROOT / "deploy" / "lab" / "linkem.py"
+
+
+class LinkProcess:
+    """deploy/lab/linkem.py in a subprocess: an emulated link in front of `target`."""
+
+    def __init__(self, target: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(LINKEM), "--listen", "127.0.0.1:0", "--connect", target,
+                                      *args], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on ([\d.]+):(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"linkem did not start: {line!r}")
+        self.address = f"{m.group(1)}:{m.group(2)}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.proc.stdout.close()

@@ -17,6 +17,8 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
 from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts
 
+from ..tracing import NULL_TRACER
+
 MODEL_TYPE = "gpt_oss"
 # Rows of a bf16 weight widened at once by the numpy linear: bounds the fp32 temporary (~90 MB
 # for the 201088 x 2880 unembedding) without a full fp32 copy of any matrix.
@@ -271,6 +273,7 @@ class GptOssModel:
     def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend):
         self.cfg = cfg = GptOssConfig.from_dict(ckpt.config)
         self.linear, self.experts = linear, experts
+        self.tracer = NULL_TRACER
         H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
         qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.embed = ckpt.tensor("model.embed_tokens.weight", (V, H), ("BF16",))
@@ -334,17 +337,25 @@ class GptOssModel:
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"ids: token ids must be in [0, {cfg.vocab_size})")
         pos = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
-        x = bf16_to_f32(self.embed[ids])
+        tr = self.tracer
+        with tr.span("embed", tokens=int(ids.size)):
+            x = bf16_to_f32(self.embed[ids])
         for i in range(cfg.num_hidden_layers):
-            x = x + self.attention(i, x, cache, pos)
-            xn = rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
-            expert_ids, weights = self.route(i, xn)
+            with tr.span("attention", layer=i):
+                x = x + self.attention(i, x, cache, pos)
+            with tr.span("router", layer=i):
+                xn = rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
+                expert_ids, weights = self.route(i, xn)
             if router_log is not None:
                 router_log.append((i, expert_ids))
-            x = x + combine_experts(self.experts.run(i, xn, expert_ids), weights)
+            with tr.span("experts", layer=i):
+                outputs = self.experts.run(i, xn, expert_ids)
+            with tr.span("combine", layer=i):
+                x = x + combine_experts(outputs, weights)
         cache.length += ids.size
-        h = rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
-        return self.linear(h, self.lm_head, None)
+        with tr.span("unembed"):
+            h = rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
+            return self.linear(h, self.lm_head, None)
 
 
 def expert_shape(config: dict) -> ExpertShape:

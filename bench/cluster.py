@@ -1,0 +1,104 @@
+"""Cluster hop benchmark on loopback (issue 5); run by hand, not a test.
+
+    python bench/cluster.py [-m DIR] [--tokens 32]
+
+Uses gpt-oss-20b shapes with 4 full-size layers (written by `moemesh synth` into the cache on
+first use) unless -m names a checkpoint. Decodes with all experts in-process, then with two
+`moemesh node serve` processes on 127.0.0.1 (one kernel thread each, so they run side by side on
+this 2-core machine), and reports per hop: round trip, the node's own time (decode, queue,
+compute, encode) and the difference — the software overhead of a hop. Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from coordinator import Engine, cluster, synth
+from coordinator.sampling import SamplingParams
+from coordinator.tokenizer import cache_dir
+from coordinator.tracing import Tracer
+from expert_node import native
+from expert_node.checkpoint import Checkpoint
+
+
+def default_model() -> Path:
+    folder = cache_dir() / "models" / "gpt-oss-20b-4layers"
+    if not (folder / "config.json").exists():
+        synth.write_checkpoint(folder, synth.make_config("gpt-oss-20b", {"num_hidden_layers": 4}), seed=0)
+    return folder
+
+
+def decode_tps(engine: Engine, n: int) -> float:
+    gen = engine.stream(list(range(1000, 1016)), n, SamplingParams(temperature=0))
+    for _ in gen:
+        pass
+    return gen.stats.decode_tps
+
+
+def start_node(i: int) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, MOEMESH_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "node", "serve", "--port", "0", "--no-mdns",
+                             "--host", "127.0.0.1", "--name", f"bench{i}"], stdout=subprocess.PIPE, text=True, env=env)
+    port = re.search(r"port (\d+)", proc.stdout.readline()).group(1)
+    return proc, f"127.0.0.1:{port}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-m", "--model", default=None)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--precision", default="fast", choices=("fast", "exact"))
+    args = ap.parse_args()
+    folder = Path(args.model) if args.model else default_model()
+    machine = f"{platform.machine()} isa={native.active_isa()} threads={native.get_threads()}"
+
+    single = Engine.load(folder, precision=args.precision)
+    single.warm(progress=False)
+    tps_single = decode_tps(single, args.tokens)
+
+    nodes = [start_node(i) for i in range(2)]
+    try:
+        experts, _ = cluster.connect(Checkpoint(folder), args.precision, [a for _, a in nodes], progress=False)
+        engine = Engine.load(folder, precision=args.precision, experts=experts)
+        engine.warm(progress=False)
+        decode_tps(engine, 4)  # warm the streams
+        tps_cluster = decode_tps(engine, args.tokens)
+        tracer = Tracer()
+        engine.set_tracer(tracer)
+        decode_tps(engine, args.tokens)
+        hops = [s for s in tracer.spans if s.name == "round trip" and s.args["tokens"] == 1]  # decode steps
+        compute = np.array([s.dur_us for s in tracer.spans if s.name == "node compute" and s.args["tokens"] == 1])
+        experts.close()
+    finally:
+        for proc, _ in nodes:
+            proc.terminate()
+            proc.wait()
+    rtt = np.array([h.dur_us for h in hops])
+    node_time = np.array([h.args["node_us"] for h in hops])
+    overhead = rtt - compute
+    pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731
+    print(f"machine: {machine}; model: {folder} ({Checkpoint(folder).config['num_hidden_layers']} layers); "
+          f"precision {args.precision}")
+    print(f"{'per decode hop (us)':<28}{'p50':>10}{'p99':>10}")
+    for name, a in (("round trip", rtt), ("node total", node_time), ("node compute", compute),
+                    ("overhead = rtt - compute", overhead), ("wire + gRPC = rtt - node", rtt - node_time)):
+        print(f"{name:<28}{pct(a, 50):>10.0f}{pct(a, 99):>10.0f}")
+    print(f"decode: single device {tps_single:.2f} tok/s, 2-node cluster {tps_cluster:.2f} tok/s "
+          f"(ratio {tps_cluster / tps_single:.2f})")
+    print(json.dumps({"machine": machine, "hops": len(hops), "hop_overhead_us_p50": pct(overhead, 50),
+                      "hop_overhead_us_p99": pct(overhead, 99), "hop_rtt_us_p50": pct(rtt, 50),
+                      "node_compute_us_p50": pct(compute, 50), "decode_tps_single": tps_single,
+                      "decode_tps_cluster2": tps_cluster, "cluster2_ratio": tps_cluster / tps_single}))
+
+
+if __name__ == "__main__":
+    main()

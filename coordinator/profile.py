@@ -1,0 +1,159 @@
+"""`moemesh profile`: where every millisecond of a token goes, across devices.
+
+Runs a prefill and N decode steps twice — untraced (the speed to compare with) and traced — then
+summarises the traced decode steps per stage of the coordinator and per hop to each node:
+count, p50, p95, p99, max and share of the decode time (hops to different nodes overlap, so node
+shares can add up past 100%). The critical path of a token is the slowest node of each layer.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sampling import SamplingParams
+from .tracing import COORDINATOR, NULL_TRACER, Tracer
+
+COORDINATOR_STAGES = ("embed", "attention", "router", "experts", "combine", "unembed", "sample")
+
+
+@dataclass
+class Row:
+    device: str
+    kind: str
+    durations_us: list
+
+    def stats(self, total_us: float) -> dict:
+        a = np.asarray(self.durations_us, dtype=np.float64)
+        pct = lambda q: float(np.percentile(a, q)) / 1e3  # noqa: E731
+        return {"device": self.device, "kind": self.kind, "count": int(a.size), "p50_ms": pct(50),
+                "p95_ms": pct(95), "p99_ms": pct(99), "max_ms": float(a.max()) / 1e3,
+                "share": float(a.sum() / total_us) if total_us else 0.0}
+
+
+def decode_windows(tracer: Tracer) -> list[tuple[float, float]]:
+    """One window per decode step: from its forward pass to the next one (so the sampling of the
+    token it produced is inside); the last ends with its forward pass."""
+    steps = sorted((s.start_us, s.start_us + s.dur_us) for s in tracer.spans if s.name == "decode" and s.track == "steps")
+    return [(a, steps[i + 1][0] if i + 1 < len(steps) else b) for i, (a, b) in enumerate(steps)]
+
+
+def in_windows(t: float, windows) -> bool:
+    return any(a <= t <= b for a, b in windows)
+
+
+def hop_rows(tracer: Tracer) -> tuple[list[Row], float]:
+    """Rows of the table for the decode phase, and the decode time they are shares of."""
+    windows = decode_windows(tracer)
+    total = sum(b - a for a, b in windows)
+    rows: dict[tuple[str, str], list] = defaultdict(list)
+    for s in tracer.spans:
+        if not in_windows(s.start_us, windows):
+            continue
+        if s.device == COORDINATOR and s.name in COORDINATOR_STAGES:
+            rows[(COORDINATOR, s.name)].append(s.dur_us)
+        elif s.name in ("serialize", "deserialize"):
+            rows[(s.args["node"], s.name)].append(s.dur_us)
+        elif s.name == "round trip":
+            rows[(s.args["node"], "round trip")].append(s.dur_us)
+            rows[(s.args["node"], "wire")].append(s.args["wire_us"])
+        elif s.name in ("node queue", "node compute"):
+            rows[(s.device, s.name.split()[1])].append(s.dur_us)
+    order = {k: i for i, k in enumerate(COORDINATOR_STAGES + ("serialize", "round trip", "wire", "queue", "compute",
+                                                              "deserialize"))}
+    keys = sorted(rows, key=lambda k: (k[0] != COORDINATOR, k[0], order[k[1]]))
+    return [Row(dev, kind, rows[(dev, kind)]) for dev, kind in keys], total
+
+
+def critical_path(tracer: Tracer) -> dict:
+    """Per decode token and layer, the node whose round trip was longest."""
+    windows = decode_windows(tracer)
+    per_layer: dict[tuple[int, int], tuple[float, str]] = {}
+    for s in tracer.spans:
+        if s.name != "round trip" or not in_windows(s.start_us, windows):
+            continue
+        step = next(i for i, (a, b) in enumerate(windows) if a <= s.start_us <= b)
+        key = (step, s.args["layer"])
+        if s.dur_us > per_layer.get(key, (-1.0, ""))[0]:
+            per_layer[key] = (s.dur_us, s.args["node"])
+    if not per_layer:
+        return {}
+    slowest = Counter(node for _, node in per_layer.values())
+    per_token = defaultdict(float)
+    for (step, _), (dur, _) in per_layer.items():
+        per_token[step] += dur
+    return {"experts_critical_ms_p50": float(np.median(list(per_token.values()))) / 1e3,
+            "slowest_node_share": {n: c / len(per_layer) for n, c in slowest.most_common()}}
+
+
+def run_profile(engine, prompt_ids: list[int], n: int) -> dict:
+    params = SamplingParams(temperature=0)
+    for _ in engine.stream(prompt_ids, 2, params):  # warm up: threads, caches, streams
+        pass
+    plain = engine.stream(prompt_ids, n, params)
+    for _ in plain:
+        pass
+    tracer = Tracer()
+    engine.set_tracer(tracer)
+    try:
+        traced = engine.stream(prompt_ids, n, params)
+        for _ in traced:
+            pass
+    finally:
+        engine.set_tracer(NULL_TRACER)
+    rows, total = hop_rows(tracer)
+    return {"tracer": tracer, "rows": [r.stats(total) for r in rows], "decode_ms_total": total / 1e3,
+            "critical_path": critical_path(tracer), "prefill_tps": traced.stats.prefill_tps,
+            "decode_tps_traced": traced.stats.decode_tps, "decode_tps_untraced": plain.stats.decode_tps,
+            "tracing_overhead": 1 - traced.stats.decode_tps / plain.stats.decode_tps if plain.stats.decode_tps else 0.0,
+            "tokens": traced.stats.generated_tokens}
+
+
+def render(result: dict) -> str:
+    lines = [f"{'device':<34}{'kind':<13}{'count':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'share':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['device'][:33]:<34}{r['kind']:<13}{r['count']:>6}{r['p50_ms']:>9.3f}{r['p95_ms']:>9.3f}"
+                     f"{r['p99_ms']:>9.3f}{r['max_ms']:>9.3f}{r['share']:>8.1%}")
+    cp = result["critical_path"]
+    if cp:
+        slow = ", ".join(f"{n} {s:.0%}" for n, s in cp["slowest_node_share"].items())
+        lines.append(f"critical path: experts wait {cp['experts_critical_ms_p50']:.2f} ms per token (p50); "
+                     f"slowest node per layer: {slow}")
+    lines.append(f"decode {result['decode_tps_traced']:.2f} tok/s traced, {result['decode_tps_untraced']:.2f} "
+                 f"untraced (tracing overhead {result['tracing_overhead']:.1%}); prefill {result['prefill_tps']:.1f} tok/s")
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "tracer"})
+
+
+def plot(result: dict, path: str) -> None:
+    """Per-layer stacked bars of one decode token: attention, router, experts (by node), combine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tracer: Tracer = result["tracer"]
+    windows = decode_windows(tracer)
+    a, b = windows[len(windows) // 2]  # a typical token: the middle one
+    by_layer: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for s in tracer.spans:
+        if a <= s.start_us <= b and s.device == COORDINATOR and "layer" in s.args and s.name in COORDINATOR_STAGES:
+            by_layer[s.args["layer"]][s.name] += s.dur_us / 1e3
+    layers = sorted(by_layer)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    bottom = np.zeros(len(layers))
+    for stage in ("attention", "router", "experts", "combine"):
+        v = np.array([by_layer[l][stage] for l in layers])
+        ax.bar(layers, v, bottom=bottom, label=stage)
+        bottom += v
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ms")
+    ax.set_title("one decode token, per layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

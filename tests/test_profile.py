@@ -1,0 +1,63 @@
+"""The profiler: a node behind an emulated link of known added delay gets that delay as wire
+time (not compute); traces are valid Chrome JSON that nests; single-device runs have no hops."""
+import json
+from collections import defaultdict
+
+import pytest
+
+from coordinator import Engine, cluster, profile
+from expert_node.checkpoint import Checkpoint
+from support import LinkProcess
+
+pytestmark = pytest.mark.timeout(180)
+ADDED_RTT_MS = 20.0
+PROMPT = list(range(2000, 2012))
+
+
+def check_nesting(trace: dict) -> None:
+    tracks = defaultdict(list)
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            assert e["dur"] >= 0 and isinstance(e["ts"], (int, float))
+            tracks[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e["dur"]))
+    for spans in tracks.values():
+        stack = []
+        for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
+            while stack and stack[-1] <= start + 1e-3:
+                stack.pop()
+            assert not stack or end <= stack[-1] + 1e-3, "overlapping spans on one track"
+            stack.append(end)
+
+
+def test_added_link_delay_is_attributed_to_the_wire(tiny_dir, start_node, tmp_path):
+    fast, slow = start_node("--no-mdns", "--host", "127.0.0.1"), start_node("--no-mdns", "--host", "127.0.0.1")
+    link = LinkProcess(slow.address, "--rtt-ms", str(ADDED_RTT_MS))
+    try:
+        experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [fast.address, link.address], progress=False)
+        engine = Engine.load(tiny_dir, precision="fast", experts=experts)
+        result = profile.run_profile(engine, PROMPT, 5)
+        rows = {(r["device"], r["kind"]): r for r in result["rows"]}
+        slow_label = next(d for d, k in rows if link.address in d and k == "wire")
+        fast_label = next(d for d, k in rows if fast.address in d and k == "wire")
+        assert rows[(slow_label, "wire")]["p50_ms"] == pytest.approx(ADDED_RTT_MS, rel=0.2)
+        assert rows[(fast_label, "wire")]["p50_ms"] < 0.2 * ADDED_RTT_MS
+        compute = next(r for (d, k), r in rows.items() if k == "compute" and link.address in d)
+        assert compute["p50_ms"] < 0.1 * ADDED_RTT_MS
+        assert set(result["critical_path"]["slowest_node_share"]) == {slow_label}
+        path = tmp_path / "trace.json"
+        result["tracer"].write(path)
+        trace = json.loads(path.read_text())
+        names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+        assert "coordinator" in names and any(link.address in n for n in names) and len(names) == 3
+        check_nesting(trace)
+        experts.close()
+    finally:
+        link.stop()
+
+
+def test_single_device_profile_has_no_network_rows(tiny_dir):
+    result = profile.run_profile(Engine.load(tiny_dir, precision="fast"), PROMPT, 4)
+    assert {r["device"] for r in result["rows"]} == {"coordinator"}
+    assert {r["kind"] for r in result["rows"]} >= {"attention", "router", "experts", "unembed", "sample"}
+    check_nesting(result["tracer"].chrome_trace())
+    assert json.loads(profile.to_json(result))["tokens"] == 4
