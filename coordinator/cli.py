@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse mDNS")
     g.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
     g.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
+    g.add_argument("--plan", default=None, help="cluster plan saved by `moemesh cluster up` (default: the last one)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,26 +82,127 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cluster_addresses(args, folder: str):
+    """Addresses (and a saved placement, if any) for a cluster run: --node, else the plan saved by
+    `moemesh cluster up` for this model, else mDNS discovery."""
+    from . import cluster, discovery
+
+    if args.node:
+        return [a.address for a in discovery.parse_static(args.node)], None
+    plan = cluster.load_plan(Path(args.plan) if getattr(args, "plan", None) else cluster.default_plan_path())
+    if plan and plan["model"] == str(Path(folder).resolve()):
+        return list(plan["nodes"].values()), plan["placement"]
+    found = discovery.browse(args.discover_timeout, args.expect, args.interface)
+    if args.expect and len(found) < args.expect:
+        raise cluster.ClusterError(f"found {len(found)} expert nodes on mDNS, expected {args.expect}")
+    return [a.address for a in found], None
+
+
+def connect_cluster(args, folder: str):
+    from . import cluster
+    from expert_node.checkpoint import Checkpoint
+
+    addresses, placement = cluster_addresses(args, folder)
+    return cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas, placement)
+
+
 def load_engine(args):
     from .engine import Engine
 
     folder = resolve_model(args.model)
     if not getattr(args, "cluster", False):
         return Engine.load(folder, precision=args.precision)
-    from . import cluster, discovery
-    from expert_node.checkpoint import Checkpoint
-
-    if args.node:
-        addresses = [a.address for a in discovery.parse_static(args.node)]
-    else:
-        addresses = [a.address for a in discovery.browse(args.discover_timeout, args.expect, args.interface)]
-    if args.expect and len(addresses) < args.expect:
-        raise cluster.ClusterError(f"found {len(addresses)} expert nodes, expected {args.expect}")
-    experts, reports = cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas)
+    experts, reports = connect_cluster(args, folder)
     for r in reports:
         print(f"node {r.info.name} ({r.address}): {r.pieces} experts, {r.bytes_pushed / 1e6:.1f} MB pushed",
               file=sys.stderr)
     return Engine.load(folder, precision=args.precision, experts=experts)
+
+
+def topology_table(rows: list[dict]) -> str:
+    head = f"{'node':<14}{'address':<22}{'isa':<8}{'cores':>5}{'weights':>10}{'budget':>9}{'layers':>7}{'experts':>8}" \
+           f"{'pushed':>9}{'rtt':>8}"
+    lines = [head]
+    for r in rows:
+        if not r.get("up", True):
+            lines.append(f"{'?':<14}{r['address']:<22}DOWN  {r['error']}")
+            continue
+        n_exp = sum(len(v) for v in r["layers"].values())
+        lines.append(f"{r['name'][:13]:<14}{r['address']:<22}{r['isa']:<8}{r['cores']:>5}"
+                     f"{r['weight_bytes'] / 1e6:>8.1f}MB{r['memory_budget'] / 1e9:>7.1f}GB{len(r['layers']):>7}"
+                     f"{n_exp:>8}{r.get('pushed_mb', 0):>7.1f}MB{r['rtt_ms']:>6.2f}ms")
+    return "\n".join(lines)
+
+
+def cmd_cluster_up(args) -> int:
+    from . import cluster, discovery
+    from .engine import Engine
+    from expert_node.checkpoint import Checkpoint
+
+    folder = resolve_model(args.model)
+    if args.node:
+        addresses = [a.address for a in discovery.parse_static(args.node)]
+    else:
+        found = discovery.browse(args.timeout, args.expect, args.interface)
+        if args.expect and len(found) < args.expect:
+            raise cluster.ClusterError(f"found {len(found)} expert nodes on mDNS within {args.timeout:.0f} s, "
+                                       f"expected {args.expect}")
+        addresses = [a.address for a in found]
+    experts, reports = cluster.connect(Checkpoint(folder), "fast", addresses, args.replicas)
+    Engine.load(folder, precision="fast", experts=experts).logits([0])  # warm-up: one token end to end
+    plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
+    cluster.save_plan(plan_path, folder, reports, experts.placement)
+    rows = []
+    for r in reports:
+        row = cluster.node_status(r.address)
+        row["pushed_mb"] = r.bytes_pushed / 1e6
+        rows.append(row)
+    experts.close()
+    print(topology_table(rows))
+    print(f"plan saved to {plan_path}; `moemesh chat --cluster -m {folder}` uses it", file=sys.stderr)
+    return 0
+
+
+def cmd_cluster_status(args) -> int:
+    import time as _time
+
+    from . import cluster
+
+    plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
+    plan = cluster.load_plan(plan_path)
+    if plan is None:
+        raise cluster.ClusterError(f"no cluster plan at {plan_path}: run `moemesh cluster up` first")
+    while True:
+        rows = [cluster.node_status(a) for a in plan["nodes"].values()]
+        if args.json:
+            print(json.dumps({"model": plan["model"], "nodes": rows}), flush=True)
+        else:
+            print(f"model {plan['model']}\n" + topology_table(rows), flush=True)
+        if not args.watch:
+            return 0 if all(r["up"] for r in rows) else 1
+        _time.sleep(args.interval)
+
+
+def cmd_cluster_down(args) -> int:
+    from . import cluster
+    from expert_node.proto import moemesh_pb2 as pb
+
+    plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
+    plan = cluster.load_plan(plan_path)
+    if plan is None:
+        print(f"no cluster plan at {plan_path}: nothing to release", file=sys.stderr)
+        return 0
+    for address in plan["nodes"].values():
+        client = cluster.NodeClient(address)
+        try:
+            client.call("release", client.stub.Release, pb.ReleaseRequest(), timeout=5)
+            print(f"released {address}", file=sys.stderr)
+        except cluster.ClusterError as e:
+            print(f"warning: {e}", file=sys.stderr)
+        finally:
+            client.close()
+    plan_path.unlink()
+    return 0
 
 
 def cmd_logits(args) -> int:
@@ -183,7 +286,7 @@ def cmd_node_serve(args) -> int:
         from expert_node.advertise import Advertiser
         from expert_node import native
 
-        advert = Advertiser(service.node_id, service.name, port,
+        advert = Advertiser(service.node_id, service.name, args.advertise_port or port,
                             {"mem": str(service.memory_budget()), "cores": str(native.get_threads()),
                              "isa": native.active_isa()}, args.interface)
         advert.start()
@@ -291,7 +394,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="this device's own copy of the checkpoint (optional)")
     p.add_argument("--interface", default=None, help="IP address of the interface to advertise on (default: all)")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise (coordinators use --node host:port)")
+    p.add_argument("--advertise-port", type=int, default=None,
+                   help="port to advertise when a proxy fronts the node (default: the listening port)")
     p.set_defaults(func=cmd_node_serve)
+
+    cl = sub.add_parser("cluster", help="bring a cluster of expert nodes up, inspect it, release it")
+    cls = cl.add_subparsers(dest="cluster_command", required=True)
+    p = cls.add_parser("up", help="discover nodes, place and push the experts, save the plan")
+    p.add_argument("-m", "--model", help="Hugging Face snapshot folder (default: the embedded demo model)")
+    p.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="static node list (repeatable)")
+    p.add_argument("--expect", type=int, default=None, help="wait until this many nodes answer on mDNS")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for nodes on mDNS")
+    p.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
+    p.add_argument("--plan", default=None, help="where to save the plan (default: ~/.cache/moemesh/cluster.json)")
+    p.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
+    p.set_defaults(func=cmd_cluster_up)
+    for name, fn, hlp in (("status", cmd_cluster_status, "the live state of every node in the plan"),
+                          ("down", cmd_cluster_down, "release the nodes and forget the plan")):
+        p = cls.add_parser(name, help=hlp)
+        p.add_argument("--plan", default=None, help="the plan file (default: ~/.cache/moemesh/cluster.json)")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+            p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+            p.add_argument("--interval", type=float, default=2.0)
+        p.set_defaults(func=fn)
 
     p = sub.add_parser("discover", help="list the expert nodes advertising on mDNS")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")

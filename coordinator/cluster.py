@@ -15,6 +15,7 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -257,6 +258,21 @@ class ClusterReport:
     info: pb.NodeInfo
     pieces: int
     bytes_pushed: int
+    rtt_ms: float = 0.0
+
+
+def hosted_pieces(info: pb.NodeInfo) -> set[tuple[int, int]]:
+    return {(h.layer, e) for h in info.hosted for e in h.experts}
+
+
+def measure_rtt(client: NodeClient, samples: int = 5) -> float:
+    """Median handshake round trip in milliseconds."""
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        client.handshake()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
 
 
 def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: int = 1,
@@ -286,18 +302,67 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
     layers = family.load_layer_experts(ckpt, range(n_layers))
     config_json = json.dumps(ckpt.config)
     reports = []
+    unknown = set(placement.nodes()) - set(infos)
+    if unknown:
+        raise ClusterError(f"the plan places experts on nodes that did not answer: {', '.join(sorted(unknown))}")
     for node_id, client in infos.items():
         mine = placement.pieces_of(node_id)
-        refs = [pb.PieceRef(layer=l, expert=e, nbytes=piece_bytes, sha256=hashes[(l, e)]) for l, e in mine]
-        reply = client.call("assign", client.stub.Assign,
-                            pb.Assignment(model_id=mid, config_json=config_json, pieces=refs), timeout=600)
-        missing = list(reply.missing)
-        with tqdm(total=len(missing) * piece_bytes, unit="B", unit_scale=True, leave=False,
-                  desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
-            pushed = push_pieces(client, layers, missing, bar)
-        client.call("load", client.stub.Load, pb.LoadRequest(model_id=mid), timeout=600)
+        pushed = 0
+        # A node that already holds exactly its share of this model is used as it is.
+        if client.info.model_id != mid or hosted_pieces(client.info) != set(mine):
+            refs = [pb.PieceRef(layer=l, expert=e, nbytes=piece_bytes, sha256=hashes[(l, e)]) for l, e in mine]
+            reply = client.call("assign", client.stub.Assign,
+                                pb.Assignment(model_id=mid, config_json=config_json, pieces=refs), timeout=600)
+            missing = list(reply.missing)
+            with tqdm(total=len(missing) * piece_bytes, unit="B", unit_scale=True, leave=False,
+                      desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
+                pushed = push_pieces(client, layers, missing, bar)
+            client.call("load", client.stub.Load, pb.LoadRequest(model_id=mid), timeout=600)
         client.session = ComputeSession(client.stub, client.address)
-        reports.append(ClusterReport(node_id, client.address, client.handshake(), len(mine), pushed))
-    backend = RemoteExpertBackend({nid: c for nid, c in infos.items()}, placement, shape, precision)
+        rtt = measure_rtt(client)
+        reports.append(ClusterReport(node_id, client.address, client.info, len(mine), pushed, rtt))
+    backend = RemoteExpertBackend({nid: c for nid, c in infos.items() if nid in placement.nodes()}, placement, shape,
+                                  precision)
     return backend, reports
+
+
+# -- the saved plan ----------------------------------------------------------------------------------
+
+def default_plan_path() -> Path:
+    return cache_dir() / "cluster.json"
+
+
+def save_plan(path: Path, model_folder: str, reports: list[ClusterReport], placement: Placement) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": str(Path(model_folder).resolve()),
+                                "nodes": {r.node_id: r.address for r in reports},
+                                "placement": placement.to_dict()}, indent=1))
+
+
+def load_plan(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+        plan["placement"] = Placement.from_dict(plan["placement"])
+        return plan
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClusterError(f"{path}: not a usable cluster plan ({e}); run `moemesh cluster up` again") from None
+
+
+def node_status(address: str, timeout: float = 2.0) -> dict:
+    """One row of `cluster status`: the node's own report, or why it did not answer."""
+    client = NodeClient(address)
+    try:
+        t = time.perf_counter()
+        info = client.handshake(timeout)
+        rtt = (time.perf_counter() - t) * 1e3
+        return {"address": address, "up": True, "node_id": info.node_id, "name": info.name, "isa": info.isa,
+                "cores": info.cores, "model_id": info.model_id, "weight_bytes": info.weight_bytes,
+                "memory_budget": info.memory_budget, "rtt_ms": rtt,
+                "layers": {str(h.layer): list(h.experts) for h in info.hosted}}
+    except ClusterError as e:
+        return {"address": address, "up": False, "error": str(e)}
+    finally:
+        client.close()
 
