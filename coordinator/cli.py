@@ -274,6 +274,12 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.prompt, args.max_tokens, args.nodes)
+
+
 def cmd_node_serve(args) -> int:
     import signal
     import threading
@@ -418,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
             p.add_argument("--interval", type=float, default=2.0)
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("demo", help="two expert nodes on loopback, a cluster, an answer, the per-hop profile")
+    p.add_argument("-p", "--prompt", default="The experts of a mixture-of-experts model")
+    p.add_argument("-n", "--max-tokens", type=int, default=24)
+    p.add_argument("--nodes", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("discover", help="list the expert nodes advertising on mDNS")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")

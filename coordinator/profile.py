@@ -70,21 +70,24 @@ def hop_rows(tracer: Tracer) -> tuple[list[Row], float]:
 def critical_path(tracer: Tracer) -> dict:
     """Per decode token and layer, the node whose round trip was longest."""
     windows = decode_windows(tracer)
-    per_layer: dict[tuple[int, int], tuple[float, str]] = {}
+    per_layer: dict[tuple[int, int], tuple[float, str, float]] = {}
     for s in tracer.spans:
         if s.name != "round trip" or not in_windows(s.start_us, windows):
             continue
         step = next(i for i, (a, b) in enumerate(windows) if a <= s.start_us <= b)
         key = (step, s.args["layer"])
-        if s.dur_us > per_layer.get(key, (-1.0, ""))[0]:
-            per_layer[key] = (s.dur_us, s.args["node"])
+        if s.dur_us > per_layer.get(key, (-1.0, "", 0.0))[0]:
+            per_layer[key] = (s.dur_us, s.args["node"], s.args["wire_us"])
     if not per_layer:
         return {}
-    slowest = Counter(node for _, node in per_layer.values())
-    per_token = defaultdict(float)
-    for (step, _), (dur, _) in per_layer.items():
+    slowest = Counter(node for _, node, _ in per_layer.values())
+    per_token, wire = defaultdict(float), defaultdict(float)
+    for (step, _), (dur, _, wire_us) in per_layer.items():
         per_token[step] += dur
+        wire[step] += wire_us
+    token_us = np.median([b - a for a, b in windows])
     return {"experts_critical_ms_p50": float(np.median(list(per_token.values()))) / 1e3,
+            "network_share": float(np.median(list(wire.values())) / token_us),
             "slowest_node_share": {n: c / len(per_layer) for n, c in slowest.most_common()}}
 
 
@@ -107,6 +110,7 @@ def run_profile(engine, prompt_ids: list[int], n: int) -> dict:
     return {"tracer": tracer, "rows": [r.stats(total) for r in rows], "decode_ms_total": total / 1e3,
             "critical_path": critical_path(tracer), "prefill_tps": traced.stats.prefill_tps,
             "decode_tps_traced": traced.stats.decode_tps, "decode_tps_untraced": plain.stats.decode_tps,
+            "ttft_s": plain.stats.time_to_first_token,
             "tracing_overhead": 1 - traced.stats.decode_tps / plain.stats.decode_tps if plain.stats.decode_tps else 0.0,
             "tokens": traced.stats.generated_tokens}
 
@@ -119,8 +123,8 @@ def render(result: dict) -> str:
     cp = result["critical_path"]
     if cp:
         slow = ", ".join(f"{n} {s:.0%}" for n, s in cp["slowest_node_share"].items())
-        lines.append(f"critical path: experts wait {cp['experts_critical_ms_p50']:.2f} ms per token (p50); "
-                     f"slowest node per layer: {slow}")
+        lines.append(f"critical path: experts wait {cp['experts_critical_ms_p50']:.2f} ms per token (p50), "
+                     f"network {cp['network_share']:.0%} of a token; slowest node per layer: {slow}")
     lines.append(f"decode {result['decode_tps_traced']:.2f} tok/s traced, {result['decode_tps_untraced']:.2f} "
                  f"untraced (tracing overhead {result['tracing_overhead']:.1%}); prefill {result['prefill_tps']:.1f} tok/s")
     return "\n".join(lines)

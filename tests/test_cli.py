@@ -49,3 +49,14 @@ def test_bad_token_ids_are_rejected(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
     proc = run("logits", "-m", tiny_dir, "--tokens", "1,999999", "--out", tmp_path / "o.npy", check=False)
     assert proc.returncode == 1 and "token ids must be in [0, 201088)" in proc.stderr
+
+
+def test_demo_runs_the_whole_idea_on_loopback(tmp_path):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "-n", "4"], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent, env=dict(os.environ, MOEMESH_CACHE=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM weights" in proc.stderr
+    assert proc.stdout.count("demo-node") >= 4 and "== topology ==" in proc.stdout
+    assert "wire" in proc.stdout and "critical path" in proc.stdout
