@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import sys
 import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import grpc
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint
-from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts
+from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts, NativeExpertBackend
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc
 from expert_node.protocol import (GRPC_OPTIONS, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, activation_dtype,
@@ -178,54 +180,202 @@ def push_pieces(client: NodeClient, layers: dict[int, LayerExperts], missing: li
 
 # -- the backend -------------------------------------------------------------------------------------
 
+class Deadlines:
+    """How long to wait for a node before re-sending its work elsewhere: derived from the round
+    trips observed for requests of similar size (EWMA of mean and deviation, as TCP's RTO), with a
+    floor so scheduling noise does not trigger needless hedges."""
+
+    FLOOR_S = 0.05
+    INITIAL_S = 5.0  # before any observation of this size
+    ALPHA = 0.125
+
+    def __init__(self):
+        self._stats: dict[tuple[str, int], tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def bucket(n_tokens: int) -> int:
+        return int(n_tokens).bit_length()
+
+    def deadline(self, node: str, n_tokens: int) -> float:
+        with self._lock:
+            st = self._stats.get((node, self.bucket(n_tokens)))
+        return self.INITIAL_S if st is None else max(self.FLOOR_S, 2 * st[0] + 4 * st[1])
+
+    def observe(self, node: str, n_tokens: int, rtt_s: float) -> None:
+        key = (node, self.bucket(n_tokens))
+        with self._lock:
+            mean, dev = self._stats.get(key, (rtt_s, rtt_s / 2))
+            dev += self.ALPHA * (abs(rtt_s - mean) - dev)
+            mean += self.ALPHA * (rtt_s - mean)
+            self._stats[key] = (mean, dev)
+
+
+@dataclass
+class Provisioner:
+    """What a node needs to serve its share (used at connect, and again when a node comes back)."""
+    model_id: str
+    config_json: str
+    piece_bytes: int
+    hashes: dict
+    layers: dict[int, LayerExperts]  # the coordinator's zero-copy views: the source of pushes
+    progress: bool | None = None
+
+    def provision(self, client: NodeClient, pieces: list[tuple[int, int]]) -> int:
+        """Assign, push what is missing, load (skipped when the node already holds exactly this
+        share) and open a fresh compute stream. Returns bytes pushed."""
+        from tqdm import tqdm
+
+        pushed = 0
+        if client.info.model_id != self.model_id or hosted_pieces(client.info) != set(pieces):
+            refs = [pb.PieceRef(layer=l, expert=e, nbytes=self.piece_bytes, sha256=self.hashes[(l, e)])
+                    for l, e in pieces]
+            reply = client.call("assign", client.stub.Assign, pb.Assignment(
+                model_id=self.model_id, config_json=self.config_json, pieces=refs), timeout=600)
+            missing = list(reply.missing)
+            with tqdm(total=len(missing) * self.piece_bytes, unit="B", unit_scale=True, leave=False,
+                      desc=f"push {client.info.name}", disable=None if self.progress is None else not self.progress) as bar:
+                pushed = push_pieces(client, self.layers, missing, bar)
+            client.call("load", client.stub.Load, pb.LoadRequest(model_id=self.model_id), timeout=600)
+        if client.session:
+            client.session.close()
+        client.session = ComputeSession(client.stub, client.address)
+        return pushed
+
+
 @dataclass
 class RemoteExpertBackend(ExpertBackend):
+    """Experts on nodes, with failover: every request has a deadline from observed latency; a node
+    that fails or misses it is marked down and its work re-sent to the next replica (or computed
+    here from the coordinator's own checkpoint as a last resort) within the same layer, so the
+    token stream goes on, identical. A background thread brings a down node back when it answers."""
+
     clients: dict[str, NodeClient]  # node id -> client
     placement: Placement
     shape: ExpertShape
     precision: str
+    provisioner: Provisioner | None = None
+    local: ExpertBackend | None = None  # last resort: the coordinator computes an expert itself
     tracer: object = NULL_TRACER
+    revive_interval_s: float = 0.5
     _seq: int = 0
-    _owner: np.ndarray = field(default=None, repr=False)
 
     def __post_init__(self):
-        ids = sorted(self.clients)
-        self._node_ids = ids
-        self._owner = np.array([[ids.index(self.placement.primary(l, e)) for e in range(self.placement.n_experts)]
-                                for l in range(self.placement.n_layers)], np.int32)
+        self._node_ids = sorted(self.clients)
+        self._index = {n: i for i, n in enumerate(self._node_ids)}
+        self._up = {n: True for n in self._node_ids}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.deadlines = Deadlines()
+        self.events: list[tuple[float, str, str]] = []  # (time, node, "down: why" / "up")
 
     def node_label(self, node: str) -> str:
         c = self.clients[node]
         return f"node {c.info.name} {c.address}"
 
+    def is_up(self, node: str) -> bool:
+        with self._lock:
+            return self._up[node]
+
+    # -- routing ---------------------------------------------------------------------------------
+    def _owners(self, layer: int, excluded: set[str]) -> np.ndarray:
+        """Per expert, the index of the first live host not excluded in this call; -1: none."""
+        owners = np.full(self.placement.n_experts, -1, np.int32)
+        with self._lock:
+            for e, hosts in enumerate(self.placement.hosts[layer]):
+                for h in hosts:
+                    if self._up.get(h) and h not in excluded:
+                        owners[e] = self._index[h]
+                        break
+        return owners
+
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
-        dtype = activation_dtype(self.precision)
-        owner = self._owner[layer][expert_ids]
         out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
-        sent = []
-        for i, node in enumerate(self._node_ids):
-            mask = owner == i
-            rows = mask.any(axis=1)
-            if not rows.any():
-                continue
-            self._seq += 1
-            t0 = time.perf_counter()
-            ids = np.where(mask, expert_ids, -1)[rows].astype(np.int32)
-            request = pb.ExpertRequest(seq=self._seq, layer=layer, x=encode_tensor(x[rows], dtype),
-                                       expert_ids=encode_tensor(ids, "i32"), precision=self.precision)
-            t1 = time.perf_counter()
-            sent.append((node, mask, int(rows.sum()), t0, t1, self.clients[node].session.submit(request)))
-        for node, mask, n_tokens, t0, t1, fut in sent:
-            reply = fut.result()
-            t3 = time.perf_counter()
-            y = decode_tensor(reply.y, "y", (dtype,), 2)
-            if y.shape != (int(mask.sum()), x.shape[1]):
-                raise ClusterError(f"node {self.clients[node].address}: reply of shape {list(y.shape)} for "
-                                   f"{int(mask.sum())} expert outputs")
-            out[mask] = y
-            if self.tracer.enabled:
-                self._trace_hop(node, layer, n_tokens, t0, t1, fut.arrived, t3, time.perf_counter(), reply.timing)
+        todo = np.ones(expert_ids.shape, bool)
+        excluded: set[str] = set()
+        while todo.any():
+            owner = self._owners(layer, excluded)[expert_ids]
+            orphan = todo & (owner < 0)
+            if orphan.any():
+                self._compute_locally(layer, x, expert_ids, orphan, out)
+                todo &= ~orphan
+            sent = [self._send(node, layer, x, expert_ids, todo & (owner == i))
+                    for i, node in enumerate(self._node_ids) if (todo & (owner == i)).any()]
+            for node, mask, n_tokens, t0, t1, fut in sent:
+                try:
+                    reply = fut.result(timeout=max(0.0, t1 + self.deadlines.deadline(node, n_tokens) - time.perf_counter()))
+                except (FutureTimeout, ClusterError) as e:
+                    why = "no reply within its deadline" if isinstance(e, FutureTimeout) else str(e)
+                    self.mark_down(node, why)
+                    excluded.add(node)
+                    continue
+                self._receive(node, layer, mask, n_tokens, t0, t1, fut, reply, out)
+                todo &= ~mask
         return out
+
+    def _send(self, node, layer, x, expert_ids, mask):
+        rows = mask.any(axis=1)
+        self._seq += 1
+        t0 = time.perf_counter()
+        ids = np.where(mask, expert_ids, -1)[rows].astype(np.int32)
+        request = pb.ExpertRequest(seq=self._seq, layer=layer, x=encode_tensor(x[rows], activation_dtype(self.precision)),
+                                   expert_ids=encode_tensor(ids, "i32"), precision=self.precision)
+        t1 = time.perf_counter()
+        try:
+            fut = self.clients[node].session.submit(request)
+        except ClusterError as e:
+            fut = Future()
+            fut.set_exception(e)
+        return node, mask, int(rows.sum()), t0, t1, fut
+
+    def _receive(self, node, layer, mask, n_tokens, t0, t1, fut, reply, out) -> None:
+        t3 = time.perf_counter()
+        y = decode_tensor(reply.y, "y", (activation_dtype(self.precision),), 2)
+        if y.shape != (int(mask.sum()), out.shape[-1]):
+            raise ClusterError(f"node {self.clients[node].address}: reply of shape {list(y.shape)} for "
+                               f"{int(mask.sum())} expert outputs")
+        out[mask] = y
+        self.deadlines.observe(node, n_tokens, fut.arrived - t1)
+        if self.tracer.enabled:
+            self._trace_hop(node, layer, n_tokens, t0, t1, fut.arrived, t3, time.perf_counter(), reply.timing)
+
+    def _compute_locally(self, layer, x, expert_ids, mask, out) -> None:
+        if self.local is None:
+            missing = sorted(set(expert_ids[mask].tolist()))
+            raise ClusterError(f"layer {layer}: no live node hosts experts {missing}")
+        rows = mask.any(axis=1)
+        ids = np.where(mask, expert_ids, -1)[rows].astype(np.int32)
+        with self.tracer.span("local experts", layer=layer):
+            out[rows] += np.where(mask[rows][..., None], self.local.run(layer, x[rows], ids), 0.0)
+
+    # -- liveness --------------------------------------------------------------------------------
+    def mark_down(self, node: str, why: str) -> None:
+        with self._lock:
+            if not self._up[node]:
+                return
+            self._up[node] = False
+            self.events.append((time.monotonic(), node, f"down: {why}"))
+        print(f"moemesh: {self.node_label(node)} is down ({why}); its experts go to replicas", file=sys.stderr)
+        threading.Thread(target=self._revive, args=(node,), daemon=True, name=f"moemesh-revive-{node}").start()
+
+    def _revive(self, node: str) -> None:
+        """Poll a down node (handshake, health) until it answers, re-provision it, mark it up."""
+        client = self.clients[node]
+        while not self._closed.wait(self.revive_interval_s):
+            try:
+                client.handshake(timeout=1.0)
+                if self.provisioner is None:
+                    client.session.close()
+                    client.session = ComputeSession(client.stub, client.address)
+                else:
+                    self.provisioner.provision(client, self.placement.pieces_of(node))
+            except ClusterError:
+                continue
+            with self._lock:
+                self._up[node] = True
+                self.events.append((time.monotonic(), node, "up"))
+            print(f"moemesh: {self.node_label(node)} is back", file=sys.stderr)
+            return
 
     def _trace_hop(self, node, layer, tokens, t0, t1, t2, t3, t4, timing: pb.NodeTiming) -> None:
         """serialize [t0, t1], round trip [t1, t2] (wire = rtt - node time), deserialize [t3, t4];
@@ -246,6 +396,7 @@ class RemoteExpertBackend(ExpertBackend):
             start += dur
 
     def close(self) -> None:
+        self._closed.set()
         for c in self.clients.values():
             c.close()
 
@@ -276,53 +427,40 @@ def measure_rtt(client: NodeClient, samples: int = 5) -> float:
 
 
 def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: int = 1,
-            placement: Placement | None = None, progress: bool | None = None
+            placement: Placement | None = None, progress: bool | None = None, local_fallback: bool = True
             ) -> tuple[RemoteExpertBackend, list[ClusterReport]]:
     """Handshake with every node, plan, ship the missing weights, load, and open the streams."""
-    from tqdm import tqdm
-
     if not addresses:
         raise ClusterError("no expert nodes found (start `moemesh node serve` on a device, or pass --node host:port)")
     family = family_of(ckpt)
     shape = family.expert_shape(ckpt.config)
     n_layers = int(ckpt.config["num_hidden_layers"])
-    clients = [NodeClient(a) for a in addresses]
-    infos = {}
-    for c in clients:
+    clients: dict[str, NodeClient] = {}
+    for address in addresses:
+        c = NodeClient(address)
         info = c.handshake()
-        if info.node_id in infos:
-            raise ClusterError(f"nodes {infos[info.node_id].address} and {c.address} share node id {info.node_id}")
-        infos[info.node_id] = c
+        if info.node_id in clients:
+            raise ClusterError(f"nodes {clients[info.node_id].address} and {address} share node id {info.node_id}")
+        clients[info.node_id] = c
     piece_bytes = LayerExperts.piece_nbytes(shape)
     if placement is None:
-        capacities = [NodeCapacity(c.info.node_id, c.info.memory_budget, float(max(c.info.cores, 1))) for c in clients]
+        capacities = [NodeCapacity(nid, c.info.memory_budget, float(max(c.info.cores, 1))) for nid, c in clients.items()]
         placement = plan_placement(n_layers, shape.n_experts, piece_bytes, capacities, replicas)
-    hashes = piece_hashes(ckpt, shape, n_layers)
-    mid = model_id(ckpt, hashes)
-    layers = family.load_layer_experts(ckpt, range(n_layers))
-    config_json = json.dumps(ckpt.config)
-    reports = []
-    unknown = set(placement.nodes()) - set(infos)
+    unknown = set(placement.nodes()) - set(clients)
     if unknown:
         raise ClusterError(f"the plan places experts on nodes that did not answer: {', '.join(sorted(unknown))}")
-    for node_id, client in infos.items():
-        mine = placement.pieces_of(node_id)
-        pushed = 0
-        # A node that already holds exactly its share of this model is used as it is.
-        if client.info.model_id != mid or hosted_pieces(client.info) != set(mine):
-            refs = [pb.PieceRef(layer=l, expert=e, nbytes=piece_bytes, sha256=hashes[(l, e)]) for l, e in mine]
-            reply = client.call("assign", client.stub.Assign,
-                                pb.Assignment(model_id=mid, config_json=config_json, pieces=refs), timeout=600)
-            missing = list(reply.missing)
-            with tqdm(total=len(missing) * piece_bytes, unit="B", unit_scale=True, leave=False,
-                      desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
-                pushed = push_pieces(client, layers, missing, bar)
-            client.call("load", client.stub.Load, pb.LoadRequest(model_id=mid), timeout=600)
-        client.session = ComputeSession(client.stub, client.address)
-        rtt = measure_rtt(client)
-        reports.append(ClusterReport(node_id, client.address, client.info, len(mine), pushed, rtt))
-    backend = RemoteExpertBackend({nid: c for nid, c in infos.items() if nid in placement.nodes()}, placement, shape,
-                                  precision)
+    hashes = piece_hashes(ckpt, shape, n_layers)
+    layers = family.load_layer_experts(ckpt, range(n_layers))
+    provisioner = Provisioner(model_id(ckpt, hashes), json.dumps(ckpt.config), piece_bytes, hashes, layers, progress)
+    reports = []
+    for node_id in placement.nodes():
+        client = clients[node_id]
+        pushed = provisioner.provision(client, placement.pieces_of(node_id))
+        reports.append(ClusterReport(node_id, client.address, client.info, len(placement.pieces_of(node_id)), pushed,
+                                     measure_rtt(client)))
+    local = NativeExpertBackend(layers, shape, precision) if local_fallback else None
+    backend = RemoteExpertBackend({nid: clients[nid] for nid in placement.nodes()}, placement, shape, precision,
+                                  provisioner, local)
     return backend, reports
 
 

@@ -1,0 +1,108 @@
+"""A cluster that survives devices leaving: nodes killed (-9) or frozen (SIGSTOP) mid-generation;
+the token stream goes on identical to a single device, and a node that comes back is used again."""
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from coordinator import Engine, cluster
+from coordinator.sampling import SamplingParams
+from coordinator.tracing import Tracer
+from expert_node.checkpoint import Checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+KILL_RUNS = 20
+TOKENS = 14
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_minus_nine_mid_generation(tiny_dir, start_node, tmp_path):
+    ports = [free_port() for _ in range(3)]
+    caches = [tmp_path / f"n{i}" for i in range(3)]
+    nodes = [start_node("--no-mdns", "--host", "127.0.0.1", "--port", str(p), cache_dir=c) for p, c in zip(ports, caches)]
+    experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [n.address for n in nodes], replicas=2,
+                                 progress=False, local_fallback=False)
+    remote, local = Engine.load(tiny_dir, "fast", experts=experts), Engine.load(tiny_dir, "fast")
+    rng = np.random.default_rng(0)
+    longest_stall = 0.0
+    for run in range(KILL_RUNS):
+        prompt = rng.integers(0, 199_998, 6).tolist()
+        params = SamplingParams(temperature=0.8, seed=run)
+        expected = [s.token for s in local.stream(prompt, TOKENS, params)]
+        victim, kill_at = run % 3, int(rng.integers(1, TOKENS - 2))
+        got, last = [], time.perf_counter()
+        for i, step in enumerate(remote.stream(prompt, TOKENS, params)):
+            now = time.perf_counter()
+            longest_stall, last = max(longest_stall, now - last), now
+            got.append(step.token)
+            if i == kill_at:
+                nodes[victim].stop(signal.SIGKILL)
+        assert got == expected, f"run {run}: tokens differ after killing node {victim} at token {kill_at}"
+        node_id = next(n for n in experts.clients if experts.clients[n].address == nodes[victim].address)
+        nodes[victim] = start_node("--no-mdns", "--host", "127.0.0.1", "--port", str(ports[victim]),
+                                   cache_dir=caches[victim])
+        assert wait_until(lambda: experts.is_up(node_id), 10), f"run {run}: restarted node not used again"
+    print(f"{KILL_RUNS} runs identical; longest stall {longest_stall * 1e3:.0f} ms")
+    experts.close()
+
+
+def test_frozen_node_is_detected_and_used_again_after_thaw(tiny_dir, start_node):
+    a, b = start_node("--no-mdns", "--host", "127.0.0.1"), start_node("--no-mdns", "--host", "127.0.0.1")
+    experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [a.address, b.address], replicas=2, progress=False,
+                                 local_fallback=False)
+    remote, local = Engine.load(tiny_dir, "fast", experts=experts), Engine.load(tiny_dir, "fast")
+    prompt, params = [5, 6, 7, 8], SamplingParams(temperature=0)
+    expected = [s.token for s in local.stream(prompt, 30, params)]
+    assert [s.token for s in remote.stream(prompt, 30, params)] == expected  # warm: deadlines observed
+    a_id = next(n for n, c in experts.clients.items() if c.address == a.address)
+    deadline = experts.deadlines.deadline(a_id, 1)
+    a.proc.send_signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        assert [s.token for s in remote.stream(prompt, 30, params)] == expected
+        down = [t for t, n, what in experts.events if n == a_id and what.startswith("down")]
+        assert down, "the frozen node was never marked down"
+        detected = down[0] - frozen_at
+        assert detected <= 2 * deadline + 0.05, f"detected after {detected * 1e3:.0f} ms, deadline {deadline * 1e3:.0f} ms"
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    thawed = time.monotonic()
+    assert wait_until(lambda: experts.is_up(a_id), 5.0), "the thawed node was not used again within 5 s"
+    print(f"frozen node detected in {detected * 1e3:.0f} ms (deadline {deadline * 1e3:.0f} ms); "
+          f"back after {(time.monotonic() - thawed) * 1e3:.0f} ms")
+    tracer = Tracer()
+    remote.set_tracer(tracer)
+    assert [s.token for s in remote.stream(prompt, 8, params)] == expected[:8]
+    assert any(s.name == "round trip" and a.address in s.args["node"] for s in tracer.spans)
+    experts.close()
+
+
+def test_last_resort_is_the_coordinators_own_copy(tiny_dir, start_node):
+    node = start_node("--no-mdns", "--host", "127.0.0.1")
+    experts, _ = cluster.connect(Checkpoint(tiny_dir), "exact", [node.address], progress=False)
+    remote, local = Engine.load(tiny_dir, "exact", experts=experts), Engine.load(tiny_dir, "exact")
+    prompt, params = [9, 10, 11], SamplingParams(temperature=0)
+    expected = [s.token for s in local.stream(prompt, 12, params)]
+    got = []
+    for i, step in enumerate(remote.stream(prompt, 12, params)):
+        got.append(step.token)
+        if i == 3:
+            node.stop(signal.SIGKILL)  # the only node: every expert falls back to the coordinator
+    assert got == expected
+    experts.close()
