@@ -52,7 +52,29 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
     g.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
     g.add_argument("--plan", default=None, help="cluster plan saved by `moemesh cluster up` (default: the last one)")
+    add_security_args(g)
 
+
+def add_security_args(p) -> None:
+    p.add_argument("--identity-dir", default=None, help="this device's key, certificate and paired peers "
+                   "(default: ~/.cache/moemesh/identity)")
+    p.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated gRPC: for a lab only")
+
+
+def trusted(nodes, args):
+    """mDNS results whose advertised certificate fingerprint we have paired with (or all, insecure)."""
+    if args.insecure:
+        return nodes
+    from expert_node.identity import Identity, TrustStore
+
+    me, trust = Identity.load_or_create(args.identity_dir), TrustStore(args.identity_dir)
+    keep = []
+    for n in nodes:
+        if trust.trusts(n.properties.get("fp", ""), me):
+            keep.append(n)
+        else:
+            print(f"ignoring unpaired node {n.node_id} at {n.address} (pair with `moemesh pair`)", file=sys.stderr)
+    return keep
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
@@ -92,9 +114,9 @@ def cluster_addresses(args, folder: str):
     plan = cluster.load_plan(Path(args.plan) if getattr(args, "plan", None) else cluster.default_plan_path())
     if plan and plan["model"] == str(Path(folder).resolve()):
         return list(plan["nodes"].values()), plan["placement"]
-    found = discovery.browse(args.discover_timeout, args.expect, args.interface)
+    found = trusted(discovery.browse(args.discover_timeout, args.expect, args.interface), args)
     if args.expect and len(found) < args.expect:
-        raise cluster.ClusterError(f"found {len(found)} expert nodes on mDNS, expected {args.expect}")
+        raise cluster.ClusterError(f"found {len(found)} paired expert nodes on mDNS, expected {args.expect}")
     return [a.address for a in found], None
 
 
@@ -103,7 +125,8 @@ def connect_cluster(args, folder: str):
     from expert_node.checkpoint import Checkpoint
 
     addresses, placement = cluster_addresses(args, folder)
-    return cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas, placement)
+    return cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas, placement,
+                           creds=cluster.credentials(args.insecure, args.identity_dir))
 
 
 def load_engine(args):
@@ -143,18 +166,19 @@ def cmd_cluster_up(args) -> int:
     if args.node:
         addresses = [a.address for a in discovery.parse_static(args.node)]
     else:
-        found = discovery.browse(args.timeout, args.expect, args.interface)
+        found = trusted(discovery.browse(args.timeout, args.expect, args.interface), args)
         if args.expect and len(found) < args.expect:
-            raise cluster.ClusterError(f"found {len(found)} expert nodes on mDNS within {args.timeout:.0f} s, "
+            raise cluster.ClusterError(f"found {len(found)} paired expert nodes on mDNS within {args.timeout:.0f} s, "
                                        f"expected {args.expect}")
         addresses = [a.address for a in found]
-    experts, reports = cluster.connect(Checkpoint(folder), "fast", addresses, args.replicas)
+    creds = cluster.credentials(args.insecure, args.identity_dir)
+    experts, reports = cluster.connect(Checkpoint(folder), "fast", addresses, args.replicas, creds=creds)
     Engine.load(folder, precision="fast", experts=experts).logits([0])  # warm-up: one token end to end
     plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
     cluster.save_plan(plan_path, folder, reports, experts.placement)
     rows = []
     for r in reports:
-        row = cluster.node_status(r.address)
+        row = cluster.node_status(r.address, creds)
         row["pushed_mb"] = r.bytes_pushed / 1e6
         rows.append(row)
     experts.close()
@@ -172,8 +196,9 @@ def cmd_cluster_status(args) -> int:
     plan = cluster.load_plan(plan_path)
     if plan is None:
         raise cluster.ClusterError(f"no cluster plan at {plan_path}: run `moemesh cluster up` first")
+    creds = cluster.credentials(args.insecure, args.identity_dir)
     while True:
-        rows = [cluster.node_status(a) for a in plan["nodes"].values()]
+        rows = [cluster.node_status(a, creds) for a in plan["nodes"].values()]
         if args.json:
             print(json.dumps({"model": plan["model"], "nodes": rows}), flush=True)
         else:
@@ -192,8 +217,9 @@ def cmd_cluster_down(args) -> int:
     if plan is None:
         print(f"no cluster plan at {plan_path}: nothing to release", file=sys.stderr)
         return 0
+    creds = cluster.credentials(args.insecure, args.identity_dir)
     for address in plan["nodes"].values():
-        client = cluster.NodeClient(address)
+        client = cluster.NodeClient(address, creds)
         try:
             client.call("release", client.stub.Release, pb.ReleaseRequest(), timeout=5)
             print(f"released {address}", file=sys.stderr)
@@ -274,6 +300,30 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_pair(args) -> int:
+    import socket
+
+    from expert_node.identity import Identity, TrustStore
+    from expert_node.pairing import new_code, pair_connect, pair_listen
+
+    name = args.name or socket.gethostname()
+    me, trust = Identity.load_or_create(args.identity_dir, name), TrustStore(args.identity_dir)
+    if args.address:
+        code = args.code or input("pairing code shown on the other device: ").strip()
+        peer = pair_connect(me, trust, args.address, code, name, args.role)
+    else:
+        code = args.code or new_code()
+        host, _, port = (args.listen or "0.0.0.0:7079").rpartition(":")
+
+        def ready(bound_port):
+            print(f"pairing code: {code}\nwaiting on {host or '0.0.0.0'}:{bound_port}; on the other device run:\n"
+                  f"  moemesh pair <this-device-address>:{bound_port}", flush=True)
+
+        peer = pair_listen(me, trust, host or "0.0.0.0", int(port), code, name, args.role, ready)
+    print(f"paired with {peer['name']} ({peer['role']}), certificate {peer['fingerprint'][:16]}...")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -286,7 +336,8 @@ def cmd_node_serve(args) -> int:
 
     from expert_node.server import serve
 
-    server, service, port = serve(args.port, args.name, args.cache_dir, args.max_memory, args.model, args.host)
+    server, service, port = serve(args.port, args.name, args.cache_dir, args.max_memory, args.model, args.host,
+                                  identity_dir=args.identity_dir, insecure=args.insecure)
     advert = None
     if not args.no_mdns:
         from expert_node.advertise import Advertiser
@@ -294,7 +345,7 @@ def cmd_node_serve(args) -> int:
 
         advert = Advertiser(service.node_id, service.name, args.advertise_port or port,
                             {"mem": str(service.memory_budget()), "cores": str(native.get_threads()),
-                             "isa": native.active_isa()}, args.interface)
+                             "isa": native.active_isa(), "fp": service.fingerprint}, args.interface)
         advert.start()
     print(f"moemesh node {service.name} (id {service.node_id}) listening on port {port}", flush=True)
     stop = threading.Event()
@@ -402,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="do not advertise (coordinators use --node host:port)")
     p.add_argument("--advertise-port", type=int, default=None,
                    help="port to advertise when a proxy fronts the node (default: the listening port)")
+    add_security_args(p)
     p.set_defaults(func=cmd_node_serve)
 
     cl = sub.add_parser("cluster", help="bring a cluster of expert nodes up, inspect it, release it")
@@ -414,16 +466,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
     p.add_argument("--plan", default=None, help="where to save the plan (default: ~/.cache/moemesh/cluster.json)")
     p.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
+    add_security_args(p)
     p.set_defaults(func=cmd_cluster_up)
     for name, fn, hlp in (("status", cmd_cluster_status, "the live state of every node in the plan"),
                           ("down", cmd_cluster_down, "release the nodes and forget the plan")):
         p = cls.add_parser(name, help=hlp)
         p.add_argument("--plan", default=None, help="the plan file (default: ~/.cache/moemesh/cluster.json)")
+        add_security_args(p)
         if name == "status":
             p.add_argument("--json", action="store_true")
             p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
             p.add_argument("--interval", type=float, default=2.0)
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("pair", help="pair this device with another (one listens and shows a code, one types it)")
+    p.add_argument("address", nargs="?", help="HOST:PORT of the listening device (omit to listen)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT", help="where to listen (default 0.0.0.0:7079)")
+    p.add_argument("--code", default=None, help="the pairing code (default: shown / asked)")
+    p.add_argument("--role", choices=("node", "coordinator"), default="node")
+    p.add_argument("--name", default=None, help="this device's name (default: host name)")
+    p.add_argument("--identity-dir", default=None)
+    p.set_defaults(func=cmd_pair)
 
     p = sub.add_parser("demo", help="two expert nodes on loopback, a cluster, an answer, the per-hop profile")
     p.add_argument("-p", "--prompt", default="The experts of a mixture-of-experts model")

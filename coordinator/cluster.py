@@ -24,6 +24,7 @@ import numpy as np
 
 from expert_node.checkpoint import Checkpoint
 from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts, NativeExpertBackend
+from expert_node.identity import CHANNEL_TLS_OPTIONS, INSECURE_WARNING, Identity, TrustStore, channel_credentials
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc
 from expert_node.protocol import (GRPC_OPTIONS, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, activation_dtype,
@@ -90,10 +91,19 @@ class ComputeSession:
         self._call.cancel()
 
 
+def credentials(insecure: bool = False, identity_dir=None) -> grpc.ChannelCredentials | None:
+    """Mutual-TLS credentials of this device (None: plaintext, for --insecure labs)."""
+    if insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+        return None
+    return channel_credentials(Identity.load_or_create(identity_dir), TrustStore(identity_dir))
+
+
 class NodeClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, creds: grpc.ChannelCredentials | None):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = (grpc.secure_channel(address, creds, options=GRPC_OPTIONS + CHANNEL_TLS_OPTIONS) if creds
+                        else grpc.insecure_channel(address, options=GRPC_OPTIONS))
         self.stub = pb_grpc.ExpertNodeStub(self.channel)
         self.info: pb.NodeInfo | None = None
         self.session: ComputeSession | None = None
@@ -427,9 +437,14 @@ def measure_rtt(client: NodeClient, samples: int = 5) -> float:
 
 
 def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: int = 1,
-            placement: Placement | None = None, progress: bool | None = None, local_fallback: bool = True
+            placement: Placement | None = None, progress: bool | None = None, local_fallback: bool = True,
+            creds: grpc.ChannelCredentials | None | str = "default"
             ) -> tuple[RemoteExpertBackend, list[ClusterReport]]:
-    """Handshake with every node, plan, ship the missing weights, load, and open the streams."""
+    """Handshake with every node, plan, ship the missing weights, load, and open the streams.
+
+    creds: mutual-TLS credentials ("default": this device's identity; None: plaintext)."""
+    if creds == "default":
+        creds = credentials()
     if not addresses:
         raise ClusterError("no expert nodes found (start `moemesh node serve` on a device, or pass --node host:port)")
     family = family_of(ckpt)
@@ -437,7 +452,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
     n_layers = int(ckpt.config["num_hidden_layers"])
     clients: dict[str, NodeClient] = {}
     for address in addresses:
-        c = NodeClient(address)
+        c = NodeClient(address, creds)
         info = c.handshake()
         if info.node_id in clients:
             raise ClusterError(f"nodes {clients[info.node_id].address} and {address} share node id {info.node_id}")
@@ -488,9 +503,9 @@ def load_plan(path: Path) -> dict | None:
         raise ClusterError(f"{path}: not a usable cluster plan ({e}); run `moemesh cluster up` again") from None
 
 
-def node_status(address: str, timeout: float = 2.0) -> dict:
+def node_status(address: str, creds: grpc.ChannelCredentials | None, timeout: float = 2.0) -> dict:
     """One row of `cluster status`: the node's own report, or why it did not answer."""
-    client = NodeClient(address)
+    client = NodeClient(address, creds)
     try:
         t = time.perf_counter()
         info = client.handshake(timeout)

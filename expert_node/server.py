@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import native
 from .checkpoint import Checkpoint, CheckpointError
+from .identity import INSECURE_WARNING, Identity, TrustStore, server_credentials
 from .experts import ExpertShape, LayerExperts, native_experts
 from .proto import moemesh_pb2 as pb
 from .proto import moemesh_pb2_grpc as pb_grpc
@@ -64,24 +65,32 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         self.assigned: dict[tuple[int, int], pb.PieceRef] = {}
         self.local_source: dict[tuple[int, int], str] = {}  # pieces found in our own checkpoint
         self.layers: dict[int, HostedLayer] = {}
+        self.fingerprint = ""  # of our certificate, advertised on mDNS (empty when insecure)
+        self.calls = 0  # RPCs handled: proves that refused clients never reached a handler
+
+    def _count(self) -> None:
+        with self._lock:
+            self.calls += 1
 
     # -- handshake and state ---------------------------------------------------------------------
     def memory_budget(self) -> int:
         return self.max_memory if self.max_memory else available_memory()
 
     def Info(self, request, context):
+        self._count()
         with self._lock:
             hosted = [pb.LayerExperts(layer=i, experts=list(h.experts)) for i, h in sorted(self.layers.items())]
             weight_bytes = self.weight_bytes()
         return pb.NodeInfo(protocol_version=PROTOCOL_VERSION, node_id=self.node_id, name=self.name,
                            cores=native.get_threads(), isa=native.active_isa(), memory_total=total_memory(),
                            memory_budget=self.memory_budget(), model_id=self.model_id, hosted=hosted,
-                           weight_bytes=weight_bytes)
+                           weight_bytes=weight_bytes, calls=self.calls)
 
     def weight_bytes(self) -> int:
         return sum(a.nbytes for h in self.layers.values() for a in vars(h.weights).values())
 
     def Assign(self, request, context):
+        self._count()
         try:
             config = json.loads(request.config_json)
             shape = ExpertShape.from_config(config)
@@ -119,6 +128,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
             return None
 
     def PushWeights(self, request_iterator, context):
+        self._count()
         stored, rejected = [], []
         writer, key = None, None
         try:
@@ -152,6 +162,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
             rejected.append(self.assigned[key])
 
     def Load(self, request, context):
+        self._count()
         t0 = time.perf_counter()
         with self._lock:
             if request.model_id != self.model_id or self.shape is None:
@@ -177,12 +188,14 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         return self.cache.read(ref.sha256)
 
     def Release(self, request, context):
+        self._count()
         with self._lock:
             self.layers, self.assigned, self.local_source, self.model_id = {}, {}, {}, ""
         return pb.ReleaseReply()
 
     # -- compute ---------------------------------------------------------------------------------
     def Compute(self, request_iterator, context):
+        self._count()
         for request in request_iterator:
             t_recv = time.perf_counter()
             try:
@@ -216,8 +229,9 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
 
 
 def serve(port: int = 0, name: str | None = None, cache_dir: str | None = None, max_memory: int | None = None,
-          model_dir: str | None = None, host: str = "[::]", node_id: str | None = None):
-    """Start the server; returns (grpc server, service, bound port)."""
+          model_dir: str | None = None, host: str = "[::]", node_id: str | None = None,
+          identity_dir: str | None = None, insecure: bool = False):
+    """Start the server (mutual TLS with pinned peers unless insecure); returns (server, service, port)."""
     import socket
 
     cache = Path(cache_dir) if cache_dir else Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "node"
@@ -227,7 +241,15 @@ def serve(port: int = 0, name: str | None = None, cache_dir: str | None = None, 
     pb_grpc.add_ExpertNodeServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if insecure:
+        import sys
+
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        me = Identity.load_or_create(identity_dir, service.name)
+        service.fingerprint = me.fingerprint
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(me, TrustStore(identity_dir)))
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

@@ -95,7 +95,7 @@ def test_wrong_protocol_version_is_refused(tiny_dir):
     server.start()
     try:
         with pytest.raises(cluster.ClusterError, match="speaks protocol version 99; this coordinator speaks 1"):
-            cluster.connect(Checkpoint(tiny_dir), "exact", [f"127.0.0.1:{port}"], progress=False)
+            cluster.connect(Checkpoint(tiny_dir), "exact", [f"127.0.0.1:{port}"], progress=False, creds=None)
     finally:
         server.stop(0)
 
@@ -107,7 +107,7 @@ def compute_once(stub, request):
 def test_bad_requests_get_invalid_argument_and_the_node_keeps_serving(tiny_dir, start_node):
     node = start_node("--no-mdns", "--host", "127.0.0.1")
     engine, _ = cluster_engine(tiny_dir, "exact", [node.address])
-    stub = pb_grpc.ExpertNodeStub(grpc.insecure_channel(node.address))
+    stub = cluster.NodeClient(node.address, cluster.credentials()).stub
     x = np.ones((2, 64), np.float32)
     good = dict(seq=1, layer=0, x=encode_tensor(x, "f32"),
                 expert_ids=encode_tensor(np.array([[0, 1], [2, -1]], np.int32), "i32"), precision="exact")
@@ -130,7 +130,7 @@ def test_bad_requests_get_invalid_argument_and_the_node_keeps_serving(tiny_dir, 
 
 def test_corrupt_weight_chunk_is_rejected_then_refetched(tiny_dir, start_node):
     node = start_node("--no-mdns", "--host", "127.0.0.1")
-    client = cluster.NodeClient(node.address)
+    client = cluster.NodeClient(node.address, cluster.credentials())
     client.handshake()
     ckpt = Checkpoint(tiny_dir)
     shape = Engine.load(tiny_dir).model.experts.shape

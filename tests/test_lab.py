@@ -40,6 +40,14 @@ def test_cluster_across_hosts_matches_single_device(tiny_dir, lab, tmp_path):
         assert proc.returncode == 0, proc.stderr
         return proc
 
+    # the coordinator has its own identity: it pairs with the nodes' device identity first
+    node_ip = lab.hosts["node1"]
+    listener = lab.popen("node1", MOEMESH + ["pair", "--listen", f"{node_ip}:7079", "--code", "424242"],
+                         stdout=subprocess.PIPE, text=True, cwd=TESTS)
+    assert "pairing code: 424242" in listener.stdout.readline()
+    listener.stdout.readline()
+    assert "paired with" in coord("pair", f"{node_ip}:7079", "--code", "424242", "--role", "coordinator").stdout
+    assert listener.wait(30) == 0
     up = coord("cluster", "up", "-m", tiny_dir, "--expect", 2, "--timeout", 20, "--interface", coord_ip)
     assert "node1" in up.stdout and "node2" in up.stdout and "10.77.0.11:7070" in up.stdout
     status = json.loads(coord("cluster", "status", "--json").stdout)

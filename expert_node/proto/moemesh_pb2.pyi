@@ -33,7 +33,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "name", "cores", "isa", "memory_total", "memory_budget", "model_id", "hosted", "weight_bytes")
+    __slots__ = ("protocol_version", "node_id", "name", "cores", "isa", "memory_total", "memory_budget", "model_id", "hosted", "weight_bytes", "calls")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class NodeInfo(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     name: str
@@ -54,7 +55,8 @@ class NodeInfo(_message.Message):
     model_id: str
     hosted: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     weight_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., cores: _Optional[int] = ..., isa: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_budget: _Optional[int] = ..., model_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    calls: int
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., cores: _Optional[int] = ..., isa: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_budget: _Optional[int] = ..., model_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., calls: _Optional[int] = ...) -> None: ...
 
 class PieceRef(_message.Message):
     __slots__ = ("layer", "expert", "nbytes", "sha256")

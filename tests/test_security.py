@@ -1,0 +1,91 @@
+"""Pairing and mutual TLS: a code-authenticated first contact pins certificates; unpaired or
+plaintext clients never reach a handler; unpaired nodes get no expert calls."""
+import threading
+
+import grpc
+import pytest
+
+from coordinator import cluster
+from expert_node.checkpoint import Checkpoint
+from expert_node.identity import CHANNEL_TLS_OPTIONS, Identity, TrustStore, channel_credentials
+from expert_node.pairing import PairingError, pair_connect, pair_listen
+from expert_node.proto import moemesh_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pair(a_dir, b_dir, code_a, code_b):
+    a, b = Identity.load_or_create(a_dir, "a"), Identity.load_or_create(b_dir, "b")
+    ta, tb = TrustStore(a_dir), TrustStore(b_dir)
+    port, result = [], {}
+    ready = threading.Event()
+
+    def listen():
+        try:
+            result["b"] = pair_listen(b, tb, "127.0.0.1", 0, code_b, "b", "node", lambda p: (port.append(p), ready.set()))
+        except PairingError as e:
+            result["b"] = e
+
+    t = threading.Thread(target=listen)
+    t.start()
+    ready.wait(10)
+    try:
+        result["a"] = pair_connect(a, ta, f"127.0.0.1:{port[0]}", code_a, "a", "coordinator")
+    except PairingError as e:
+        result["a"] = e
+    t.join(10)
+    return a, b, ta, tb, result
+
+
+def test_matching_codes_pin_both_certificates(tmp_path):
+    a, b, ta, tb, r = pair(tmp_path / "a", tmp_path / "b", "123456", "123456")
+    assert r["a"]["fingerprint"] == b.fingerprint and r["b"]["fingerprint"] == a.fingerprint
+    assert ta.trusts(b.fingerprint, a) and tb.trusts(a.fingerprint, b)
+
+
+def test_wrong_code_pins_nothing(tmp_path):
+    a, b, ta, tb, r = pair(tmp_path / "a", tmp_path / "b", "123456", "654321")
+    assert isinstance(r["a"], PairingError) and isinstance(r["b"], PairingError)
+    assert "codes do not match" in str(r["a"])
+    assert ta.peers() == {} and tb.peers() == {}
+
+
+def calls_seen_by_owner(node, identity_dir=None) -> int:
+    """The node's handled-RPC count, asked with the node's own (self-trusted) identity."""
+    return cluster.NodeClient(node.address, cluster.credentials(identity_dir=identity_dir)).handshake().calls
+
+
+def test_unpaired_and_plaintext_clients_never_reach_a_handler(start_node, tmp_path):
+    node = start_node("--no-mdns", "--host", "127.0.0.1")
+    before = calls_seen_by_owner(node)
+    stranger = tmp_path / "stranger"
+    creds = channel_credentials(Identity.load_or_create(stranger), TrustStore(stranger))
+    for channel in (grpc.secure_channel(node.address, creds, options=CHANNEL_TLS_OPTIONS),
+                    grpc.insecure_channel(node.address)):
+        client = cluster.NodeClient.__new__(cluster.NodeClient)
+        client.address, client.channel = node.address, channel
+        client.stub = __import__("expert_node.proto.moemesh_pb2_grpc", fromlist=["x"]).ExpertNodeStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Info(pb.InfoRequest(protocol_version=1), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    assert calls_seen_by_owner(node) == before + 1  # only the owner's own second Info
+
+
+def test_unpaired_node_gets_no_expert_calls(tiny_dir, start_node, tmp_path):
+    rogue_dir = tmp_path / "rogue-identity"
+    good = start_node("--no-mdns", "--host", "127.0.0.1")
+    rogue = start_node("--no-mdns", "--host", "127.0.0.1", "--identity-dir", str(rogue_dir))
+    with pytest.raises(cluster.ClusterError, match=f"node {rogue.address}: handshake failed: UNAVAILABLE"):
+        cluster.connect(Checkpoint(tiny_dir), "fast", [good.address, rogue.address], progress=False)
+    experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [good.address], progress=False)
+    experts.close()
+    assert calls_seen_by_owner(rogue, rogue_dir) == 1  # its owner's Info: nobody else got through
+
+
+def test_paired_devices_talk_over_mutual_tls(start_node, tmp_path):
+    coordinator_dir, node_dir = tmp_path / "coordinator", tmp_path / "node"
+    pair(coordinator_dir, node_dir, "777777", "777777")
+    node = start_node("--no-mdns", "--host", "127.0.0.1", "--identity-dir", str(node_dir))
+    info = cluster.NodeClient(node.address, cluster.credentials(identity_dir=coordinator_dir)).handshake()
+    assert info.node_id == node.node_id
