@@ -44,10 +44,12 @@ def decode_tps(engine: Engine, n: int) -> float:
     return gen.stats.decode_tps
 
 
-def start_node(i: int) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, MOEMESH_THREADS="1")
+def start_node(i: int, *extra: str, threads: int = 1) -> tuple[subprocess.Popen, str]:
+    """A node on 127.0.0.1 (no mDNS) with `threads` kernel threads; returns (process, address)."""
+    env = dict(os.environ, MOEMESH_THREADS=str(threads))
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "node", "serve", "--port", "0", "--no-mdns",
-                             "--host", "127.0.0.1", "--name", f"bench{i}"], stdout=subprocess.PIPE, text=True, env=env)
+                             "--host", "127.0.0.1", "--name", f"bench{i}", *extra], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd="/")
     port = re.search(r"port (\d+)", proc.stdout.readline()).group(1)
     return proc, f"127.0.0.1:{port}"
 

@@ -106,3 +106,21 @@ def test_last_resort_is_the_coordinators_own_copy(tiny_dir, start_node):
             node.stop(signal.SIGKILL)  # the only node: every expert falls back to the coordinator
     assert got == expected
     experts.close()
+
+
+def test_bad_wifi_link_gives_identical_output(tiny_dir, start_node):
+    from support import LinkProcess
+
+    a, b = start_node("--no-mdns", "--host", "127.0.0.1"), start_node("--no-mdns", "--host", "127.0.0.1")
+    link = LinkProcess(b.address, "--preset", "bad-wifi", "--seed", "3")
+    try:
+        experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [a.address, link.address], replicas=2,
+                                     progress=False)
+        remote, local = Engine.load(tiny_dir, "fast", experts=experts), Engine.load(tiny_dir, "fast")
+        for seed in range(3):
+            prompt, params = [40 + seed, 41, 42], SamplingParams(temperature=0.7, seed=seed)
+            assert [s.token for s in remote.stream(prompt, 12, params)] == \
+                   [s.token for s in local.stream(prompt, 12, params)]
+        experts.close()
+    finally:
+        link.stop()

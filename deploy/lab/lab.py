@@ -84,12 +84,7 @@ class Lab:
             if p.stdout:
                 p.stdout.close()
         for ns in [self.ns(h) for h in self.hosts] + [self.switch]:
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+            remove_namespace(ns)
 
     def popen(self, host: str, cmd: list[str], **kw) -> subprocess.Popen:
         p = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *cmd], **kw)
@@ -119,15 +114,20 @@ class Lab:
         return f"{ip}:{NODE_PORT}"
 
 
+def remove_namespace(ns: str) -> None:
+    """Kill whatever still runs in the namespace, then delete it (its veth goes with it)."""
+    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sh("ip", "netns", "del", ns, check=False)
+
+
 def cleanup_all() -> int:
     names = [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line.startswith(PREFIX)]
     for ns in names:
-        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        sh("ip", "netns", "del", ns, check=False)
+        remove_namespace(ns)
     return len(names)
 
 
