@@ -2,8 +2,9 @@
 plan. No sockets here, so every rule is unit-tested.
 
 Rules: every (layer, expert) piece goes to `replicas` distinct nodes; no node gets more pieces than
-its memory holds; work is shared in proportion to node speed; pieces are dealt layer by layer so
-each layer's experts spread over the nodes (a token's 4 experts then tend to run in parallel).
+its memory holds; work (the primary host of each piece) is shared in proportion to node speed;
+pieces are dealt layer by layer so each layer's experts spread over the nodes (a token's 4
+experts then tend to run in parallel).
 Ties go to the node listed first, so the same inputs always give the same plan.
 """
 from __future__ import annotations
@@ -61,6 +62,7 @@ def plan_placement(n_layers: int, n_experts: int, piece_bytes: int, nodes: list[
     total_speed = sum(max(n.speed, 1e-9) for n in nodes)
     target = {n.node_id: needed * max(n.speed, 1e-9) / total_speed for n in nodes}
     count = {n.node_id: 0 for n in nodes}
+    primaries = {n.node_id: 0 for n in nodes}  # the host that serves a piece while all are up
     order = [n.node_id for n in nodes]
     hosts = []
     for _ in range(n_layers):
@@ -74,6 +76,9 @@ def plan_placement(n_layers: int, n_experts: int, piece_bytes: int, nodes: list[
                 best = min(candidates, key=lambda n: (count[n] / target[n], order.index(n)))
                 chosen.append(best)
                 count[best] += 1
-            layer.append(tuple(chosen))
+            # Spread the primaries too, or with replicas one node would serve everything.
+            first = min(chosen, key=lambda n: (primaries[n] / target[n], order.index(n)))
+            primaries[first] += 1
+            layer.append((first,) + tuple(n for n in chosen if n != first))
         hosts.append(tuple(layer))
     return Placement(n_layers, n_experts, tuple(hosts))

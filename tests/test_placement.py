@@ -25,6 +25,8 @@ def test_replicas_land_on_distinct_nodes():
     nodes = [NodeCapacity(n, 10_000 * MB) for n in "abc"]
     p = plan_placement(3, 4, 10 * MB, nodes, replicas=2)
     assert all(len(set(hs)) == 2 for layer in p.hosts for hs in layer)
+    primaries = [hs[0] for layer in p.hosts for hs in layer]
+    assert sorted(primaries.count(n) for n in "abc") == [4, 4, 4]  # every node serves a share
     with pytest.raises(PlacementError, match="3 replicas need at least 3 nodes"):
         plan_placement(3, 4, 10 * MB, nodes[:2], replicas=3)
 
