@@ -1,7 +1,7 @@
 """`moemesh profile`: where every millisecond of a token goes, across devices.
 
-Runs a prefill and N decode steps twice — untraced (the speed to compare with) and traced — then
-summarises the traced decode steps per stage of the coordinator and per hop to each node:
+Runs a prefill and N decode steps untraced and traced (twice each, alternating), then summarises
+the last traced run's decode steps per stage of the coordinator and per hop to each node:
 count, p50, p95, p99, max and share of the decode time (hops to different nodes overlap, so node
 shares can add up past 100%). The critical path of a token is the slowest node of each layer.
 """
@@ -91,27 +91,36 @@ def critical_path(tracer: Tracer) -> dict:
             "slowest_node_share": {n: c / len(per_layer) for n, c in slowest.most_common()}}
 
 
-def run_profile(engine, prompt_ids: list[int], n: int) -> dict:
+def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2) -> dict:
+    """Untraced and traced runs, alternating order (the second of two runs tends to be slower on a
+    busy machine), so the tracing overhead is measured, not the order."""
     params = SamplingParams(temperature=0)
     for _ in engine.stream(prompt_ids, 2, params):  # warm up: threads, caches, streams
         pass
-    plain = engine.stream(prompt_ids, n, params)
-    for _ in plain:
-        pass
-    tracer = Tracer()
-    engine.set_tracer(tracer)
+    runs = {"plain": [], "traced": []}
+    tracer = traced = None
     try:
-        traced = engine.stream(prompt_ids, n, params)
-        for _ in traced:
-            pass
+        for rep in range(repeats):
+            for mode in (("traced", "plain") if rep % 2 else ("plain", "traced")):
+                if mode == "traced":
+                    tracer = Tracer()
+                engine.set_tracer(tracer if mode == "traced" else NULL_TRACER)
+                gen = engine.stream(prompt_ids, n, params)
+                for _ in gen:
+                    pass
+                runs[mode].append(gen)
+                if mode == "traced":
+                    traced = gen
     finally:
         engine.set_tracer(NULL_TRACER)
+    plain_tps = float(np.median([g.stats.decode_tps for g in runs["plain"]]))
+    traced_tps = float(np.median([g.stats.decode_tps for g in runs["traced"]]))
     rows, total = hop_rows(tracer)
     return {"tracer": tracer, "rows": [r.stats(total) for r in rows], "decode_ms_total": total / 1e3,
             "critical_path": critical_path(tracer), "prefill_tps": traced.stats.prefill_tps,
-            "decode_tps_traced": traced.stats.decode_tps, "decode_tps_untraced": plain.stats.decode_tps,
-            "ttft_s": plain.stats.time_to_first_token,
-            "tracing_overhead": 1 - traced.stats.decode_tps / plain.stats.decode_tps if plain.stats.decode_tps else 0.0,
+            "decode_tps_traced": traced_tps, "decode_tps_untraced": plain_tps,
+            "ttft_s": float(np.median([g.stats.time_to_first_token for g in runs["plain"]])),
+            "tracing_overhead": 1 - traced_tps / plain_tps if plain_tps else 0.0,
             "tokens": traced.stats.generated_tokens}
 
 
