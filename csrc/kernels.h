@@ -20,9 +20,12 @@ struct KernelTable {
     // out[t] = sum_k W[k] * x[t][k], W one MXFP4 row of n_blocks blocks.
     void (*mxfp4_dot_f32)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
                           const float* const* x, int n_tok, float* out);
-    // Same with int16-quantized activations (exact integer sums per block).
+    // Same with int16-quantized activations (exact integer sums per block), laid out by q16_layout.
     void (*mxfp4_dot_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
                           const Q16Row* x, int n_tok, float* out);
+    // Reorders one row of int16 activations in place into the order this ISA's mxfp4_dot_q16
+    // decodes weights in (nullptr: natural element order).
+    void (*q16_layout)(int16_t* q, int64_t n_blocks);
     // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n).
     void (*bf16_dot_f32)(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out);
 };

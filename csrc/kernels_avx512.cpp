@@ -3,6 +3,8 @@
 // per block and a VNNI vpdpwssd per token (exact int32 block sums).
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "formats.h"
 #include "kernels.h"
 #include "x86_common.h"
@@ -47,52 +49,80 @@ inline __m512 half_scales16(__mmask16 m, const uint8_t* s) {
     return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
 }
 
-// Two consecutive blocks -> their 32 int16 weights each, element order.
-inline void decode_pair_i16(const uint8_t* codes, __m512i* w0, __m512i* w1) {
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubled)));
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
-    const __m256i even = _mm256_shuffle_epi8(lut, _mm256_and_si256(b, m));
-    const __m256i odd = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(b, 4), m));
-    const __m256i u0 = _mm256_unpacklo_epi8(even, odd);  // lane k: block k elements 0..15
-    const __m256i u1 = _mm256_unpackhi_epi8(even, odd);  // lane k: block k elements 16..31
-    *w0 = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(u0, u1, 0x20));
-    *w1 = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(u0, u1, 0x31));
-}
-
 inline __m512i decode_one_i16(const uint8_t* codes) {
     __m128i e0, e1;
     x86::decode_block_i8(codes, &e0, &e1);
     return _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));
 }
 
-// Blocks go 16 at a time: their combined scales (weight x activation) are computed as one vector,
-// then blocks are decoded two at a time. Per token the sum order is the same for any n_tok.
+// Groups of 4 blocks are decoded in-lane (128-bit lane k = block k), which leaves each block's
+// 32 weights spread over four registers: register j holds elements 8j..8j+7 of every block.
+// q16_layout puts the activations in that same order once per row, so the weights never cross a
+// lane and the four products of a group land in one int32 accumulator, lane group k = block k.
+constexpr int kGroup = 4;
+
+void q16_layout(int16_t* q, int64_t n_blocks) {
+    int16_t tmp[kGroup * 32];
+    for (int64_t g = 0; g + kGroup <= n_blocks; g += kGroup) {
+        int16_t* grp = q + g * 32;
+        for (int j = 0; j < 4; ++j)          // register j
+            for (int k = 0; k < kGroup; ++k)  // lane k = block k
+                for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 8 * j + i];
+        std::memcpy(grp, tmp, sizeof(tmp));
+    }
+}
+
+// 64 code bytes of 4 blocks -> 4 registers of int16 weights in the q16_layout order.
+inline void decode_group_i16(const uint8_t* codes, __m512i w[4]) {
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubled)));
+    const __m512i m = _mm512_set1_epi8(0x0F);
+    const __m512i b = _mm512_loadu_si512(codes);
+    const __m512i even = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m));
+    const __m512i odd = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m));
+    const __m512i u0 = _mm512_unpacklo_epi8(even, odd);  // lane k: block k elements 0..15
+    const __m512i u1 = _mm512_unpackhi_epi8(even, odd);  // lane k: block k elements 16..31
+    const __m512i s0 = _mm512_movm_epi8(_mm512_movepi8_mask(u0));  // sign bytes
+    const __m512i s1 = _mm512_movm_epi8(_mm512_movepi8_mask(u1));
+    w[0] = _mm512_unpacklo_epi8(u0, s0);  // elements 0..7
+    w[1] = _mm512_unpackhi_epi8(u0, s0);  // 8..15
+    w[2] = _mm512_unpacklo_epi8(u1, s1);  // 16..23
+    w[3] = _mm512_unpackhi_epi8(u1, s1);  // 24..31
+}
+
+// Per 4 blocks and token: four vpdpwssd into one int32 accumulator, one convert, one FMA with the
+// blocks' combined scales. Tail blocks (n_blocks % 4) keep natural order, one per step.
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
     __m512 acc[kMaxTokens];
     alignas(64) float cs[kMaxTokens][16];
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
+    const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     for (int64_t g0 = 0; g0 < n_blocks; g0 += 16) {
         const int n = int(n_blocks - g0 < 16 ? n_blocks - g0 : 16);
         const __mmask16 m = __mmask16((1u << n) - 1u);
         const __m512 ws = half_scales16(m, scales + g0);
-        for (int t = 0; t < n_tok; ++t) _mm512_store_ps(cs[t], _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0)));
+        __m512 csv[kMaxTokens];
+        for (int t = 0; t < n_tok; ++t) {
+            csv[t] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
+            _mm512_store_ps(cs[t], csv[t]);
+        }
         int i = 0;
-        for (; i + 2 <= n; i += 2) {
+        for (; i + kGroup <= n && g0 + i + kGroup <= n_blocks - n_blocks % kGroup; i += kGroup) {
             const int64_t g = g0 + i;
-            __m512i w0, w1;
+            __m512i w[4];
             x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-            decode_pair_i16(blocks + g * Mxfp4::kBlockBytes, &w0, &w1);
+            decode_group_i16(blocks + g * Mxfp4::kBlockBytes, w);
+            const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(i));
             for (int t = 0; t < n_tok; ++t) {
                 const int16_t* q = x[t].q + g * Mxfp4::kBlock;
-                const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(q));
-                const __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(q + 32));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(cs[t][i]), acc[t]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(cs[t][i + 1]), acc[t]);
+                __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(q));
+                p = _mm512_dpwssd_epi32(p, w[1], _mm512_loadu_si512(q + 32));
+                p = _mm512_dpwssd_epi32(p, w[2], _mm512_loadu_si512(q + 64));
+                p = _mm512_dpwssd_epi32(p, w[3], _mm512_loadu_si512(q + 96));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
             }
         }
-        if (i < n) {
+        for (; i < n; ++i) {
             const int64_t g = g0 + i;
             const __m512i w = decode_one_i16(blocks + g * Mxfp4::kBlockBytes);
             for (int t = 0; t < n_tok; ++t) {
@@ -124,6 +154,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, bf16_dot_f32};
+const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, q16_layout, bf16_dot_f32};
 
 }  // namespace moemesh

@@ -50,6 +50,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kScalarKernels = {"scalar", mxfp4_dot_f32, mxfp4_dot_q16, bf16_dot_f32};
+const KernelTable kScalarKernels = {"scalar", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32};
 
 }  // namespace moemesh

@@ -34,12 +34,13 @@ struct Activations {
     std::vector<int16_t> q;
     std::vector<float> d;
 
-    Activations(Precision p, const float* x, int64_t rows, int64_t k) : f32(x), ld(k) {
+    Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k) : f32(x), ld(k) {
         if (p != Precision::Fast) return;
         q.resize(size_t(rows * k));
         d.resize(size_t(rows * (k / Q16Block::kBlock)));
         global_pool().parallel_for(rows, [&](int64_t r) {
             quantize_q16(x + r * k, k, q.data() + r * k, d.data() + r * (k / Q16Block::kBlock));
+            if (kt.q16_layout) kt.q16_layout(q.data() + r * k, k / Q16Block::kBlock);
         });
     }
     bool fast() const { return !q.empty(); }
@@ -143,7 +144,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     const int64_t nb1 = H / Mxfp4::kBlock, nb2 = I / Mxfp4::kBlock;
     std::vector<float> h(static_cast<size_t>(A * 2 * I));
     {
-        Activations xa(precision, x, T, H);
+        Activations xa(kt, precision, x, T, H);
         const auto tasks = make_tasks(2 * I);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -159,7 +160,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
         if (ids[a] >= 0) swiglu_clamped(h.data() + a * 2 * I, I, w.swiglu_alpha, w.swiglu_limit, act.data() + a * I);
     });
     {
-        Activations aa(precision, act.data(), A, I);
+        Activations aa(kt, precision, act.data(), A, I);
         const auto tasks = make_tasks(H);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];

@@ -30,7 +30,7 @@ void expect_close(const char* what, const char* isa, const std::vector<float>& g
 }
 
 struct Inputs {
-    int64_t E = 5, H = 96, I = 64, T = 7, k = 2;
+    int64_t E = 5, H = 320, I = 160, T = 7, k = 2;  // 10 and 5 blocks: 4-block groups and tails
     std::vector<uint8_t> gu_blocks, gu_scales, dn_blocks, dn_scales;
     std::vector<uint16_t> gu_bias, dn_bias;
     std::vector<float> x;
