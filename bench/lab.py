@@ -12,6 +12,7 @@ shapes with 4 full-size layers (see bench/cluster.py). Last line: JSON with `dec
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,11 +21,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy" / "lab"))
 sys.path.insert(0, str(ROOT / "bench"))
-
-import lab as lablib  # noqa: E402
 from cluster import default_model  # noqa: E402  (bench/cluster.py)
+
+# deploy/lab/lab.py, loaded by path: this file is also called lab.py
+_spec = importlib.util.spec_from_file_location("moemesh_lab", ROOT / "deploy" / "lab" / "lab.py")
+lablib = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lablib)
 
 MOEMESH = [sys.executable, "-m", "coordinator.cli"]
 
@@ -48,7 +51,7 @@ def main() -> None:
         sys.exit("the lab needs root")
     folder = Path(args.model) if args.model else default_model()
     work = Path(tempfile.mkdtemp(prefix="moemesh-lab-bench-"))
-    env = dict(os.environ, MOEMESH_CACHE=str(work / "coord"))
+    env = dict(os.environ)  # coordinator and nodes share this machine's identity: no pairing needed
     single = profile([], folder, args.tokens, [], env)
     results = {"single": {"decode_tps": single["decode_tps_untraced"], "ttft_s": single["ttft_s"]}}
     print(f"single device: {single['decode_tps_untraced']:.2f} tok/s, first token {single['ttft_s']:.2f} s", flush=True)
