@@ -17,7 +17,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

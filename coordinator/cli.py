@@ -39,7 +39,7 @@ def resolve_model(path: str | None) -> str:
 def add_model_args(p: argparse.ArgumentParser, default_precision: str = "exact") -> None:
     p.add_argument("-m", "--model", help="Hugging Face snapshot folder (default: the embedded demo model)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=default_precision,
-                   help="exact: fp32 activations; fast: int8 activations in the experts; reference: pure numpy")
+                   help="exact: fp32 activations; fast: int16-block activations in the experts; reference: pure numpy")
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 `Engine.load(dir)` maps the checkpoint and picks the compute for the dense part and the experts by
 precision: `reference` (pure numpy, the spec), `exact` (native kernels, fp32 activations) or `fast`
-(native kernels, int8 activations for the experts). `logits()` runs one full forward pass;
+(native kernels, int16-block activations for the experts). `logits()` runs one full forward pass;
 `generate()` yields token ids as they are sampled. The cluster engine swaps only the expert backend.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@
 
 namespace moemesh {
 
-constexpr int kMaxTokens = 4;  // activation rows sharing one pass over a weight row
+constexpr int kMaxTokens = 8;  // activation rows sharing one pass over a weight row
 
 // Activations of the `fast` precision: int16 per 32-block with one fp32 scale per block.
 struct Q16Row {

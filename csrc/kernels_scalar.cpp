@@ -8,7 +8,7 @@ namespace {
 void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
                    const float* const* x, int n_tok, float* out) {
     float w[Mxfp4::kBlock];
-    float acc[kMaxTokens] = {0, 0, 0, 0};
+    float acc[kMaxTokens] = {};
     for (int64_t g = 0; g < n_blocks; ++g) {
         Mxfp4::decode_block(blocks + g * Mxfp4::kBlockBytes, scales[g], w);
         for (int t = 0; t < n_tok; ++t) {
@@ -23,7 +23,7 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
 
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
-    float acc[kMaxTokens] = {0, 0, 0, 0};
+    float acc[kMaxTokens] = {};
     for (int64_t g = 0; g < n_blocks; ++g) {
         const uint8_t* c = blocks + g * Mxfp4::kBlockBytes;
         const float ws = Mxfp4::scale(scales[g]) * 0.5f;

@@ -13,7 +13,6 @@ import pytest
 
 from support import MOEMESH, TESTS
 from coordinator import Engine, cluster
-from coordinator.sampling import SamplingParams
 from expert_node.checkpoint import Checkpoint
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc

@@ -11,7 +11,7 @@ import pytest
 from coordinator.models.gpt_oss import reference_linear
 from expert_node import native
 from expert_node.checkpoint import f32_to_bf16
-from expert_node.experts import ExpertShape, LayerExperts, NativeExpertBackend, ReferenceExpertBackend
+from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
 
 ISAS = native.available_isas()
 TOL = {"exact": 2e-5, "fast": 2e-4}
