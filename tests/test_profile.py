@@ -61,3 +61,9 @@ def test_single_device_profile_has_no_network_rows(tiny_dir):
     assert {r["kind"] for r in result["rows"]} >= {"attention", "router", "experts", "unembed", "sample"}
     check_nesting(result["tracer"].chrome_trace())
     assert json.loads(profile.to_json(result))["tokens"] == 4
+
+
+def test_plot_writes_a_png(tiny_dir, tmp_path):
+    result = profile.run_profile(Engine.load(tiny_dir, precision="fast"), PROMPT, 4, repeats=1)
+    profile.plot(result, tmp_path / "token.png")
+    assert (tmp_path / "token.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
