@@ -178,9 +178,7 @@ def cmd_cluster_up(args) -> int:
     cluster.save_plan(plan_path, folder, reports, experts.placement)
     rows = []
     for r in reports:
-        row = cluster.node_status(r.address, creds)
-        row["pushed_mb"] = r.bytes_pushed / 1e6
-        rows.append(row)
+        rows.append(dict(cluster.node_status(r.address, creds), pushed_mb=r.bytes_pushed / 1e6, rtt_ms=r.rtt_ms))
     experts.close()
     print(topology_table(rows))
     print(f"plan saved to {plan_path}; `moemesh chat --cluster -m {folder}` uses it", file=sys.stderr)

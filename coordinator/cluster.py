@@ -419,7 +419,7 @@ class ClusterReport:
     info: pb.NodeInfo
     pieces: int
     bytes_pushed: int
-    rtt_ms: float = 0.0
+    rtt_ms: float = 0.0  # median of 5 handshakes, shown in the topology table
 
 
 def hosted_pieces(info: pb.NodeInfo) -> set[tuple[int, int]]:

@@ -58,7 +58,8 @@ def run_demo(prompt: str, max_tokens: int, n_nodes: int = 2, out=sys.stdout) -> 
         experts, reports = cluster.connect(Checkpoint(folder), "fast", [a for _, a in nodes])
         engine = Engine.load(folder, precision="fast", experts=experts)
         creds = cluster.credentials()
-        rows = [dict(cluster.node_status(r.address, creds), pushed_mb=r.bytes_pushed / 1e6) for r in reports]
+        rows = [dict(cluster.node_status(r.address, creds), pushed_mb=r.bytes_pushed / 1e6, rtt_ms=r.rtt_ms)
+                for r in reports]
         print("\n== topology ==", file=out)
         print(topology_table(rows), file=out)
         tok = Tokenizer.from_dir(folder)
