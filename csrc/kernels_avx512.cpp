@@ -1,9 +1,11 @@
 // AVX-512 kernels (F/BW/VL + VNNI; compiled with those flags, selected only when the CPU has them).
-// fp32 path: a block's 32 weights are two zmm registers. int16 path: one zmm of 32 int16 weights
-// per block and a VNNI vpdpwssd per token (exact int32 block sums).
+// fp32 path: a block's 32 weights are two zmm registers. int16 path: 4 blocks' weights in four zmm
+// of int16 and VNNI vpdpwssd per token (exact int32 block sums).
 #include <immintrin.h>
 
+#include <array>
 #include <cstring>
+#include <utility>
 
 #include "formats.h"
 #include "kernels.h"
@@ -11,8 +13,6 @@
 
 namespace moemesh {
 namespace {
-
-constexpr int kPrefetchBytes = 4096;
 
 // Fixed-order horizontal sum of 16 lanes: fold the halves, then the 8-lane AVX sum.
 inline float hsum512(__m512 v) {
@@ -41,25 +41,33 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = hsum512(acc[t]);
 }
 
-// 16 scale bytes -> 2^(s-127) * 0.5 as floats (s = 0 is the denormal 2^-128 after halving).
-inline __m512 half_scales16(__mmask16 m, const uint8_t* s) {
+// The first n of 16 scale bytes -> 2^(s-127) * 0.5 as floats (s = 0 is the denormal 2^-128 after
+// halving); lanes past n are exact zeros. They must not be denormals: an Intel core takes a
+// microcode assist for every denormal operand, which made whole rows several times slower.
+inline __m512 half_scales16(int n, const uint8_t* s) {
+    const __mmask16 m = __mmask16((1u << n) - 1u);
     const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s));
     const __mmask16 zero = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
-    const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), zero, _mm512_set1_epi32(0x00400000));
+    const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), zero & m, _mm512_set1_epi32(0x00400000));
     return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
 }
 
-inline __m512i decode_one_i16(const uint8_t* codes) {
-    __m128i e0, e1;
-    x86::decode_block_i8(codes, &e0, &e1);
-    return _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));
+// One block's 32 weights + kOffset as int16, natural element order (tail blocks).
+inline __m512i decode_one_u16(const uint8_t* codes) {
+    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubledOffset));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    const __m128i even = _mm_shuffle_epi8(lut, _mm_and_si128(b, m));
+    const __m128i odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(even, odd), _mm_unpacklo_epi8(even, odd)));
 }
 
-// Groups of 4 blocks are decoded in-lane (128-bit lane k = block k), which leaves each block's
-// 32 weights spread over four registers: register j holds elements 8j..8j+7 of every block.
-// q16_layout puts the activations in that same order once per row, so the weights never cross a
-// lane and the four products of a group land in one int32 accumulator, lane group k = block k.
+// Groups of 4 blocks are decoded in-lane (128-bit lane k = block k) into four int16 registers by
+// masking and shifting the looked-up bytes: 16-bit lane i of register j holds element 4i + kOrder[j]
+// of its block. q16_layout puts the activations in that same order once per row, so the weights
+// never cross a lane and the four products of a group land in one int32 accumulator per block.
 constexpr int kGroup = 4;
+constexpr int kOrder[4] = {0, 2, 1, 3};
 
 void q16_layout(int16_t* q, int64_t n_blocks) {
     int16_t tmp[kGroup * 32];
@@ -67,71 +75,85 @@ void q16_layout(int16_t* q, int64_t n_blocks) {
         int16_t* grp = q + g * 32;
         for (int j = 0; j < 4; ++j)          // register j
             for (int k = 0; k < kGroup; ++k)  // lane k = block k
-                for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 8 * j + i];
+                for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 4 * i + kOrder[j]];
         std::memcpy(grp, tmp, sizeof(tmp));
     }
 }
 
-// 64 code bytes of 4 blocks -> 4 registers of int16 weights in the q16_layout order.
-inline void decode_group_i16(const uint8_t* codes, __m512i w[4]) {
-    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubled)));
+inline void decode_group_u16(const uint8_t* codes, __m512i w[4]) {
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubledOffset)));
     const __m512i m = _mm512_set1_epi8(0x0F);
+    const __m512i low_byte = _mm512_set1_epi16(0x00FF);
     const __m512i b = _mm512_loadu_si512(codes);
-    const __m512i even = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m));
+    const __m512i even = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m));  // byte j: element 2j
     const __m512i odd = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m));
-    const __m512i u0 = _mm512_unpacklo_epi8(even, odd);  // lane k: block k elements 0..15
-    const __m512i u1 = _mm512_unpackhi_epi8(even, odd);  // lane k: block k elements 16..31
-    const __m512i s0 = _mm512_movm_epi8(_mm512_movepi8_mask(u0));  // sign bytes
-    const __m512i s1 = _mm512_movm_epi8(_mm512_movepi8_mask(u1));
-    w[0] = _mm512_unpacklo_epi8(u0, s0);  // elements 0..7
-    w[1] = _mm512_unpackhi_epi8(u0, s0);  // 8..15
-    w[2] = _mm512_unpacklo_epi8(u1, s1);  // 16..23
-    w[3] = _mm512_unpackhi_epi8(u1, s1);  // 24..31
+    w[0] = _mm512_and_si512(even, low_byte);
+    w[1] = _mm512_srli_epi16(even, 8);
+    w[2] = _mm512_and_si512(odd, low_byte);
+    w[3] = _mm512_srli_epi16(odd, 8);
 }
 
-// Per 4 blocks and token: four vpdpwssd into one int32 accumulator, one convert, one FMA with the
-// blocks' combined scales. Tail blocks (n_blocks % 4) keep natural order, one per step.
-void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
-                   int n_tok, float* out) {
-    __m512 acc[kMaxTokens];
-    alignas(64) float cs[kMaxTokens][16];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
+// Per 4 blocks and token: two short VNNI chains into one int32 accumulator, one convert, one FMA
+// with the blocks' combined scales; per 16 blocks and token one FMA removes the weight offset
+// (offset x block sum of q). Tail blocks (n_blocks % 4) keep natural order, one per step.
+// NT is a template parameter so the accumulators of every token stay in registers.
+template <int NT>
+void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, float* out) {
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512 minus_offset = _mm512_set1_ps(-float(Mxfp4::kOffset));
+    const int64_t grouped = n_blocks - n_blocks % kGroup;
     for (int64_t g0 = 0; g0 < n_blocks; g0 += 16) {
         const int n = int(n_blocks - g0 < 16 ? n_blocks - g0 : 16);
         const __mmask16 m = __mmask16((1u << n) - 1u);
-        const __m512 ws = half_scales16(m, scales + g0);
-        __m512 csv[kMaxTokens];
-        for (int t = 0; t < n_tok; ++t) {
+        const __m512 ws = half_scales16(n, scales + g0);
+        __m512 csv[NT];
+        for (int t = 0; t < NT; ++t) {
             csv[t] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
-            _mm512_store_ps(cs[t], csv[t]);
+            const __m512 sums = _mm512_mul_ps(minus_offset, _mm512_maskz_loadu_ps(m, x[t].sum + g0));
+            acc[t] = _mm512_fmadd_ps(csv[t], sums, acc[t]);
         }
         int i = 0;
-        for (; i + kGroup <= n && g0 + i + kGroup <= n_blocks - n_blocks % kGroup; i += kGroup) {
+        for (; i + kGroup <= n && g0 + i + kGroup <= grouped; i += kGroup) {
             const int64_t g = g0 + i;
             __m512i w[4];
             x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-            decode_group_i16(blocks + g * Mxfp4::kBlockBytes, w);
+            decode_group_u16(blocks + g * Mxfp4::kBlockBytes, w);
             const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(i));
-            for (int t = 0; t < n_tok; ++t) {
+            for (int t = 0; t < NT; ++t) {
                 const int16_t* q = x[t].q + g * Mxfp4::kBlock;
-                __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(q));
-                p = _mm512_dpwssd_epi32(p, w[1], _mm512_loadu_si512(q + 32));
-                p = _mm512_dpwssd_epi32(p, w[2], _mm512_loadu_si512(q + 64));
-                p = _mm512_dpwssd_epi32(p, w[3], _mm512_loadu_si512(q + 96));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
+                const __m512i p01 = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[0], _mm512_loadu_si512(q)), w[1],
+                                                        _mm512_loadu_si512(q + 32));
+                const __m512i p23 = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[2], _mm512_loadu_si512(q + 64)), w[3],
+                                                        _mm512_loadu_si512(q + 96));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p01, p23)),
+                                         _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
             }
         }
         for (; i < n; ++i) {
             const int64_t g = g0 + i;
-            const __m512i w = decode_one_i16(blocks + g * Mxfp4::kBlockBytes);
-            for (int t = 0; t < n_tok; ++t) {
-                const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[t].q + g * Mxfp4::kBlock));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(cs[t][i]), acc[t]);
+            const __m512i w = decode_one_u16(blocks + g * Mxfp4::kBlockBytes);
+            const __m512i idx = _mm512_set1_epi32(i);
+            for (int t = 0; t < NT; ++t) {
+                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(x[t].q + g * Mxfp4::kBlock));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
             }
         }
     }
-    for (int t = 0; t < n_tok; ++t) out[t] = hsum512(acc[t]);
+    for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
+}
+
+template <int... NT>
+constexpr std::array<void (*)(const uint8_t*, const uint8_t*, int64_t, const Q16Row*, float*), sizeof...(NT)>
+q16_variants(std::integer_sequence<int, NT...>) {
+    return {mxfp4_dot_q16_n<NT + 1>...};
+}
+
+void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
+                   int n_tok, float* out) {
+    static constexpr auto kVariants = q16_variants(std::make_integer_sequence<int, kMaxTokens>{});
+    kVariants[size_t(n_tok - 1)](blocks, scales, n_blocks, x, out);
 }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {

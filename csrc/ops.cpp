@@ -32,15 +32,23 @@ struct Activations {
     const float* f32;
     int64_t ld;  // floats per row (= K)
     std::vector<int16_t> q;
-    std::vector<float> d;
+    std::vector<float> d, sum;
 
     Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k) : f32(x), ld(k) {
         if (p != Precision::Fast) return;
+        const int64_t nb = k / Q16Block::kBlock;
         q.resize(size_t(rows * k));
-        d.resize(size_t(rows * (k / Q16Block::kBlock)));
+        d.resize(size_t(rows * nb));
+        sum.resize(size_t(rows * nb));
         global_pool().parallel_for(rows, [&](int64_t r) {
-            quantize_q16(x + r * k, k, q.data() + r * k, d.data() + r * (k / Q16Block::kBlock));
-            if (kt.q16_layout) kt.q16_layout(q.data() + r * k, k / Q16Block::kBlock);
+            int16_t* qr = q.data() + r * k;
+            quantize_q16(x + r * k, k, qr, d.data() + r * nb);
+            for (int64_t g = 0; g < nb; ++g) {
+                int32_t s = 0;
+                for (int i = 0; i < Q16Block::kBlock; ++i) s += qr[g * Q16Block::kBlock + i];
+                sum[size_t(r * nb + g)] = float(s);
+            }
+            if (kt.q16_layout) kt.q16_layout(qr, nb);
         });
     }
     bool fast() const { return !q.empty(); }
@@ -63,7 +71,7 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
                 Q16Row xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) {
                     const int64_t row = in_rows[i0 + j];
-                    xs[j] = {act.q.data() + row * act.ld, act.d.data() + row * nbd};
+                    xs[j] = {act.q.data() + row * act.ld, act.d.data() + row * nbd, act.sum.data() + row * nbd};
                 }
                 kt.mxfp4_dot_q16(rb, rs, nb, xs, cnt, res);
             } else {
