@@ -32,7 +32,7 @@ from expert_node.protocol import (GRPC_OPTIONS, PROTOCOL_VERSION, WEIGHT_CHUNK_B
 from expert_node.store import piece_sha256
 
 from .models import family_of
-from .placement import NodeCapacity, Placement, plan_placement
+from .placement import NodeCapacity, Placement, plan_placement, repair_placement
 from .tokenizer import cache_dir
 from .tracing import NULL_TRACER
 
@@ -85,6 +85,12 @@ class ComputeSession:
             pending, self._pending = self._pending, {}
         for fut in pending.values():
             fut.set_exception(error)
+
+    @property
+    def ended(self) -> ClusterError | None:
+        """Why the stream ended (the node died or restarted), or None while it is open."""
+        with self._lock:
+            return self._closed
 
     def close(self) -> None:
         self._requests.put(None)
@@ -231,11 +237,14 @@ class Provisioner:
     layers: dict[int, LayerExperts]  # the coordinator's zero-copy views: the source of pushes
     progress: bool | None = None
 
-    def provision(self, client: NodeClient, pieces: list[tuple[int, int]]) -> int:
+    def provision(self, client: NodeClient, pieces: list[tuple[int, int]], new_session: bool = True,
+                  progress: bool | None = None) -> int:
         """Assign, push what is missing, load (skipped when the node already holds exactly this
-        share) and open a fresh compute stream. Returns bytes pushed."""
+        share) and, unless the node is serving now (a repair), open a fresh compute stream. The
+        node keeps serving its old share until the load swaps the new one in. Returns bytes pushed."""
         from tqdm import tqdm
 
+        progress = self.progress if progress is None else progress
         pushed = 0
         if client.info.model_id != self.model_id or hosted_pieces(client.info) != set(pieces):
             refs = [pb.PieceRef(layer=l, expert=e, nbytes=self.piece_bytes, sha256=self.hashes[(l, e)])
@@ -244,9 +253,11 @@ class Provisioner:
                 model_id=self.model_id, config_json=self.config_json, pieces=refs), timeout=600)
             missing = list(reply.missing)
             with tqdm(total=len(missing) * self.piece_bytes, unit="B", unit_scale=True, leave=False,
-                      desc=f"push {client.info.name}", disable=None if self.progress is None else not self.progress) as bar:
+                      desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
                 pushed = push_pieces(client, self.layers, missing, bar)
             client.call("load", client.stub.Load, pb.LoadRequest(model_id=self.model_id), timeout=600)
+        if not new_session:
+            return pushed
         if client.session:
             client.session.close()
         client.session = ComputeSession(client.stub, client.address)
@@ -258,7 +269,9 @@ class RemoteExpertBackend(ExpertBackend):
     """Experts on nodes, with failover: every request has a deadline from observed latency; a node
     that fails or misses it is marked down and its work re-sent to the next replica (or computed
     here from the coordinator's own checkpoint as a last resort) within the same layer, so the
-    token stream goes on, identical. A background thread brings a down node back when it answers."""
+    token stream goes on, identical. In the background, the placement is repaired (the down node's
+    pieces pushed to live nodes with room, back to the replica count) and a down node is brought
+    back when it answers."""
 
     clients: dict[str, NodeClient]  # node id -> client
     placement: Placement
@@ -275,9 +288,12 @@ class RemoteExpertBackend(ExpertBackend):
         self._index = {n: i for i, n in enumerate(self._node_ids)}
         self._up = {n: True for n in self._node_ids}
         self._lock = threading.Lock()
+        self._repair_lock = threading.Lock()  # one repair at a time, each from the latest state
+        self.replicas = min(len(hs) for layer in self.placement.hosts for hs in layer)
         self._closed = threading.Event()
         self.deadlines = Deadlines()
-        self.events: list[tuple[float, str, str]] = []  # (time, node, "down: why" / "up")
+        self.events: list[tuple[float, str, str]] = []  # (time, node, "down: why" / "up" / "repaired: ...")
+        threading.Thread(target=self._watch, daemon=True, name="moemesh-watch").start()
 
     def node_label(self, node: str) -> str:
         c = self.clients[node]
@@ -367,6 +383,49 @@ class RemoteExpertBackend(ExpertBackend):
             self.events.append((time.monotonic(), node, f"down: {why}"))
         print(f"moemesh: {self.node_label(node)} is down ({why}); its experts go to replicas", file=sys.stderr)
         threading.Thread(target=self._revive, args=(node,), daemon=True, name=f"moemesh-revive-{node}").start()
+        if self.provisioner is not None:
+            threading.Thread(target=self._repair, daemon=True, name=f"moemesh-repair-{node}").start()
+
+    def _repair(self) -> None:
+        """Give the pieces of down nodes new live hosts (pushing the weights), then switch routing."""
+        with self._repair_lock:
+            if self._closed.is_set():
+                return
+            with self._lock:
+                down = {n for n, up in self._up.items() if not up}
+                live = [n for n, up in self._up.items() if up]
+                current = self.placement
+            capacities = [NodeCapacity(n, self.clients[n].info.memory_budget, float(max(self.clients[n].info.cores, 1)))
+                          for n in live]
+            repaired = repair_placement(current, capacities, down, self.provisioner.piece_bytes, self.replicas)
+            gained = {n: set(repaired.pieces_of(n)) - set(current.pieces_of(n)) for n in live}
+            gained = {n: g for n, g in gained.items() if g}
+            if not gained:
+                return
+            try:
+                for n in gained:
+                    client = self.clients[n]
+                    client.handshake(timeout=5.0)
+                    self.provisioner.provision(client, repaired.pieces_of(n), new_session=False, progress=False)
+            except ClusterError as e:
+                print(f"moemesh: placement repair stopped ({e}); the coordinator covers the rest", file=sys.stderr)
+                return
+            with self._lock:
+                self.placement = repaired
+                for n, g in gained.items():
+                    self.events.append((time.monotonic(), n, f"repaired: {len(g)} pieces"))
+            moved = ", ".join(f"{len(g)} to {self.clients[n].info.name}" for n, g in gained.items())
+            print(f"moemesh: placement repaired ({moved} pieces)", file=sys.stderr)
+
+    def _watch(self) -> None:
+        """A node that restarts or dies while no request is in flight ends its stream unnoticed;
+        finding that here keeps a dead replica from being the one a failover turns to."""
+        while not self._closed.wait(self.revive_interval_s):
+            for node in self._node_ids:
+                session = self.clients[node].session
+                ended = session.ended if session is not None else None
+                if ended is not None and self.is_up(node):
+                    self.mark_down(node, str(ended))
 
     def _revive(self, node: str) -> None:
         """Poll a down node (handshake, health) until it answers, re-provision it, mark it up."""

@@ -4,7 +4,8 @@ plan. No sockets here, so every rule is unit-tested.
 Rules: every (layer, expert) piece goes to `replicas` distinct nodes; no node gets more pieces than
 its memory holds; work (the primary host of each piece) is shared in proportion to node speed;
 pieces are dealt layer by layer so each layer's experts spread over the nodes (a token's 4
-experts then tend to run in parallel).
+experts then tend to run in parallel). When nodes go down, `repair_placement` restores the
+replica count of their pieces on the live nodes, within their memory.
 Ties go to the node listed first, so the same inputs always give the same plan.
 """
 from __future__ import annotations
@@ -82,3 +83,38 @@ def plan_placement(n_layers: int, n_experts: int, piece_bytes: int, nodes: list[
             layer.append((first,) + tuple(n for n in chosen if n != first))
         hosts.append(tuple(layer))
     return Placement(n_layers, n_experts, tuple(hosts))
+
+
+def repair_placement(placement: Placement, live: list[NodeCapacity], down: set[str], piece_bytes: int,
+                     replicas: int) -> Placement:
+    """The plan with every piece back to `replicas` live hosts where memory allows.
+
+    A piece that lost hosts in `down` gains the least-loaded live nodes (by pieces per speed) that
+    do not hold it and have room. Live hosts keep their order, so serving is not reshuffled; the
+    new hosts follow them and the down hosts go last, so a node that comes back holds (and backs
+    up) what it held before. A piece that finds no room keeps what it has: the coordinator's own
+    copy is the last resort for it."""
+    capacity = {n.node_id: n.memory_bytes // piece_bytes for n in live}
+    speed = {n.node_id: max(n.speed, 1e-9) for n in live}
+    order = [n.node_id for n in live]
+    count = {n: 0 for n in order}
+    for layer in placement.hosts:
+        for hs in layer:
+            for h in hs:
+                if h in count:
+                    count[h] += 1
+    hosts = []
+    for layer in placement.hosts:
+        new_layer = []
+        for hs in layer:
+            alive = [h for h in hs if h not in down]
+            for _ in range(replicas - len(alive)):
+                candidates = [n for n in order if n not in hs and n not in alive and count[n] < capacity[n]]
+                if not candidates:
+                    break
+                best = min(candidates, key=lambda n: (count[n] / speed[n], order.index(n)))
+                alive.append(best)
+                count[best] += 1
+            new_layer.append(tuple(alive) + tuple(h for h in hs if h in down))
+        hosts.append(tuple(new_layer))
+    return Placement(placement.n_layers, placement.n_experts, tuple(hosts))

@@ -115,10 +115,12 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
                 continue
             missing.append(p)
         with self._lock:
+            if request.model_id != self.model_id:
+                self.layers = {}  # another model: nothing loaded is of use
+            # Same model (a placement repair): keep serving the loaded share until Load swaps.
             self.model_id, self.shape = request.model_id, shape
             self.assigned = {(p.layer, p.expert): p for p in request.pieces}
             self.local_source = local
-            self.layers = {}
         return pb.AssignReply(missing=missing)
 
     def _own_piece_sha(self, p, shape: ExpertShape) -> str | None:
@@ -173,6 +175,10 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
             layers = {}
             try:
                 for layer, experts in by_layer.items():
+                    loaded = self.layers.get(layer)
+                    if loaded is not None and list(loaded.experts) == experts:
+                        layers[layer] = loaded  # unchanged by a repair: no second copy
+                        continue
                     pieces = [self._piece_bytes(layer, e) for e in experts]
                     layers[layer] = build_layer(pieces, experts, self.shape)
             except (FileNotFoundError, ChecksumError) as e:

@@ -124,3 +124,31 @@ def test_bad_wifi_link_gives_identical_output(tiny_dir, start_node):
         experts.close()
     finally:
         link.stop()
+
+
+def test_placement_is_repaired_onto_live_nodes(tiny_dir, start_node):
+    """No replicas: a killed node's experts are computed by the coordinator only until the repair
+    has pushed them to the live nodes; after it, the cluster runs without the coordinator's copy."""
+    nodes = [start_node("--no-mdns", "--host", "127.0.0.1") for _ in range(3)]
+    experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [n.address for n in nodes], progress=False)
+    remote, local = Engine.load(tiny_dir, "fast", experts=experts), Engine.load(tiny_dir, "fast")
+    prompt, params = [21, 22, 23], SamplingParams(temperature=0.9, seed=4)
+    expected = [s.token for s in local.stream(prompt, 16, params)]
+    victim = next(n for n, c in experts.clients.items() if c.address == nodes[1].address)
+    orphans = set(experts.placement.pieces_of(victim))
+    got = []
+    for i, step in enumerate(remote.stream(prompt, 16, params)):
+        got.append(step.token)
+        if i == 2:
+            nodes[1].stop(signal.SIGKILL)
+    assert got == expected
+    assert wait_until(lambda: any(what.startswith("repaired") for _, _, what in experts.events), 30), experts.events
+    survivors = [n for n in experts.clients if n != victim]
+    hosted = set()
+    for n in survivors:
+        hosted |= cluster.hosted_pieces(experts.clients[n].handshake())
+    assert orphans <= hosted, "the dead node's pieces are not loaded on the live nodes"
+    assert all(experts.placement.hosts[l][e][0] in survivors for l, e in orphans)
+    experts.local = None  # without the last resort, any piece left on the dead node would raise
+    assert [s.token for s in remote.stream(prompt, 16, params)] == expected
+    experts.close()

@@ -1,7 +1,7 @@
 """The placement planner, a pure function: coverage, memory limits, balance, replicas."""
 import pytest
 
-from coordinator.placement import NodeCapacity, Placement, PlacementError, plan_placement
+from coordinator.placement import NodeCapacity, Placement, PlacementError, plan_placement, repair_placement
 
 MB = 1_000_000
 
@@ -43,3 +43,28 @@ def test_plan_is_deterministic_and_round_trips():
     p = plan_placement(5, 6, 10 * MB, nodes)
     assert p == plan_placement(5, 6, 10 * MB, nodes)
     assert Placement.from_dict(p.to_dict()) == p
+
+
+def test_repair_restores_replicas_on_live_nodes_and_keeps_the_dead_last():
+    nodes = [NodeCapacity(n, 10_000 * MB) for n in "abc"]
+    p = plan_placement(2, 6, 10 * MB, nodes, replicas=2)
+    r = repair_placement(p, [nodes[0], nodes[2]], {"b"}, 10 * MB, replicas=2)
+    for before, after in zip(p.hosts, r.hosts):
+        for hs, new in zip(before, after):
+            live = [h for h in hs if h != "b"]
+            assert list(new[:len(live)]) == live  # serving order of live hosts unchanged
+            assert len([h for h in new if h != "b"]) == 2 and set(new) - {"b"} <= {"a", "c"}
+            assert ("b" in hs) == (new[-1] == "b")  # the dead node stays, last, for when it returns
+    assert not r.pieces_of("b") or set(r.pieces_of("b")) == set(p.pieces_of("b"))
+
+
+def test_repair_without_replicas_moves_orphans_within_memory():
+    nodes = [NodeCapacity("a", 10 * 10 * MB), NodeCapacity("b", 1000 * MB), NodeCapacity("c", 1000 * MB)]
+    p = plan_placement(2, 12, 10 * MB, nodes)  # one host per piece: 8 pieces each
+    r = repair_placement(p, [nodes[0], nodes[2]], {"b"}, 10 * MB, replicas=1)
+    orphans = p.pieces_of("b")
+    moved_to = [r.primary(l, e) for l, e in orphans]
+    assert moved_to.count("a") == 2 and moved_to.count("c") == 6  # a is full at 10 pieces; then c
+    assert len(r.pieces_of("a")) == 10
+    r2 = repair_placement(p, [nodes[0]], {"b", "c"}, 10 * MB, replicas=1)
+    assert sum(r2.primary(l, e) == "a" for l in range(2) for e in range(12)) == 10  # no room: rest stays
