@@ -19,6 +19,9 @@ SERVICE_TYPE = "_moemesh._tcp.local."
 # gpt-oss: 2048 x 4 x 2880 fp32 = 94 MB; the cap leaves room for that and no more.
 MAX_MESSAGE_BYTES = 128 << 20
 WEIGHT_CHUNK_BYTES = 2 << 20
+# Largest activation a node accepts. Expert inputs are RMS-normalized (hundreds at most); finite
+# values near float's limit would overflow the dot products into inf (found by bench/fuzz.py).
+MAX_ACTIVATION = 1e6
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -26,7 +26,7 @@ from .identity import INSECURE_WARNING, Identity, TrustStore, server_credentials
 from .experts import ExpertShape, LayerExperts, native_experts
 from .proto import moemesh_pb2 as pb
 from .proto import moemesh_pb2_grpc as pb_grpc
-from .protocol import GRPC_OPTIONS, PROTOCOL_VERSION, WireError, activation_dtype, decode_tensor, encode_tensor
+from .protocol import GRPC_OPTIONS, MAX_ACTIVATION, PROTOCOL_VERSION, WireError, activation_dtype, decode_tensor, encode_tensor
 from .store import ChecksumError, HostedLayer, PieceCache, PieceWriter, build_layer, piece_sha256
 
 SERVICE_NAME = "moemesh.v1.ExpertNode"
@@ -231,6 +231,8 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
             raise WireError(f"expert_ids: {ids.shape[0]} rows for {x.shape[0]} tokens")
         if not np.isfinite(x).all():
             raise WireError("x: contains NaN or Inf")
+        if x.size and np.abs(x).max() > MAX_ACTIVATION:
+            raise WireError(f"x: values beyond ±{MAX_ACTIVATION:g} (expert inputs are normalized)")
         return hosted, np.ascontiguousarray(x, np.float32), hosted.to_local(ids), wire_dtype
 
 

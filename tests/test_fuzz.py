@@ -98,3 +98,14 @@ def test_native_matmul_and_dequant_never_crash(x, w, b, out):
         native.mxfp4_dequant(x, w)
     except ValueError:
         pass
+
+
+def test_finite_but_huge_activations_are_refused(service):
+    """Found by bench/fuzz.py (atheris): finite inputs near float's limit overflowed to inf."""
+    x = np.full((1, 64), 1e30, np.float32)
+    ids = np.array([[1, 3]], np.int32)
+    request = pb.ExpertRequest(seq=1, layer=0, precision="exact",
+                               x=pb.Tensor(dtype="f32", shape=[1, 64], data=x.tobytes()),
+                               expert_ids=pb.Tensor(dtype="i32", shape=[1, 2], data=ids.tobytes()))
+    with pytest.raises(WireError, match="beyond"):
+        service._decode(request)
