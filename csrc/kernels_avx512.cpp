@@ -93,7 +93,7 @@ inline void decode_group_u16(const uint8_t* codes, __m512i w[4]) {
     w[3] = _mm512_srli_epi16(odd, 8);
 }
 
-// Per 4 blocks and token: two short VNNI chains into one int32 accumulator, one convert, one FMA
+// Per 4 blocks and token: one VNNI chain into an int32 accumulator, one convert, one FMA
 // with the blocks' combined scales; per 16 blocks and token one FMA removes the weight offset
 // (offset x block sum of q). Tail blocks (n_blocks % 4) keep natural order, one per step.
 // NT is a template parameter so the accumulators of every token stay in registers.
@@ -123,12 +123,11 @@ void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blo
             const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(i));
             for (int t = 0; t < NT; ++t) {
                 const int16_t* q = x[t].q + g * Mxfp4::kBlock;
-                const __m512i p01 = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[0], _mm512_loadu_si512(q)), w[1],
-                                                        _mm512_loadu_si512(q + 32));
-                const __m512i p23 = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[2], _mm512_loadu_si512(q + 64)), w[3],
-                                                        _mm512_loadu_si512(q + 96));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p01, p23)),
-                                         _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
+                __m512i p = _mm512_madd_epi16(w[0], _mm512_loadu_si512(q));
+                p = _mm512_dpwssd_epi32(p, w[1], _mm512_loadu_si512(q + 32));
+                p = _mm512_dpwssd_epi32(p, w[2], _mm512_loadu_si512(q + 64));
+                p = _mm512_dpwssd_epi32(p, w[3], _mm512_loadu_si512(q + 96));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
             }
         }
         for (; i < n; ++i) {

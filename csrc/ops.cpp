@@ -12,7 +12,7 @@ namespace moemesh {
 namespace {
 
 // Rows per task: enough tasks to balance two to a few dozen threads, few enough to amortise.
-constexpr int64_t kRowsPerTask = 64;
+constexpr int64_t kRowsPerTask = 256;
 
 // Symmetric per-32 int16 quantization (round half away from zero).
 void quantize_q16(const float* x, int64_t n, int16_t* q, float* d) {
@@ -27,31 +27,42 @@ void quantize_q16(const float* x, int64_t n, int16_t* q, float* d) {
     }
 }
 
-// Activations of one matmul: fp32 rows, plus their q16 twins when the precision is fast.
+// Buffers of one moe_experts call, kept per calling thread: fresh ones each call cost page faults
+// (the allocator returns freed memory to the system) on every decoded token.
+struct Scratch {
+    std::vector<int16_t> q;
+    std::vector<float> d, sum;
+};
+
+// Activations of one matmul: fp32 rows, plus their q16 twins (in `scratch`) when the precision is fast.
 struct Activations {
     const float* f32;
     int64_t ld;  // floats per row (= K)
-    std::vector<int16_t> q;
-    std::vector<float> d, sum;
+    bool fast_;
+    const int16_t* q = nullptr;
+    const float* d = nullptr;
+    const float* sum = nullptr;
 
-    Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k) : f32(x), ld(k) {
-        if (p != Precision::Fast) return;
+    Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k, Scratch& scratch)
+        : f32(x), ld(k), fast_(p == Precision::Fast) {
+        if (!fast_) return;
         const int64_t nb = k / Q16Block::kBlock;
-        q.resize(size_t(rows * k));
-        d.resize(size_t(rows * nb));
-        sum.resize(size_t(rows * nb));
+        scratch.q.resize(size_t(rows * k));
+        scratch.d.resize(size_t(rows * nb));
+        scratch.sum.resize(size_t(rows * nb));
+        q = scratch.q.data(), d = scratch.d.data(), sum = scratch.sum.data();
         global_pool().parallel_for(rows, [&](int64_t r) {
-            int16_t* qr = q.data() + r * k;
-            quantize_q16(x + r * k, k, qr, d.data() + r * nb);
+            int16_t* qr = scratch.q.data() + r * k;
+            quantize_q16(x + r * k, k, qr, scratch.d.data() + r * nb);
             for (int64_t g = 0; g < nb; ++g) {
                 int32_t s = 0;
                 for (int i = 0; i < Q16Block::kBlock; ++i) s += qr[g * Q16Block::kBlock + i];
-                sum[size_t(r * nb + g)] = float(s);
+                scratch.sum[size_t(r * nb + g)] = float(s);
             }
             if (kt.q16_layout) kt.q16_layout(qr, nb);
         });
     }
-    bool fast() const { return !q.empty(); }
+    bool fast() const { return fast_; }
 };
 
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
@@ -71,7 +82,7 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
                 Q16Row xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) {
                     const int64_t row = in_rows[i0 + j];
-                    xs[j] = {act.q.data() + row * act.ld, act.d.data() + row * nbd, act.sum.data() + row * nbd};
+                    xs[j] = {act.q + row * act.ld, act.d + row * nbd, act.sum + row * nbd};
                 }
                 kt.mxfp4_dot_q16(rb, rs, nb, xs, cnt, res);
             } else {
@@ -150,9 +161,16 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
         for (int64_t a : by_expert[size_t(e)]) tokens_by_expert[size_t(e)].push_back(token_of[size_t(a)]);
 
     const int64_t nb1 = H / Mxfp4::kBlock, nb2 = I / Mxfp4::kBlock;
-    std::vector<float> h(static_cast<size_t>(A * 2 * I));
+    // References: a thread_local named inside the lambdas would be each worker's own, empty one.
+    thread_local Scratch x_scratch_tl, act_scratch_tl;
+    thread_local std::vector<float> h_tl, act_tl;
+    Scratch& x_scratch = x_scratch_tl;
+    Scratch& act_scratch = act_scratch_tl;
+    std::vector<float>& h = h_tl;
+    std::vector<float>& act = act_tl;
+    h.resize(static_cast<size_t>(A * 2 * I));
     {
-        Activations xa(kt, precision, x, T, H);
+        Activations xa(kt, precision, x, T, H, x_scratch);
         const auto tasks = make_tasks(2 * I);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -163,12 +181,12 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
                        int64_t(as.size()), h.data(), 2 * I);
         });
     }
-    std::vector<float> act(static_cast<size_t>(A * I));
+    act.resize(static_cast<size_t>(A * I));
     global_pool().parallel_for(A, [&](int64_t a) {
         if (ids[a] >= 0) swiglu_clamped(h.data() + a * 2 * I, I, w.swiglu_alpha, w.swiglu_limit, act.data() + a * I);
     });
     {
-        Activations aa(kt, precision, act.data(), A, I);
+        Activations aa(kt, precision, act.data(), A, I, act_scratch);
         const auto tasks = make_tasks(H);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];

@@ -1,9 +1,24 @@
 #include "threadpool.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 
 namespace moemesh {
+
+namespace {
+// How long an idle worker spins before sleeping; longer than the gaps inside one decode step,
+// short enough not to steal a core from the coordinator's own work between layers.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
     for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -22,21 +37,26 @@ void ThreadPool::run_tasks() {
     for (int64_t t = next_.fetch_add(1); t < n_tasks_; t = next_.fetch_add(1)) (*fn_)(t);
 }
 
+// Returns false when the pool is stopping.
+bool ThreadPool::wait_for_work(uint64_t seen) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; ++i) {
+        if (generation_.load(std::memory_order_acquire) != seen) return true;
+        if (stop_.load()) return false;
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+        cpu_relax();
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    wake_.wait(lock, [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; });
+    return !stop_.load();
+}
+
 void ThreadPool::worker_loop() {
     uint64_t seen = 0;
-    for (;;) {
-        {
-            std::unique_lock<std::mutex> lock(mu_);
-            wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-            if (stop_) return;
-            seen = generation_;
-        }
+    while (wait_for_work(seen)) {
+        seen = generation_.load(std::memory_order_acquire);
         run_tasks();
-        {
-            std::lock_guard<std::mutex> lock(mu_);
-            ++finished_;
-        }
-        done_.notify_all();
+        finished_.fetch_add(1, std::memory_order_acq_rel);
     }
 }
 
@@ -47,19 +67,19 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t)
         for (int64_t t = 0; t < n_tasks; ++t) fn(t);
         return;
     }
-    {
-        std::lock_guard<std::mutex> lock(mu_);
-        fn_ = &fn;
-        n_tasks_ = n_tasks;
-        next_.store(0);
-        finished_ = 0;
-        ++generation_;
-    }
+    fn_ = &fn;
+    n_tasks_ = n_tasks;
+    next_.store(0);
+    finished_.store(0);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+    { std::lock_guard<std::mutex> lock(mu_); }  // a worker between its check and its wait sees the bump
     wake_.notify_all();
     run_tasks();
-    std::unique_lock<std::mutex> lock(mu_);
     // Every worker takes part in every generation, so none can wake late into the next one.
-    done_.wait(lock, [&] { return finished_ == workers_.size(); });
+    for (int i = 0; finished_.load(std::memory_order_acquire) != workers_.size(); ++i) {
+        if (i < 4096) cpu_relax();
+        else std::this_thread::yield();
+    }
     fn_ = nullptr;
 }
 

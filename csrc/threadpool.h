@@ -1,5 +1,8 @@
 // A persistent pool that runs `fn(task)` for task in [0, n) on all cores, the caller included.
 // Tasks write disjoint outputs, so results never depend on which thread ran what.
+// Workers spin briefly before sleeping: a decode step issues several parallel_for calls a few
+// microseconds apart, and waking a sleeping thread costs tens of microseconds each time (measured:
+// 2-thread expert decode 18.5 -> see bench/kernels.py).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -25,16 +28,18 @@ private:
     void worker_loop();
     void run_tasks();
 
+    bool wait_for_work(uint64_t seen);
+
     std::vector<std::thread> workers_;
     std::mutex run_mu_;  // one parallel_for at a time (callers on several Python threads)
-    std::mutex mu_;
-    std::condition_variable wake_, done_;
+    std::mutex mu_;      // guards sleeping on wake_
+    std::condition_variable wake_;
     const std::function<void(int64_t)>* fn_ = nullptr;
     int64_t n_tasks_ = 0;
     std::atomic<int64_t> next_{0};
-    size_t finished_ = 0;
-    uint64_t generation_ = 0;
-    bool stop_ = false;
+    std::atomic<size_t> finished_{0};
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<bool> stop_{false};
 };
 
 // The process-wide pool, sized by MOEMESH_THREADS or the core count; resizable for tests.
