@@ -23,7 +23,7 @@ from expert_node import native
 from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
 
 H, I, E, K = 2880, 2880, 32, 4
-Q_ROWS, KV_ROWS, VOCAB = 4096, 512, 201088
+Q_ROWS, KV_ROWS, VOCAB, LAYERS = 4096, 512, 201088, 24
 
 
 def huge_array(shape, dtype, rng) -> np.ndarray:
@@ -94,7 +94,10 @@ def main() -> None:
 
     stream_buf = huge_array((1 << 30,), np.uint8, rng)
     w, shape = make_experts(rng)
-    qkvo = [huge_array(s, np.uint16, rng) for s in ((Q_ROWS, H), (KV_ROWS, H), (KV_ROWS, H), (H, Q_ROWS))]
+    # all 24 layers' q/k/v/o (1.27 GB), a layer per call: one layer's 53 MB would sit in a big L3
+    qkvo_layers = [[huge_array(s, np.uint16, rng) for s in ((Q_ROWS, H), (KV_ROWS, H), (KV_ROWS, H), (H, Q_ROWS))]
+                   for _ in range(LAYERS)]
+    layer_of_call = iter(range(1 << 62))
     unembed = huge_array((VOCAB, H), np.uint16, rng)
     x1 = rng.standard_normal((1, H)).astype(np.float32)
     xq = rng.standard_normal((1, Q_ROWS)).astype(np.float32)
@@ -128,9 +131,12 @@ def main() -> None:
                 rows.append((threads, precision, f"prefill T={T} gflops={gflops:.1f}", s, float("nan"),
                              float("nan"), float("nan")))
                 results[f"prefill{T}_gflops_{precision}_t{threads}"] = gflops
-        for name, mats in (("qkvo T=1", qkvo), ("unembedding T=1", [unembed])):
+        for name, mats_of_call in (("qkvo T=1", lambda: qkvo_layers[next(layer_of_call) % LAYERS]),
+                                   ("unembedding T=1", lambda: [unembed])):
+            mats = mats_of_call()
+
             def dense():
-                for m in mats:
+                for m in mats_of_call():
                     x = xq if m.shape[1] == Q_ROWS else x1
                     native.bf16_matmul(x, m, None, np.empty((1, m.shape[0]), np.float32))
             s = timeit(dense, min_time)

@@ -207,15 +207,25 @@ uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
     std::vector<uint64_t> partial(static_cast<size_t>(n_chunks), 0);
     global_pool().parallel_for(n_chunks, [&](int64_t c) {
         const int64_t end = std::min(n_bytes, (c + 1) * kChunk) / 8 * 8;
-        uint64_t acc[4] = {0, 0, 0, 0};
+        uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int64_t i = c * kChunk;
-        for (; i + 32 <= end; i += 32)
-            for (int j = 0; j < 4; ++j) {
+        // One cache line per step, prefetched as far ahead as the kernels do (the fastest read
+        // this machine allows is the fair yardstick for them).
+        for (; i + 64 <= end; i += 64) {
+            __builtin_prefetch(buf + i + 8192, 0, 2);
+            __builtin_prefetch(buf + i + 512, 0, 3);
+            for (int j = 0; j < 8; ++j) {
                 uint64_t v;
                 std::memcpy(&v, buf + i + 8 * j, 8);
                 acc[j] ^= v;
             }
-        partial[static_cast<size_t>(c)] = acc[0] ^ acc[1] ^ acc[2] ^ acc[3];
+        }
+        for (; i + 8 <= end; i += 8) {
+            uint64_t v;
+            std::memcpy(&v, buf + i, 8);
+            acc[0] ^= v;
+        }
+        partial[static_cast<size_t>(c)] = acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
     });
     uint64_t x = 0;
     for (uint64_t p : partial) x ^= p;
