@@ -18,10 +18,6 @@ struct Mxfp4 {
                                           -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
     // The same values doubled, as int8: exact integers for int8 dot products (halve afterwards).
     static constexpr int8_t kDoubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-    // Doubled values plus kOffset, all in [0, 24]: as bytes they zero-extend to int16 with a mask or
-    // a shift, where signed bytes would need a sign extension (several shuffles) first.
-    static constexpr int kOffset = 12;
-    static constexpr uint8_t kDoubledOffset[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
     // 2^(s - 127), exact for every byte, built from bits (ldexp is a slow libm call in a hot loop):
     // s = 0 is the denormal 2^-127; s = 255 gives +inf, as the references do not special-case it.

@@ -9,13 +9,10 @@ namespace moemesh {
 
 constexpr int kMaxTokens = 8;  // activation rows sharing one pass over a weight row
 
-// Activations of the `fast` precision: int16 per 32-block with one fp32 scale per block, and each
-// block's sum of q (exact in fp32), which lets a kernel decode weights with an offset and subtract it
-// once per block instead of sign-extending every weight.
+// Activations of the `fast` precision: int16 per 32-block with one fp32 scale per block.
 struct Q16Row {
     const int16_t* q;
     const float* d;
-    const float* sum;
 };
 
 struct KernelTable {

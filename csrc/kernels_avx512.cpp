@@ -52,22 +52,20 @@ inline __m512 half_scales16(int n, const uint8_t* s) {
     return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
 }
 
-// One block's 32 weights + kOffset as int16, natural element order (tail blocks).
-inline __m512i decode_one_u16(const uint8_t* codes) {
-    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubledOffset));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-    const __m128i even = _mm_shuffle_epi8(lut, _mm_and_si128(b, m));
-    const __m128i odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(even, odd), _mm_unpacklo_epi8(even, odd)));
+// One block's 32 doubled weights as int16, natural element order (tail blocks).
+inline __m512i decode_one_i16(const uint8_t* codes) {
+    __m128i e0, e1;
+    x86::decode_block_i8(codes, &e0, &e1);
+    return _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));
 }
 
-// Groups of 4 blocks are decoded in-lane (128-bit lane k = block k) into four int16 registers by
-// masking and shifting the looked-up bytes: 16-bit lane i of register j holds element 4i + kOrder[j]
-// of its block. q16_layout puts the activations in that same order once per row, so the weights
-// never cross a lane and the four products of a group land in one int32 accumulator per block.
+// Groups of 4 blocks (64 code bytes) decode into four int16 registers with a 16-bit table lookup
+// (vpermw reads 5 index bits of each 16-bit lane; the 16 values repeated twice make that the low
+// nibble): register j, 16-bit lane i holds element 4i + j of the block in its 128-bit lane — the
+// nibble j of code word i. Three shifts and four lookups, values already signed int16.
+// q16_layout puts the activations in that same order once per row, so the weights never cross a
+// lane and the four products of a group land in one int32 accumulator per block.
 constexpr int kGroup = 4;
-constexpr int kOrder[4] = {0, 2, 1, 3};
 
 void q16_layout(int16_t* q, int64_t n_blocks) {
     int16_t tmp[kGroup * 32];
@@ -75,51 +73,47 @@ void q16_layout(int16_t* q, int64_t n_blocks) {
         int16_t* grp = q + g * 32;
         for (int j = 0; j < 4; ++j)          // register j
             for (int k = 0; k < kGroup; ++k)  // lane k = block k
-                for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 4 * i + kOrder[j]];
+                for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 4 * i + j];
         std::memcpy(grp, tmp, sizeof(tmp));
     }
 }
 
-inline void decode_group_u16(const uint8_t* codes, __m512i w[4]) {
-    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubledOffset)));
-    const __m512i m = _mm512_set1_epi8(0x0F);
-    const __m512i low_byte = _mm512_set1_epi16(0x00FF);
-    const __m512i b = _mm512_loadu_si512(codes);
-    const __m512i even = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m));  // byte j: element 2j
-    const __m512i odd = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m));
-    w[0] = _mm512_and_si512(even, low_byte);
-    w[1] = _mm512_srli_epi16(even, 8);
-    w[2] = _mm512_and_si512(odd, low_byte);
-    w[3] = _mm512_srli_epi16(odd, 8);
+inline __m512i doubled_table_i16() {
+    alignas(64) int16_t t[32];
+    for (int i = 0; i < 32; ++i) t[i] = Mxfp4::kDoubled[i & 15];
+    return _mm512_load_si512(t);
 }
 
-// Per 4 blocks and token: one VNNI chain into an int32 accumulator, one convert, one FMA
-// with the blocks' combined scales; per 16 blocks and token one FMA removes the weight offset
-// (offset x block sum of q). Tail blocks (n_blocks % 4) keep natural order, one per step.
+inline void decode_group_i16(const uint8_t* codes, const __m512i& table, __m512i w[4]) {
+    const __m512i b = _mm512_loadu_si512(codes);
+    w[0] = _mm512_permutexvar_epi16(b, table);
+    w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+    w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 8), table);
+    w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 12), table);
+}
+
+// Per 4 blocks and token: one VNNI chain into an int32 accumulator, one convert, one FMA with the
+// blocks' combined scales. Tail blocks (n_blocks % 4) keep natural order, one per step.
 // NT is a template parameter so the accumulators of every token stay in registers.
 template <int NT>
 void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, float* out) {
     __m512 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512 minus_offset = _mm512_set1_ps(-float(Mxfp4::kOffset));
+    const __m512i table = doubled_table_i16();
     const int64_t grouped = n_blocks - n_blocks % kGroup;
     for (int64_t g0 = 0; g0 < n_blocks; g0 += 16) {
         const int n = int(n_blocks - g0 < 16 ? n_blocks - g0 : 16);
         const __mmask16 m = __mmask16((1u << n) - 1u);
         const __m512 ws = half_scales16(n, scales + g0);
         __m512 csv[NT];
-        for (int t = 0; t < NT; ++t) {
-            csv[t] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
-            const __m512 sums = _mm512_mul_ps(minus_offset, _mm512_maskz_loadu_ps(m, x[t].sum + g0));
-            acc[t] = _mm512_fmadd_ps(csv[t], sums, acc[t]);
-        }
+        for (int t = 0; t < NT; ++t) csv[t] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
         int i = 0;
         for (; i + kGroup <= n && g0 + i + kGroup <= grouped; i += kGroup) {
             const int64_t g = g0 + i;
             __m512i w[4];
             x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-            decode_group_u16(blocks + g * Mxfp4::kBlockBytes, w);
+            decode_group_i16(blocks + g * Mxfp4::kBlockBytes, table, w);
             const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(i));
             for (int t = 0; t < NT; ++t) {
                 const int16_t* q = x[t].q + g * Mxfp4::kBlock;
@@ -132,7 +126,7 @@ void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blo
         }
         for (; i < n; ++i) {
             const int64_t g = g0 + i;
-            const __m512i w = decode_one_u16(blocks + g * Mxfp4::kBlockBytes);
+            const __m512i w = decode_one_i16(blocks + g * Mxfp4::kBlockBytes);
             const __m512i idx = _mm512_set1_epi32(i);
             for (int t = 0; t < NT; ++t) {
                 const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(x[t].q + g * Mxfp4::kBlock));

@@ -31,7 +31,7 @@ void quantize_q16(const float* x, int64_t n, int16_t* q, float* d) {
 // (the allocator returns freed memory to the system) on every decoded token.
 struct Scratch {
     std::vector<int16_t> q;
-    std::vector<float> d, sum;
+    std::vector<float> d;
 };
 
 // Activations of one matmul: fp32 rows, plus their q16 twins (in `scratch`) when the precision is fast.
@@ -41,7 +41,6 @@ struct Activations {
     bool fast_;
     const int16_t* q = nullptr;
     const float* d = nullptr;
-    const float* sum = nullptr;
 
     Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k, Scratch& scratch)
         : f32(x), ld(k), fast_(p == Precision::Fast) {
@@ -49,16 +48,10 @@ struct Activations {
         const int64_t nb = k / Q16Block::kBlock;
         scratch.q.resize(size_t(rows * k));
         scratch.d.resize(size_t(rows * nb));
-        scratch.sum.resize(size_t(rows * nb));
-        q = scratch.q.data(), d = scratch.d.data(), sum = scratch.sum.data();
+        q = scratch.q.data(), d = scratch.d.data();
         global_pool().parallel_for(rows, [&](int64_t r) {
             int16_t* qr = scratch.q.data() + r * k;
             quantize_q16(x + r * k, k, qr, scratch.d.data() + r * nb);
-            for (int64_t g = 0; g < nb; ++g) {
-                int32_t s = 0;
-                for (int i = 0; i < Q16Block::kBlock; ++i) s += qr[g * Q16Block::kBlock + i];
-                scratch.sum[size_t(r * nb + g)] = float(s);
-            }
             if (kt.q16_layout) kt.q16_layout(qr, nb);
         });
     }
@@ -82,7 +75,7 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
                 Q16Row xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) {
                     const int64_t row = in_rows[i0 + j];
-                    xs[j] = {act.q + row * act.ld, act.d + row * nbd, act.sum + row * nbd};
+                    xs[j] = {act.q + row * act.ld, act.d + row * nbd};
                 }
                 kt.mxfp4_dot_q16(rb, rs, nb, xs, cnt, res);
             } else {
