@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import harmony
-from .generation import ContextLimitError, GenerationStats
+from .generation import ContextLimitError, ConversationCache, GenerationStats
 from .sampling import SamplingParams
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -34,17 +34,20 @@ class ChatSession:
     def __init__(self, engine, tokenizer, options: ChatOptions):
         self.engine, self.tok, self.options = engine, tokenizer, options
         self.history: list[harmony.Message] = []
+        self.conversation = ConversationCache()
         self.last_stats = GenerationStats()
 
     def reset(self) -> None:
         self.history = []
+        self.conversation = ConversationCache()
 
     def reply(self, user_text: str):
         """Yield harmony Deltas of the answer; the history gets the user turn and the reply."""
         self.history.append(harmony.Message("user", user_text))
         prompt = harmony.render_prompt(self.tok, self.history, self.options.reasoning_effort, self.options.system)
         parser = harmony.StreamParser(self.tok)
-        gen = self.engine.stream(prompt, self.options.max_tokens, self.options.params, harmony.STOP_IDS)
+        gen = self.engine.stream(prompt, self.options.max_tokens, self.options.params, harmony.STOP_IDS,
+                                 conversation=self.conversation)
         try:
             for step in gen:
                 yield from parser.feed(step.token)

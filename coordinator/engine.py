@@ -14,7 +14,7 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint
 from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
 
-from .generation import ContextLimitError, Generation
+from .generation import ContextLimitError, ConversationCache, Generation
 from .models import family_of
 from .models.gpt_oss import reference_linear
 from .sampling import SamplingParams
@@ -100,9 +100,13 @@ class Engine:
         return logits[-1]
 
     def stream(self, ids: Iterable[int], max_new_tokens: int = 128, params: SamplingParams | None = None,
-               stop_ids: Iterable[int] = (), tokenizer=None) -> Generation:
-        """The streaming generator: iterate it for Steps; its .stats holds the timings."""
-        return Generation(self, list(ids), params or SamplingParams(), max_new_tokens, stop_ids, tokenizer)
+               stop_ids: Iterable[int] = (), tokenizer=None, conversation: ConversationCache | None = None
+               ) -> Generation:
+        """The streaming generator: iterate it for Steps; its .stats holds the timings. A
+        conversation keeps the KV cache between turns, so a prompt extending the last one
+        prefills only its new tokens."""
+        return Generation(self, [int(i) for i in ids], params or SamplingParams(), max_new_tokens, stop_ids,
+                          tokenizer, conversation)
 
     def generate(self, ids: Iterable[int], max_new_tokens: int = 128, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,

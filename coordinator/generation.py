@@ -27,9 +27,34 @@ class Step:
     finish_reason: str | None = None  # "stop" (a stop token), "length" (max tokens or context), None
 
 
+class ConversationCache:
+    """The KV cache of a conversation between turns. A chat prompt re-renders the whole history,
+    and each turn's prompt is a prefix of the next one's (what follows it — the reasoning and the
+    `<|return|>` — is rendered differently in history), so the state right after the last prompt
+    is kept and the next turn prefills only what is new, as ollama and llama.cpp's server do."""
+
+    def __init__(self):
+        self.cache = None
+        self.ids: list[int] = []
+        self.state = None
+
+    def start(self, model, ids: list[int]):
+        """A cache holding a prefix of ids (restored) or a fresh one; returns (cache, prefix length)."""
+        n = len(self.ids)
+        if self.cache is not None and 0 < n < len(ids) and ids[:n] == self.ids:
+            self.cache.restore(self.state)
+            return self.cache, n
+        self.cache, self.ids, self.state = model.new_cache(), [], None
+        return self.cache, 0
+
+    def remember(self, ids: list[int]) -> None:
+        self.ids, self.state = list(ids), self.cache.snapshot()
+
+
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled by this generation (cached_tokens came from a previous turn)
+    cached_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0  # time spent producing tokens after the first
@@ -46,7 +71,8 @@ class GenerationStats:
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
 
     def summary(self) -> str:
-        return (f"prompt {self.prompt_tokens} tok @ {self.prefill_tps:.1f} tok/s, "
+        cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"prompt {self.prompt_tokens} tok{cached} @ {self.prefill_tps:.1f} tok/s, "
                 f"generated {self.generated_tokens} tok @ {self.decode_tps:.1f} tok/s, "
                 f"first token {self.time_to_first_token * 1e3:.0f} ms")
 
@@ -70,7 +96,7 @@ class IncrementalDetokenizer:
 
 @dataclass
 class Generation:
-    """Iterate to generate. `cache` may carry a conversation's KV cache between turns."""
+    """Iterate to generate. `conversation` carries the KV cache between a chat's turns."""
 
     engine: object
     prompt_ids: list[int]
@@ -78,6 +104,7 @@ class Generation:
     max_new_tokens: int = 128
     stop_ids: Iterable[int] = ()
     tokenizer: object = None
+    conversation: ConversationCache | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[Step]:
@@ -92,11 +119,16 @@ class Generation:
         stops = set(self.stop_ids)
         rng = np.random.default_rng(self.params.seed)
         detok = IncrementalDetokenizer(self.tokenizer)
-        cache = model.new_cache()
-        self.stats = stats = GenerationStats(prompt_tokens=int(ids.size))
+        if self.conversation is None:
+            cache, cached = model.new_cache(), 0
+        else:
+            cache, cached = self.conversation.start(model, self.prompt_ids)
+        self.stats = stats = GenerationStats(prompt_tokens=int(ids.size) - cached, cached_tokens=cached)
         t0 = time.perf_counter()
-        with model.tracer.span("prefill", track="steps", tokens=int(ids.size)):
-            logits = engine.prefill(ids, cache)
+        with model.tracer.span("prefill", track="steps", tokens=int(ids.size) - cached):
+            logits = engine.prefill(ids[cached:], cache)
+        if self.conversation is not None:
+            self.conversation.remember(self.prompt_ids)
         stats.prompt_seconds = time.perf_counter() - t0
         t_first = None
         for i in range(budget):

@@ -55,6 +55,27 @@ def test_session_keeps_history_and_resets(session_parts):
     assert s.history == []
 
 
+def test_next_turn_prefills_only_what_is_new(session_parts):
+    """The KV state after a turn's prompt is kept; the next turn restores it and prefills the rest,
+    with the same answer as prefilling the whole conversation from scratch."""
+    engine, tok = session_parts
+    opts = ChatOptions(params=SamplingParams(temperature=0), max_tokens=12)
+    s = ChatSession(engine, tok, opts)
+    list(s.reply("Tell me a story"))
+    first_prompt = s.last_stats.prompt_tokens
+    second = [d.text for d in s.reply("And then?")]
+    assert s.last_stats.cached_tokens == first_prompt > 0
+    prompt = harmony.render_prompt(tok, s.history[:-1], opts.reasoning_effort, opts.system)
+    assert s.last_stats.prompt_tokens == len(prompt) - first_prompt
+    fresh = list(engine.stream(prompt, 12, opts.params, harmony.STOP_IDS))
+    parser = harmony.StreamParser(tok)
+    again = [d.text for step in fresh for d in parser.feed(step.token)] + [d.text for d in parser.feed(harmony.END)]
+    assert "".join(second) == "".join(again)
+    s.reset()
+    list(s.reply("New topic"))
+    assert s.last_stats.cached_tokens == 0
+
+
 def run_chat(tiny_dir, stdin, *args):
     return subprocess.run([sys.executable, "-m", "coordinator.cli", "chat", "-m", str(tiny_dir), "-n", "8",
                            "--temp", "0", *args], input=stdin, capture_output=True, text=True, timeout=300,

@@ -224,6 +224,19 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
 
+    def snapshot(self) -> tuple:
+        """The state after `length` tokens, to come back to after more were added. Full layers
+        need only the length (later tokens go after it); sliding rings are copied (their later
+        tokens overwrite slots), 2 x window x kv heads x head_dim floats per sliding layer."""
+        rings = {i: (self.k[i].copy(), self.v[i].copy(), self.pos[i].copy())
+                 for i in range(self.cfg.num_hidden_layers) if self.cfg.is_sliding(i)}
+        return self.length, rings
+
+    def restore(self, snapshot: tuple) -> None:
+        self.length, rings = snapshot
+        for i, (k, v, pos) in rings.items():
+            self.k[i][:], self.v[i][:], self.pos[i][:] = k, v, pos
+
     def extend(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
         """Store new entries; return the keys, values and positions the new queries attend to."""
         if self.cfg.is_sliding(layer):
