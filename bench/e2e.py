@@ -1,11 +1,11 @@
 """End-to-end single-device benchmark (issue 4); run by hand on a full-size checkpoint:
 
     moemesh synth --preset gpt-oss-20b -o /path/gpt-oss-20b
-    python bench/e2e.py -m /path/gpt-oss-20b [--precision fast|exact] [--prompt 512] [--decode 128]
+    python bench/e2e.py -m /path/gpt-oss-20b [--precision fast|exact] [--dense bf16|q8] [--prompt 512] [--decode 128]
 
 Prints prefill tok/s, decode tok/s, time to first token and peak RSS, next to the roofline: the
-bytes one decoded token must read (dense weights, the unembedding, 4 experts per layer) divided by
-the read bandwidth of the mapped checkpoint measured in the same run. Last line: one JSON object.
+bytes one decoded token must read (dense weights or their 8-bit copies, the unembedding, 4 experts
+per layer) divided by the read bandwidth of the mapped checkpoint measured in the same run. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -22,24 +22,39 @@ from coordinator.sampling import SamplingParams
 from expert_node import native
 
 
+def expert_arrays(engine: Engine) -> list[np.ndarray]:
+    return [a for layer in engine.model.experts.layers.values() for a in vars(layer).values()]
+
+
 def bytes_per_decoded_token(engine: Engine) -> int:
-    """Weights read per token: every dense array but the embedding table, plus k experts per layer."""
+    """Weights read per token: every dense array the engine computes with (8-bit copies where
+    made) but the embedding table, of which one row, plus k experts per layer."""
     model = engine.model
-    dense = sum(a.nbytes for a in model.weight_arrays()) - model.embed.nbytes + model.embed[0].nbytes
+    expert_ids = {id(a) for a in expert_arrays(engine)}
+    dense = sum(a.nbytes for a in engine.weight_arrays() if id(a) not in expert_ids)
+    dense += model.embed[0].nbytes - model.embed.nbytes
     k = engine.config.num_experts_per_tok
-    experts = sum(a.nbytes // a.shape[0] * k for layer in model.experts.layers.values() for a in vars(layer).values())
+    experts = sum(a.nbytes // a.shape[0] * k for a in expert_arrays(engine))
     return dense + experts
 
 
 def mapped_bandwidth(engine: Engine) -> float:
-    """GB/s reading the mapped checkpoint itself (the unembedding, 1.16 GB on 20b), median of runs."""
-    data = engine.model.lm_head.reshape(-1).view(np.uint8)
-    native.stream_read(data)  # fault the pages in first
+    """GB/s reading the mapped checkpoint itself (the first ~1.2 GB of expert weights, which every
+    configuration reads), median of runs."""
+    chunks, total = [], 0
+    for a in expert_arrays(engine):
+        if total > 1.2e9:
+            break
+        chunks.append(a.reshape(-1).view(np.uint8))
+        total += a.nbytes
+    for c in chunks:
+        native.stream_read(c)  # fault the pages in first
     rates = []
     for _ in range(7):
         t = time.perf_counter()
-        native.stream_read(data)
-        rates.append(data.nbytes / (time.perf_counter() - t) / 1e9)
+        for c in chunks:
+            native.stream_read(c)
+        rates.append(total / (time.perf_counter() - t) / 1e9)
     return float(np.median(rates))
 
 
@@ -49,9 +64,10 @@ def main() -> None:
     ap.add_argument("--precision", default="fast", choices=("fast", "exact"))
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
+    ap.add_argument("--dense", default="bf16", choices=("bf16", "q8"), help="q8: 8-bit copy of the dense matrices")
     args = ap.parse_args()
 
-    engine = Engine.load(args.model, precision=args.precision)
+    engine = Engine.load(args.model, precision=args.precision, dense=args.dense)
     engine.warm()
     bw = mapped_bandwidth(engine)
     per_token = bytes_per_decoded_token(engine)
@@ -64,7 +80,7 @@ def main() -> None:
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     ckpt_gb = sum(f.stat().st_size for f in engine.checkpoint.folder.glob("*.safetensors")) / 1e9
     machine = f"{platform.machine()} isa={native.active_isa()} threads={native.get_threads()}"
-    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}")
+    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}")
     print(f"read bandwidth of the mapped checkpoint: {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prompt_seconds:.2f} s = {s.prefill_tps:.2f} tok/s")
     print(f"decode:  {s.generated_tokens} tokens, {s.decode_tps:.2f} tok/s "
@@ -72,7 +88,7 @@ def main() -> None:
     print(f"time to first token: {s.time_to_first_token:.2f} s; peak RSS {peak_rss_gb:.2f} GB "
           f"(checkpoint {ckpt_gb:.2f} GB)")
     print(json.dumps({
-        "machine": machine, "precision": args.precision, "prompt_tokens": s.prompt_tokens,
+        "machine": machine, "precision": args.precision, "dense": args.dense, "prompt_tokens": s.prompt_tokens,
         "decode_tps": s.decode_tps, "prefill_tps": s.prefill_tps, "ttft_s": s.time_to_first_token,
         "roofline_decode_tps": roofline, "decode_ratio_to_roofline": s.decode_tps / roofline,
         "bandwidth_gbps": bw, "bytes_per_token": per_token, "peak_rss_gb": peak_rss_gb, "checkpoint_gb": ckpt_gb,

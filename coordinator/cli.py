@@ -40,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser, default_precision: str = "exact")
     p.add_argument("-m", "--model", help="Hugging Face snapshot folder (default: the embedded demo model)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=default_precision,
                    help="exact: fp32 activations; fast: int16-block activations in the experts; reference: pure numpy")
+    p.add_argument("--dense", choices=("bf16", "q8"), default="bf16",
+                   help="q8: compute attention and the unembedding on an 8-bit copy made at load (fast "
+                        "precision; half the bytes per token outside the experts, a small accuracy cost)")
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -134,12 +137,12 @@ def load_engine(args):
 
     folder = resolve_model(args.model)
     if not getattr(args, "cluster", False):
-        return Engine.load(folder, precision=args.precision)
+        return Engine.load(folder, precision=args.precision, dense=args.dense)
     experts, reports = connect_cluster(args, folder)
     for r in reports:
         print(f"node {r.info.name} ({r.address}): {r.pieces} experts, {r.bytes_pushed / 1e6:.1f} MB pushed",
               file=sys.stderr)
-    return Engine.load(folder, precision=args.precision, experts=experts)
+    return Engine.load(folder, precision=args.precision, experts=experts, dense=args.dense)
 
 
 def topology_table(rows: list[dict]) -> str:

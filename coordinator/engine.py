@@ -20,6 +20,7 @@ from .models.gpt_oss import reference_linear
 from .sampling import SamplingParams
 
 PRECISIONS = ("reference", "exact", "fast")
+DENSE_FORMATS = ("bf16", "q8")  # q8: an 8-bit copy of the dense matrices, with the fast precision
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
 
 
@@ -29,6 +30,32 @@ def native_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndar
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
     return out if b is None else out + b
+
+
+class Q8DenseLinear:
+    """The native linear over 8-bit copies (Q8: int8 per 32, fp16 scales) of the dense matrices,
+    made once at load. They halve the bytes a decoded token reads outside the experts; the cost
+    in accuracy is measured against exact in tests/test_kernels.py. Other matrices (the router)
+    stay bf16."""
+
+    def __init__(self, matrices: list[np.ndarray]):
+        from expert_node import native
+
+        self._native = native
+        self.copies = {id(w): native.q8_quantize(w) for w in matrices}
+        self._sources = matrices  # keeps the ids above valid
+
+    def arrays(self) -> list[np.ndarray]:
+        return [a for values, scales, _ in self.copies.values() for a in (values, scales)]
+
+    def __call__(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        copy = self.copies.get(id(w))
+        if copy is None:
+            return native_linear(x, w, b)
+        values, scales, layout = copy
+        out = np.empty((x.shape[0], values.shape[0]), np.float32)
+        self._native.q8_matmul(np.ascontiguousarray(x, np.float32), values, scales, layout, out)
+        return out if b is None else out + b
 
 
 def make_expert_backend(ckpt: Checkpoint, precision: str) -> ExpertBackend:
@@ -46,9 +73,14 @@ class Engine:
         self.config = model.cfg
 
     @classmethod
-    def load(cls, folder, precision: str = "exact", experts: ExpertBackend | None = None) -> "Engine":
+    def load(cls, folder, precision: str = "exact", experts: ExpertBackend | None = None,
+             dense: str = "bf16") -> "Engine":
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if dense not in DENSE_FORMATS:
+            raise ValueError(f"dense must be one of {', '.join(DENSE_FORMATS)}, got {dense!r}")
+        if dense == "q8" and precision != "fast":
+            raise ValueError("the 8-bit dense copy (dense q8) runs with the fast precision only")
         ckpt = Checkpoint(folder)
         family = family_of(ckpt)
         if experts is None:
@@ -56,7 +88,21 @@ class Engine:
         linear = reference_linear if precision == "reference" else native_linear
         if precision != "reference":
             ckpt.advise_hugepages()
-        return cls(ckpt, family.build_model(ckpt, linear, experts), precision)
+        model = family.build_model(ckpt, linear, experts)
+        if dense == "q8":
+            model.linear = Q8DenseLinear(model.matmul_weights())
+            for w in model.matmul_weights():
+                ckpt.release(w)  # read once for the copy; never again
+        return cls(ckpt, model, precision)
+
+    def weight_arrays(self) -> list[np.ndarray]:
+        """What this device reads to compute: dense weights (8-bit copies where made) and, when
+        the experts are in-process, theirs."""
+        replaced = {id(w) for w in self.model.matmul_weights()} if isinstance(self.model.linear, Q8DenseLinear) else set()
+        arrays = [a for a in self.model.weight_arrays() if id(a) not in replaced]
+        if replaced:
+            arrays += self.model.linear.arrays()
+        return arrays + [a for layer in getattr(self.model.experts, "layers", {}).values() for a in vars(layer).values()]
 
     def set_tracer(self, tracer) -> None:
         """Trace the model's stages and, for a cluster, every hop (see coordinator.tracing)."""
@@ -71,8 +117,7 @@ class Engine:
 
         from expert_node import native
 
-        arrays = [a for a in self.model.weight_arrays()]
-        arrays += [a for layer in getattr(self.model.experts, "layers", {}).values() for a in vars(layer).values()]
+        arrays = self.weight_arrays()
         step = 64 << 20
         with tqdm(total=sum(a.nbytes for a in arrays), unit="B", unit_scale=True, desc="loading",
                   disable=None if progress is None else not progress, leave=False) as bar:

@@ -46,6 +46,45 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+// IEEE half <-> float, portable (scales of the Q8 dense copy). Round to nearest even on the way in.
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    float f;
+    if (exp == 0) {
+        f = std::ldexp(float(man), -24);  // zero or subnormal
+    } else if (exp == 31) {
+        f = man ? NAN : INFINITY;
+    } else {
+        const uint32_t bits = ((exp + 112) << 23) | (man << 13);
+        std::memcpy(&f, &bits, 4);
+    }
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+    const float a = std::fabs(f);
+    if (!(a < 65520.f)) return uint16_t(sign | (a != a ? 0x7E00 : 0x7C00));  // overflow, inf, nan
+    if (a < 6.103515625e-05f) return uint16_t(sign | uint16_t(std::nearbyint(a * 16777216.f)));  // subnormal
+    uint32_t b;
+    std::memcpy(&b, &a, 4);
+    const uint32_t round = ((b >> 13) & 1) + 0xFFF;  // to nearest, ties to even
+    return uint16_t(sign | (((b + round) >> 13) - (112 << 10)));
+}
+
+// Q8: the optional 8-bit copy of dense bf16 weights (llama.cpp's Q8_0 idea): 32 int8 values per
+// block along the reduction axis with one fp16 scale, w ~ scale * q, |q| <= 127.
+struct Q8 {
+    static constexpr int kBlock = 32;
+    static constexpr float kMax = 127.f;
+};
+
 // Activations of the `fast` precision: per-32 symmetric int16 (scale = block max / 32767), so
 // expert dot products run as exact integer sums. int8 blocks (llama.cpp's Q8_0) were measured too
 // coarse on gpt-oss's heavy-tailed SwiGLU outputs (mean KL 1.6e-2 vs exact on the tiny models).

@@ -28,6 +28,11 @@ struct KernelTable {
     void (*q16_layout)(int16_t* q, int64_t n_blocks);
     // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n).
     void (*bf16_dot_f32)(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out);
+    // out[t] = sum_k W[k] * x[t][k], W one Q8 row (int8 values reordered by q8_layout, fp16 scales).
+    void (*q8_dot_q16)(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                       float* out);
+    // The q16_layout permutation applied to a row of Q8 values, once, when the copy is made.
+    void (*q8_layout)(int8_t* w, int64_t n_blocks);
 };
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };

@@ -34,6 +34,18 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
 }
 
+// One block of 32 int16 weights (w0: elements 0..15, w1: 16..31) with scale ws against every
+// token's int16 block g: exact int32 sums, then one FMA per token.
+inline void accumulate_q16_block(__m256i w0, __m256i w1, float ws, const Q16Row* x, int n_tok, int64_t g,
+                                 __m256* acc) {
+    for (int t = 0; t < n_tok; ++t) {
+        const __m256i* q = reinterpret_cast<const __m256i*>(x[t].q + g * 32);
+        const __m256i p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(q)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(q + 1)));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(ws * x[t].d[g]), acc[t]);
+    }
+}
+
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
     __m256 acc[kMaxTokens];
@@ -42,14 +54,8 @@ void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
         __m128i e0, e1;
         x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
         x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        const __m256i w0 = _mm256_cvtepi8_epi16(e0), w1 = _mm256_cvtepi8_epi16(e1);
-        const float ws = Mxfp4::scale(scales[g]) * 0.5f;
-        for (int t = 0; t < n_tok; ++t) {
-            const __m256i* q = reinterpret_cast<const __m256i*>(x[t].q + g * Mxfp4::kBlock);
-            const __m256i p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(q)),
-                                                 _mm256_madd_epi16(w1, _mm256_loadu_si256(q + 1)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(ws * x[t].d[g]), acc[t]);
-        }
+        accumulate_q16_block(_mm256_cvtepi8_epi16(e0), _mm256_cvtepi8_epi16(e1), Mxfp4::scale(scales[g]) * 0.5f,
+                             x, n_tok, g, acc);
     }
     for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
 }
@@ -70,8 +76,22 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     }
 }
 
+void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                float* out) {
+    __m256 acc[kMaxTokens];
+    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_blocks; ++g) {
+        const int8_t* wb = w + g * Q8::kBlock;
+        x86::prefetch_ahead(wb);
+        accumulate_q16_block(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb))),
+                             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16))),
+                             _cvtsh_ss(scales[g]), x, n_tok, g, acc);
+    }
+    for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
+}
+
 }  // namespace
 
-const KernelTable kAvx2Kernels = {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32};
+const KernelTable kAvx2Kernels = {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32, q8_dot_q16, nullptr};
 
 }  // namespace moemesh

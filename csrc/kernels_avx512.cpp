@@ -3,7 +3,6 @@
 // of int16 and VNNI vpdpwssd per token (exact int32 block sums).
 #include <immintrin.h>
 
-#include <array>
 #include <cstring>
 #include <utility>
 
@@ -52,25 +51,17 @@ inline __m512 half_scales16(int n, const uint8_t* s) {
     return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
 }
 
-// One block's 32 doubled weights as int16, natural element order (tail blocks).
-inline __m512i decode_one_i16(const uint8_t* codes) {
-    __m128i e0, e1;
-    x86::decode_block_i8(codes, &e0, &e1);
-    return _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));
-}
-
-// Groups of 4 blocks (64 code bytes) decode into four int16 registers with a 16-bit table lookup
-// (vpermw reads 5 index bits of each 16-bit lane; the 16 values repeated twice make that the low
-// nibble): register j, 16-bit lane i holds element 4i + j of the block in its 128-bit lane — the
-// nibble j of code word i. Three shifts and four lookups, values already signed int16.
-// q16_layout puts the activations in that same order once per row, so the weights never cross a
-// lane and the four products of a group land in one int32 accumulator per block.
+// Groups of 4 blocks decode into four int16 registers in which register j, 16-bit lane i holds
+// element 4i + j of the block in its 128-bit lane. The activations (and the Q8 copy's values) are
+// put in that same order once per row by group_layout, so weights never cross a lane and the four
+// products of a group land in one int32 accumulator per block.
 constexpr int kGroup = 4;
 
-void q16_layout(int16_t* q, int64_t n_blocks) {
-    int16_t tmp[kGroup * 32];
+template <typename T>
+void group_layout(T* v, int64_t n_blocks) {
+    T tmp[kGroup * 32];
     for (int64_t g = 0; g + kGroup <= n_blocks; g += kGroup) {
-        int16_t* grp = q + g * 32;
+        T* grp = v + g * 32;
         for (int j = 0; j < 4; ++j)          // register j
             for (int k = 0; k < kGroup; ++k)  // lane k = block k
                 for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 4 * i + j];
@@ -78,45 +69,79 @@ void q16_layout(int16_t* q, int64_t n_blocks) {
     }
 }
 
-inline __m512i doubled_table_i16() {
-    alignas(64) int16_t t[32];
-    for (int i = 0; i < 32; ++i) t[i] = Mxfp4::kDoubled[i & 15];
-    return _mm512_load_si512(t);
-}
+// MXFP4 rows: 64 code bytes of a group hold element 4i + j of each block as nibble j of 16-bit word
+// i, so three shifts and four 16-bit table lookups decode them (vpermw reads 5 index bits of each
+// word; the 16 doubled values repeated twice make that the low nibble), already signed.
+struct Mxfp4Row {
+    const uint8_t* blocks;
+    const uint8_t* scales;
+    __m512i table;
 
-inline void decode_group_i16(const uint8_t* codes, const __m512i& table, __m512i w[4]) {
-    const __m512i b = _mm512_loadu_si512(codes);
-    w[0] = _mm512_permutexvar_epi16(b, table);
-    w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
-    w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 8), table);
-    w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 12), table);
-}
+    Mxfp4Row(const uint8_t* b, const uint8_t* s) : blocks(b), scales(s) {
+        alignas(64) int16_t t[32];
+        for (int i = 0; i < 32; ++i) t[i] = Mxfp4::kDoubled[i & 15];
+        table = _mm512_load_si512(t);
+    }
+    __m512 scales16(int n, int64_t g0) const { return half_scales16(n, scales + g0); }
+    void group(int64_t g, __m512i w[4]) const {
+        const uint8_t* codes = blocks + g * Mxfp4::kBlockBytes;
+        x86::prefetch_ahead(codes);
+        const __m512i b = _mm512_loadu_si512(codes);
+        w[0] = _mm512_permutexvar_epi16(b, table);
+        w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+        w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 8), table);
+        w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 12), table);
+    }
+    __m512i one(int64_t g) const {  // a tail block, natural order
+        __m128i e0, e1;
+        x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
+        return _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));
+    }
+};
+
+// Q8 rows: the values were laid out by group_layout when the copy was made; a sign extension each.
+struct Q8Row {
+    const int8_t* values;
+    const uint16_t* scales;
+
+    __m512 scales16(int n, int64_t g0) const {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), scales + g0));
+    }
+    void group(int64_t g, __m512i w[4]) const {
+        const int8_t* v = values + g * Q8::kBlock;
+        x86::prefetch_ahead(v);
+        x86::prefetch_ahead(v + 64);
+        for (int j = 0; j < 4; ++j)
+            w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * j)));
+    }
+    __m512i one(int64_t g) const {
+        return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + g * Q8::kBlock)));
+    }
+};
 
 // Per 4 blocks and token: one VNNI chain into an int32 accumulator, one convert, one FMA with the
 // blocks' combined scales. Tail blocks (n_blocks % 4) keep natural order, one per step.
 // NT is a template parameter so the accumulators of every token stay in registers.
-template <int NT>
-void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, float* out) {
+template <int NT, typename Row>
+void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     __m512 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i table = doubled_table_i16();
     const int64_t grouped = n_blocks - n_blocks % kGroup;
     for (int64_t g0 = 0; g0 < n_blocks; g0 += 16) {
         const int n = int(n_blocks - g0 < 16 ? n_blocks - g0 : 16);
         const __mmask16 m = __mmask16((1u << n) - 1u);
-        const __m512 ws = half_scales16(n, scales + g0);
+        const __m512 ws = row.scales16(n, g0);
         __m512 csv[NT];
         for (int t = 0; t < NT; ++t) csv[t] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
         int i = 0;
         for (; i + kGroup <= n && g0 + i + kGroup <= grouped; i += kGroup) {
             const int64_t g = g0 + i;
             __m512i w[4];
-            x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-            decode_group_i16(blocks + g * Mxfp4::kBlockBytes, table, w);
+            row.group(g, w);
             const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(i));
             for (int t = 0; t < NT; ++t) {
-                const int16_t* q = x[t].q + g * Mxfp4::kBlock;
+                const int16_t* q = x[t].q + g * 32;
                 __m512i p = _mm512_madd_epi16(w[0], _mm512_loadu_si512(q));
                 p = _mm512_dpwssd_epi32(p, w[1], _mm512_loadu_si512(q + 32));
                 p = _mm512_dpwssd_epi32(p, w[2], _mm512_loadu_si512(q + 64));
@@ -126,10 +151,10 @@ void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blo
         }
         for (; i < n; ++i) {
             const int64_t g = g0 + i;
-            const __m512i w = decode_one_i16(blocks + g * Mxfp4::kBlockBytes);
+            const __m512i w = row.one(g);
             const __m512i idx = _mm512_set1_epi32(i);
             for (int t = 0; t < NT; ++t) {
-                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(x[t].q + g * Mxfp4::kBlock));
+                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(x[t].q + g * 32));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
             }
         }
@@ -137,16 +162,23 @@ void mxfp4_dot_q16_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blo
     for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
 }
 
-template <int... NT>
-constexpr std::array<void (*)(const uint8_t*, const uint8_t*, int64_t, const Q16Row*, float*), sizeof...(NT)>
-q16_variants(std::integer_sequence<int, NT...>) {
-    return {mxfp4_dot_q16_n<NT + 1>...};
+// A runtime token count -> the instantiation for it.
+template <typename Row, int... NT>
+void dot_q16(const Row& row, int64_t n_blocks, const Q16Row* x, int n_tok, float* out,
+             std::integer_sequence<int, NT...>) {
+    using Fn = void (*)(const Row&, int64_t, const Q16Row*, float*);
+    static constexpr Fn kVariants[] = {dot_q16_n<NT + 1, Row>...};
+    kVariants[n_tok - 1](row, n_blocks, x, out);
 }
 
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
-    static constexpr auto kVariants = q16_variants(std::make_integer_sequence<int, kMaxTokens>{});
-    kVariants[size_t(n_tok - 1)](blocks, scales, n_blocks, x, out);
+    dot_q16(Mxfp4Row(blocks, scales), n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
+}
+
+void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                float* out) {
+    dot_q16(Q8Row{w, scales}, n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
@@ -169,6 +201,7 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, q16_layout, bf16_dot_f32};
+const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, group_layout<int16_t>, bf16_dot_f32,
+                                    q8_dot_q16, group_layout<int8_t>};
 
 }  // namespace moemesh

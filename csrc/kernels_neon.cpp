@@ -55,6 +55,24 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
 }
 
+// One block of 32 int8 weights (e0: elements 0..15, e1: 16..31) with scale ws against every token's
+// int16 block g: exact int32 sums through vmlal_s16, then one FMA per token.
+inline void accumulate_q16_block(int8x16_t e0, int8x16_t e1, float ws, const Q16Row* x, int n_tok, int64_t g,
+                                 float32x4_t* acc) {
+    const int16x8_t w[4] = {vmovl_s8(vget_low_s8(e0)), vmovl_s8(vget_high_s8(e0)),
+                            vmovl_s8(vget_low_s8(e1)), vmovl_s8(vget_high_s8(e1))};
+    for (int t = 0; t < n_tok; ++t) {
+        const int16_t* q = x[t].q + g * 32;
+        int32x4_t s = vdupq_n_s32(0);
+        for (int i = 0; i < 4; ++i) {
+            const int16x8_t qi = vld1q_s16(q + 8 * i);
+            s = vmlal_s16(s, vget_low_s16(w[i]), vget_low_s16(qi));
+            s = vmlal_s16(s, vget_high_s16(w[i]), vget_high_s16(qi));
+        }
+        acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), ws * x[t].d[g]);
+    }
+}
+
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
     float32x4_t acc[kMaxTokens];
@@ -62,19 +80,7 @@ void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int64_t g = 0; g < n_blocks; ++g) {
         int8x16_t e0, e1;
         decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        const float ws = Mxfp4::scale(scales[g]) * 0.5f;
-        const int16x8_t w[4] = {vmovl_s8(vget_low_s8(e0)), vmovl_s8(vget_high_s8(e0)),
-                                vmovl_s8(vget_low_s8(e1)), vmovl_s8(vget_high_s8(e1))};
-        for (int t = 0; t < n_tok; ++t) {
-            const int16_t* q = x[t].q + g * Mxfp4::kBlock;
-            int32x4_t s = vdupq_n_s32(0);
-            for (int i = 0; i < 4; ++i) {
-                const int16x8_t qi = vld1q_s16(q + 8 * i);
-                s = vmlal_s16(s, vget_low_s16(w[i]), vget_low_s16(qi));
-                s = vmlal_s16(s, vget_high_s16(w[i]), vget_high_s16(qi));
-            }
-            acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), ws * x[t].d[g]);
-        }
+        accumulate_q16_block(e0, e1, Mxfp4::scale(scales[g]) * 0.5f, x, n_tok, g, acc);
     }
     for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
 }
@@ -94,8 +100,19 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     }
 }
 
+void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                float* out) {
+    float32x4_t acc[kMaxTokens];
+    for (int t = 0; t < kMaxTokens; ++t) acc[t] = vdupq_n_f32(0.f);
+    for (int64_t g = 0; g < n_blocks; ++g) {
+        const float ws = vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(scales[g]))), 0);
+        accumulate_q16_block(vld1q_s8(w + g * Q8::kBlock), vld1q_s8(w + g * Q8::kBlock + 16), ws, x, n_tok, g, acc);
+    }
+    for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
+}
+
 }  // namespace
 
-const KernelTable kNeonKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32};
+const KernelTable kNeonKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32, q8_dot_q16, nullptr};
 
 }  // namespace moemesh

@@ -48,8 +48,25 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     }
 }
 
+void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                float* out) {
+    float acc[kMaxTokens] = {};
+    for (int64_t g = 0; g < n_blocks; ++g) {
+        const int8_t* wb = w + g * Q8::kBlock;
+        const float ws = f16_to_f32(scales[g]);
+        for (int t = 0; t < n_tok; ++t) {
+            const int16_t* q = x[t].q + g * Q8::kBlock;
+            int32_t s = 0;
+            for (int i = 0; i < Q8::kBlock; ++i) s += int32_t(wb[i]) * q[i];
+            acc[t] += float(s) * (ws * x[t].d[g]);
+        }
+    }
+    for (int t = 0; t < n_tok; ++t) out[t] = acc[t];
+}
+
 }  // namespace
 
-const KernelTable kScalarKernels = {"scalar", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32};
+const KernelTable kScalarKernels = {"scalar", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32, q8_dot_q16,
+                                    nullptr};
 
 }  // namespace moemesh

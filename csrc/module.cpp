@@ -124,6 +124,46 @@ void py_bf16_matmul(const py::array& x, const py::array& w, const std::optional<
     bf16_matmul(kt, xp, T, K, wp, N, bp, op);
 }
 
+// The layout a Q8 copy was made in: values only make sense to kernels of the same layout.
+std::string q8_layout_name(const KernelTable& kt) { return kt.q8_layout ? kt.name : "natural"; }
+
+py::tuple py_q8_quantize(const py::array& w, const std::optional<std::string>& isa) {
+    if (w.ndim() != 2) fail("w: expected shape (N, K), got " + shape_str(w));
+    const int64_t N = w.shape(0), K = w.shape(1);
+    if (K % Q8::kBlock) fail("w: K = " + std::to_string(K) + " is not a multiple of 32");
+    const uint16_t* wp = in_ptr<uint16_t>(w, "w", {N, K});
+    const KernelTable& kt = resolve_kernels(isa);
+    py::array_t<int8_t> values({N, K});
+    py::array_t<uint16_t> scales({N, K / Q8::kBlock});
+    int8_t* vp = values.mutable_data();
+    uint16_t* sp = scales.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        q8_quantize(kt, wp, N, K, vp, sp);
+    }
+    return py::make_tuple(values, scales, q8_layout_name(kt));
+}
+
+void py_q8_matmul(const py::array& x, const py::array& values, const py::array& scales, const std::string& layout,
+                  py::array& out, const std::optional<std::string>& isa) {
+    if (x.ndim() != 2) fail("x: expected shape (T, K), got " + shape_str(x));
+    if (values.ndim() != 2) fail("values: expected shape (N, K), got " + shape_str(values));
+    const int64_t T = x.shape(0), K = x.shape(1), N = values.shape(0);
+    if (K % Q8::kBlock) fail("x: K = " + std::to_string(K) + " is not a multiple of 32");
+    const float* xp = in_ptr<float>(x, "x", {T, K});
+    const int8_t* vp = in_ptr<int8_t>(values, "values", {N, K});
+    const uint16_t* sp = in_ptr<uint16_t>(scales, "scales", {N, K / Q8::kBlock});
+    float* op = out_ptr<float>(out, "out", {T, N});
+    check_no_overlap(out, x, "out", "x");
+    check_finite(xp, size_t(T * K), "x");
+    const KernelTable& kt = resolve_kernels(isa);
+    if (layout != q8_layout_name(kt))
+        fail("layout: the copy was made in layout '" + layout + "', the " + kt.name + " kernels read '" +
+             q8_layout_name(kt) + "'");
+    py::gil_scoped_release nogil;
+    q8_matmul(kt, xp, T, K, vp, sp, N, op);
+}
+
 void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::array& gate_up_blocks,
                     const py::array& gate_up_scales, const py::array& gate_up_bias, const py::array& down_blocks,
                     const py::array& down_scales, const py::array& down_bias, py::array& out,
@@ -172,6 +212,11 @@ PYBIND11_MODULE(_native, m) {
           "Decode MXFP4 blocks (..., G, 16) u8 and scales (..., G) u8 into float32 (..., G*32).");
     m.def("bf16_matmul", &py_bf16_matmul, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
           py::arg("isa") = py::none(), "out[T, N] = x[T, K] @ w[N, K]^T + bias (w, bias bf16 as uint16).");
+    m.def("q8_quantize", &py_q8_quantize, py::arg("w"), py::arg("isa") = py::none(),
+          "The Q8 copy of bf16 w[N, K]: (values int8 [N, K], fp16 scales [N, K/32], layout name).");
+    m.def("q8_matmul", &py_q8_matmul, py::arg("x"), py::arg("values"), py::arg("scales"), py::arg("layout"),
+          py::arg("out"), py::arg("isa") = py::none(),
+          "out[T, N] = x[T, K] @ W^T over a Q8 copy (activations as int16 blocks).");
     m.def("moe_experts", &py_moe_experts, py::arg("x"), py::arg("expert_ids"), py::arg("gate_up_blocks"),
           py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down_blocks"), py::arg("down_scales"),
           py::arg("down_bias"), py::arg("out"), py::arg("precision") = "exact", py::arg("swiglu_alpha") = 1.702f,

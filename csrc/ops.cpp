@@ -128,6 +128,46 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
     });
 }
 
+void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {
+    const int64_t nb = K / Q8::kBlock;
+    global_pool().parallel_for(N, [&](int64_t r) {
+        for (int64_t g = 0; g < nb; ++g) {
+            const uint16_t* wb = w + r * K + g * Q8::kBlock;
+            float amax = 0.f;
+            for (int i = 0; i < Q8::kBlock; ++i) amax = std::max(amax, std::fabs(bf16_to_f32(wb[i])));
+            const uint16_t d16 = f32_to_f16(amax / Q8::kMax);
+            const float d = f16_to_f32(d16);  // quantize against the scale as stored
+            const float id = d > 0.f ? 1.f / d : 0.f;
+            for (int i = 0; i < Q8::kBlock; ++i) {
+                const long v = std::lround(bf16_to_f32(wb[i]) * id);
+                values[r * K + g * Q8::kBlock + i] = int8_t(std::max(-127L, std::min(127L, v)));
+            }
+            scales[r * nb + g] = d16;
+        }
+        if (kt.q8_layout) kt.q8_layout(values + r * K, nb);
+    });
+}
+
+void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
+               const uint16_t* scales, int64_t N, float* y) {
+    thread_local Scratch scratch_tl;
+    const Activations act(kt, Precision::Fast, x, T, K, scratch_tl);
+    const int64_t nb = K / Q8::kBlock;
+    const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+    global_pool().parallel_for(n_tasks, [&](int64_t task) {
+        const int64_t r1 = std::min(N, (task + 1) * kRowsPerTask);
+        for (int64_t r = task * kRowsPerTask; r < r1; ++r)
+            for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
+                const int cnt = int(std::min<int64_t>(kMaxTokens, T - t0));
+                Q16Row xs[kMaxTokens];
+                float res[kMaxTokens];
+                for (int j = 0; j < cnt; ++j) xs[j] = {act.q + (t0 + j) * K, act.d + (t0 + j) * nb};
+                kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
+                for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j];
+            }
+    });
+}
+
 void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w, const float* x,
                  int64_t T, const int32_t* ids, int64_t k, float* out) {
     const int64_t E = w.n_experts, H = w.hidden, I = w.inter, A = T * k;

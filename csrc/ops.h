@@ -18,6 +18,14 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
 void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
                  int64_t N, const uint16_t* bias, float* y);
 
+// The Q8 copy of a bf16 matrix W[N, K] (K a multiple of 32): values [N, K] int8 in this ISA's
+// q8_layout, scales [N, K/32] fp16. Made once at load.
+void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales);
+
+// y[T, N] = x[T, K] . W[N, K]^T over a Q8 copy, activations as int16 blocks (the fast precision).
+void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
+               const uint16_t* scales, int64_t N, float* y);
+
 struct MoeWeights {
     int64_t n_experts, hidden, inter;  // E, H, I  (gate_up has 2I rows over H, down has H rows over I)
     const uint8_t* gate_up_blocks;     // [E, 2I, H/32, 16]

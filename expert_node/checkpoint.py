@@ -115,6 +115,21 @@ class SafetensorsFile:
             return np.zeros(info.shape, dt)
         return np.frombuffer(self._mmap, dtype=dt, count=count, offset=info.begin).reshape(info.shape)
 
+    def release(self, a: np.ndarray) -> bool:
+        """Drop the pages wholly inside `a` (a view of this file) from the process; they are read
+        from the page cache again if touched. False when `a` is not in this file."""
+        if self._mmap is None:
+            return False
+        base = np.frombuffer(self._mmap, np.uint8).__array_interface__["data"][0]
+        start = a.__array_interface__["data"][0] - base
+        if not 0 <= start < len(self._mmap):
+            return False
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (start + a.nbytes) // page * page
+        if hi > lo:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return True
+
     def advise_hugepages(self) -> None:
         """Ask for transparent huge pages on the mapping (THP is often madvise-only)."""
         if self._mmap is not None and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -194,3 +209,9 @@ class Checkpoint:
     def advise_hugepages(self) -> None:
         for filename in set(self._where.values()):
             self._file(filename).advise_hugepages()
+
+    def release(self, a: np.ndarray) -> None:
+        """Drop a tensor's pages from this process (e.g. once an 8-bit copy replaces it)."""
+        for filename in set(self._where.values()):
+            if self._file(filename).release(a):
+                return

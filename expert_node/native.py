@@ -13,6 +13,8 @@ try:
         get_threads,
         moe_experts,
         mxfp4_dequant,
+        q8_matmul,
+        q8_quantize,
         set_threads,
         stream_read,
     )

@@ -161,8 +161,9 @@ def attention_with_sinks(
     T, nq, d = q.shape
     nkv = k.shape[1]
     group = nq // nkv
-    qg = q.reshape(T, nkv, group, d)
-    scores = np.einsum("tkgd,skd->kgts", qg, k) / np.float32(math.sqrt(d))  # [nkv, group, T, S]
+    qg = q.reshape(T, nkv, group, d).transpose(1, 2, 0, 3)  # [nkv, group, T, d]
+    # Batched matmuls (BLAS), not einsum: einsum's own loops made a 512-token prefill 3x slower.
+    scores = (qg @ k.transpose(1, 2, 0)[:, None]) / np.float32(math.sqrt(d))  # [nkv, group, T, S]
     masked = k_pos[None, :] > q_pos[:, None]
     if window is not None:
         masked |= k_pos[None, :] <= q_pos[:, None] - window
@@ -171,8 +172,8 @@ def attention_with_sinks(
     m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
     p = np.exp(scores - m)
     z = p.sum(axis=-1, keepdims=True) + np.exp(sink - m)
-    out = np.einsum("kgts,skd->tkgd", p / z, v)
-    return out.reshape(T, nq * d).astype(np.float32)
+    out = (p / z) @ v.transpose(1, 0, 2)[:, None]  # [nkv, group, T, d]
+    return out.transpose(2, 0, 1, 3).reshape(T, nq * d).astype(np.float32)
 
 
 def router_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +312,10 @@ class GptOssModel:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg)
+
+    def matmul_weights(self) -> list[np.ndarray]:
+        """The big bf16 matrices read through `linear` every token (not the small router)."""
+        return [m for w in self.layers for m in (w.q, w.k, w.v, w.o)] + [self.lm_head]
 
     def weight_arrays(self) -> list[np.ndarray]:
         """The mapped dense weights (what the coordinator itself reads per token)."""

@@ -1,6 +1,6 @@
 // Every ISA path this build and CPU support, against the portable scalar kernels, on random
-// inputs: the MXFP4 dot products (fp32 and int16 activations), the bf16 dot product, and the full
-// MoE expert FFN. Prints one line per check and "N passed, M failed"; exit code 1 on any failure.
+// inputs: the MXFP4 dot products (fp32 and int16 activations), the bf16 dot product, the Q8 copy
+// and its matmul, and the full MoE expert FFN. Prints one line per check and "N passed, M failed"; exit code 1 on any failure.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -83,6 +83,17 @@ int main() {
         bf16_matmul(scalar, in.x.data(), T, K, w.data(), N, nullptr, ref.data());
         bf16_matmul(*kt, in.x.data(), T, K, w.data(), N, nullptr, got.data());
         expect_close("bf16_matmul (K tail)", kt->name, got, ref, 2e-5f);
+
+        const int64_t KQ = 320;  // 10 blocks: 4-block groups and a tail, each copy in its ISA's layout
+        std::vector<int8_t> ref_values(size_t(N * KQ)), values(ref_values.size());
+        std::vector<uint16_t> ref_scales(size_t(N * KQ / 32)), scales(ref_scales.size()), wq(size_t(N * KQ));
+        for (size_t i = 0; i < wq.size(); ++i) wq[i] = uint16_t(0x3C00 + (i * 2654435761u) % 0x1000) ^ (i & 1 ? 0x8000 : 0);
+        q8_quantize(scalar, wq.data(), N, KQ, ref_values.data(), ref_scales.data());
+        q8_quantize(*kt, wq.data(), N, KQ, values.data(), scales.data());
+        std::vector<float> ref_q(size_t(T * N)), got_q(ref_q.size());
+        q8_matmul(scalar, in.x.data(), T, KQ, ref_values.data(), ref_scales.data(), N, ref_q.data());
+        q8_matmul(*kt, in.x.data(), T, KQ, values.data(), scales.data(), N, got_q.data());
+        expect_close("q8_matmul (groups + tail)", kt->name, got_q, ref_q, 2e-5f);
     }
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
