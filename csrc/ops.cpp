@@ -109,22 +109,32 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
     });
 }
 
-void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
-                 int64_t N, const uint16_t* bias, float* y) {
+// Calls dot(r, t0, cnt) for every row of [0, N) and every group of up to kMaxTokens tokens, in
+// parallel over row tasks. Within a task, tokens go in blocks that stay in L2 while the task's
+// rows pass by: streaming all of a long prompt's activations once per weight row made prefill
+// projections memory-bound on L3. Each (row, group) is one call, so results do not depend on it.
+template <typename Dot>
+void for_rows_and_token_groups(int64_t N, int64_t T, const Dot& dot) {
+    constexpr int64_t kTokenBlock = 8 * kMaxTokens;
     const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
     global_pool().parallel_for(n_tasks, [&](int64_t task) {
-        const int64_t r1 = std::min(N, (task + 1) * kRowsPerTask);
-        for (int64_t r = task * kRowsPerTask; r < r1; ++r) {
-            const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
-            for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
-                const int cnt = int(std::min<int64_t>(kMaxTokens, T - t0));
-                const float* xs[kMaxTokens];
-                float res[kMaxTokens];
-                for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
-                kt.bf16_dot_f32(w + r * K, K, xs, cnt, res);
-                for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j] + b;
-            }
-        }
+        const int64_t r0 = task * kRowsPerTask, r1 = std::min(N, r0 + kRowsPerTask);
+        for (int64_t b0 = 0; b0 < T; b0 += kTokenBlock)
+            for (int64_t r = r0; r < r1; ++r)
+                for (int64_t t0 = b0; t0 < std::min(T, b0 + kTokenBlock); t0 += kMaxTokens)
+                    dot(r, t0, int(std::min<int64_t>(kMaxTokens, T - t0)));
+    });
+}
+
+void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
+                 int64_t N, const uint16_t* bias, float* y) {
+    for_rows_and_token_groups(N, T, [&](int64_t r, int64_t t0, int cnt) {
+        const float* xs[kMaxTokens];
+        float res[kMaxTokens];
+        for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
+        kt.bf16_dot_f32(w + r * K, K, xs, cnt, res);
+        const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
+        for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j] + b;
     });
 }
 
@@ -153,18 +163,12 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     thread_local Scratch scratch_tl;
     const Activations act(kt, Precision::Fast, x, T, K, scratch_tl);
     const int64_t nb = K / Q8::kBlock;
-    const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-    global_pool().parallel_for(n_tasks, [&](int64_t task) {
-        const int64_t r1 = std::min(N, (task + 1) * kRowsPerTask);
-        for (int64_t r = task * kRowsPerTask; r < r1; ++r)
-            for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) {
-                const int cnt = int(std::min<int64_t>(kMaxTokens, T - t0));
-                Q16Row xs[kMaxTokens];
-                float res[kMaxTokens];
-                for (int j = 0; j < cnt; ++j) xs[j] = {act.q + (t0 + j) * K, act.d + (t0 + j) * nb};
-                kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
-                for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j];
-            }
+    for_rows_and_token_groups(N, T, [&](int64_t r, int64_t t0, int cnt) {
+        Q16Row xs[kMaxTokens];
+        float res[kMaxTokens];
+        for (int j = 0; j < cnt; ++j) xs[j] = {act.q + (t0 + j) * K, act.d + (t0 + j) * nb};
+        kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
+        for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j];
     });
 }
 
