@@ -124,6 +124,46 @@ void py_bf16_matmul(const py::array& x, const py::array& w, const std::optional<
     bf16_matmul(kt, xp, T, K, wp, N, bp, op);
 }
 
+// Shape of an activation array [..., n] with n a multiple of 32, as the q16 functions need.
+void check_q16_shape(const py::array& a, const char* name) {
+    if (a.ndim() < 1 || a.shape(a.ndim() - 1) % Q16Block::kBlock)
+        fail(std::string(name) + ": last dimension must be a multiple of 32, got " + shape_str(a));
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
+py::tuple py_q16_quantize(const py::array& x) {
+    check_q16_shape(x, "x");
+    const float* xp = in_ptr<float>(x, "x", shape_of(x));
+    const int64_t n = int64_t(x.size());
+    check_finite(xp, size_t(n), "x");
+    std::vector<py::ssize_t> dshape = shape_of(x);
+    dshape.back() /= Q16Block::kBlock;
+    py::array_t<int16_t> q(shape_of(x));
+    py::array_t<float> d(dshape);
+    int16_t* qp = q.mutable_data();
+    float* dp = d.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        q16_quantize(xp, n, qp, dp);
+    }
+    return py::make_tuple(q, d);
+}
+
+py::array_t<float> py_q16_dequantize(const py::array& q, const py::array& d) {
+    check_q16_shape(q, "q");
+    std::vector<py::ssize_t> dshape = shape_of(q);
+    dshape.back() /= Q16Block::kBlock;
+    const int16_t* qp = in_ptr<int16_t>(q, "q", shape_of(q));
+    const float* dp = in_ptr<float>(d, "d", dshape);
+    py::array_t<float> out(shape_of(q));
+    float* op = out.mutable_data();
+    const int64_t n = int64_t(q.size());
+    py::gil_scoped_release nogil;
+    q16_dequantize(qp, dp, n, op);
+    return out;
+}
+
 // The layout a Q8 copy was made in: values only make sense to kernels of the same layout.
 std::string q8_layout_name(const KernelTable& kt) { return kt.q8_layout ? kt.name : "natural"; }
 
@@ -212,6 +252,9 @@ PYBIND11_MODULE(_native, m) {
           "Decode MXFP4 blocks (..., G, 16) u8 and scales (..., G) u8 into float32 (..., G*32).");
     m.def("bf16_matmul", &py_bf16_matmul, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
           py::arg("isa") = py::none(), "out[T, N] = x[T, K] @ w[N, K]^T + bias (w, bias bf16 as uint16).");
+    m.def("q16_quantize", &py_q16_quantize, py::arg("x"),
+          "Activations float32 [..., n] -> (int16 codes [..., n], float32 scales [..., n/32]); numpy's bits.");
+    m.def("q16_dequantize", &py_q16_dequantize, py::arg("q"), py::arg("d"), "The inverse of q16_quantize.");
     m.def("q8_quantize", &py_q8_quantize, py::arg("w"), py::arg("isa") = py::none(),
           "The Q8 copy of bf16 w[N, K]: (values int8 [N, K], fp16 scales [N, K/32], layout name).");
     m.def("q8_matmul", &py_q8_matmul, py::arg("x"), py::arg("values"), py::arg("scales"), py::arg("layout"),

@@ -14,18 +14,27 @@ namespace {
 // Rows per task: enough tasks to balance two to a few dozen threads, few enough to amortise.
 constexpr int64_t kRowsPerTask = 256;
 
-// Symmetric per-32 int16 quantization (round half away from zero).
-void quantize_q16(const float* x, int64_t n, int16_t* q, float* d) {
+}  // namespace
+
+// Symmetric per-32 int16 quantization, round half to even: numpy's q16_quantize, operation for
+// operation in float32, so codes made here and in Python are the same bits.
+void q16_quantize(const float* x, int64_t n, int16_t* q, float* d) {
     for (int64_t g = 0; g < n / Q16Block::kBlock; ++g) {
         const float* xb = x + g * Q16Block::kBlock;
         float amax = 0.f;
         for (int i = 0; i < Q16Block::kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
         const float dd = amax / Q16Block::kMax;
         const float id = dd > 0.f ? 1.f / dd : 0.f;
-        for (int i = 0; i < Q16Block::kBlock; ++i) q[g * Q16Block::kBlock + i] = int16_t(std::lround(xb[i] * id));
+        for (int i = 0; i < Q16Block::kBlock; ++i) q[g * Q16Block::kBlock + i] = int16_t(std::nearbyint(xb[i] * id));
         d[g] = dd;
     }
 }
+
+void q16_dequantize(const int16_t* q, const float* d, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = float(q[i]) * d[i / Q16Block::kBlock];
+}
+
+namespace {
 
 // Buffers of one moe_experts call, kept per calling thread: fresh ones each call cost page faults
 // (the allocator returns freed memory to the system) on every decoded token.
@@ -51,7 +60,7 @@ struct Activations {
         q = scratch.q.data(), d = scratch.d.data();
         global_pool().parallel_for(rows, [&](int64_t r) {
             int16_t* qr = scratch.q.data() + r * k;
-            quantize_q16(x + r * k, k, qr, scratch.d.data() + r * nb);
+            q16_quantize(x + r * k, k, qr, scratch.d.data() + r * nb);
             if (kt.q16_layout) kt.q16_layout(qr, nb);
         });
     }

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import reference
 from .checkpoint import Checkpoint, bf16_to_f32
-from .formats import MXFP4, q16_dequantize, q16_quantize
+from .formats import MXFP4
 
 SWIGLU_ALPHA = reference.SWIGLU_ALPHA
 # Activations at the expert boundary: fp32 for exact; per-32 int16 blocks for fast (bf16 was
@@ -27,7 +27,11 @@ def round_activations(a: np.ndarray, precision: str) -> np.ndarray:
     """What crossing the expert boundary does to activations at this precision. Every backend
     applies it, so a cluster and a single device compute on identical numbers whether the
     boundary is a function call or a network hop."""
-    return q16_dequantize(*q16_quantize(a)) if ACTIVATION_DTYPE[precision] == "q16" else a
+    if ACTIVATION_DTYPE[precision] != "q16":
+        return a
+    from . import native  # the same bits as formats.q16_quantize (tested), without numpy's temporaries
+
+    return native.q16_dequantize(*native.q16_quantize(np.ascontiguousarray(a, np.float32)))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ try:
         get_threads,
         moe_experts,
         mxfp4_dequant,
+        q16_dequantize,
+        q16_quantize,
         q8_matmul,
         q8_quantize,
         set_threads,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .experts import ACTIVATION_DTYPE
-from .formats import Q16_BLOCK, q16_dequantize, q16_quantize
+from . import native
+from .formats import Q16_BLOCK
 from .proto import moemesh_pb2 as pb
 
 PROTOCOL_VERSION = 1
@@ -40,7 +41,7 @@ class WireError(ValueError):
 def encode_tensor(a: np.ndarray, dtype: str) -> pb.Tensor:
     """float32 -> f32, or q16 (int16 codes then float32 per-32 scales); int32 -> i32."""
     if dtype == "q16":
-        q, d = q16_quantize(a)
+        q, d = native.q16_quantize(np.ascontiguousarray(a, np.float32))
         raw = q.tobytes() + d.tobytes()
     else:
         raw = np.ascontiguousarray(a, WIRE_DTYPES[dtype]).tobytes()
@@ -64,7 +65,7 @@ def decode_tensor(t: pb.Tensor, name: str, dtypes: tuple[str, ...], ndim: int) -
     a = np.frombuffer(t.data, dt, count=count).reshape(shape)
     if t.dtype == "q16":
         scales = np.frombuffer(t.data, np.dtype("<f4"), offset=count * 2).reshape(*shape[:-1], -1)
-        return q16_dequantize(a, scales)
+        return native.q16_dequantize(a, scales)
     return a
 
 

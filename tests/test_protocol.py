@@ -28,6 +28,24 @@ def test_q16_on_the_wire_equals_local_rounding():
     assert len(encode_tensor(a, "q16").data) == a.size * 2 + a.size // 32 * 4
 
 
+def test_native_q16_is_the_numpy_reference_bit_for_bit():
+    """The wire and the backends use the native q16; formats.q16_quantize is its spec."""
+    from expert_node import native
+    from expert_node.formats import q16_dequantize, q16_quantize
+
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((7, 4, 2880)) * rng.choice([1e-3, 1.0, 1e3], (7, 4, 1))).astype(np.float32)
+    a[0, 0, :32] = 0.0  # an all-zero block
+    a[1, 0, :32] = np.arange(32, dtype=np.float32) - 16.5  # halves: ties in the rounding
+    q_ref, d_ref = q16_quantize(a)
+    q, d = native.q16_quantize(a)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(d, d_ref)
+    np.testing.assert_array_equal(native.q16_dequantize(q, d), q16_dequantize(q_ref, d_ref))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.q16_quantize(np.zeros((2, 30), np.float32))
+
+
 @pytest.mark.parametrize("msg,match", [
     (pb.Tensor(dtype="f64", shape=[1, 2], data=b"\0" * 16), "dtype 'f64' not accepted"),
     (pb.Tensor(dtype="f32", shape=[2], data=b"\0" * 8), "expected a 2-D shape"),
