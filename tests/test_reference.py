@@ -108,3 +108,20 @@ def test_sliding_layers_keep_only_the_window(tiny_dir):
     assert cache.k[0].shape[0] == window and cache.k[1].shape[0] >= 40
     np.testing.assert_array_equal(np.sort(cache.pos[0]), np.arange(40 - window, 40))
     np.testing.assert_array_equal(cache.pos[1][:40], np.arange(40))
+
+
+def test_query_chunks_see_exactly_the_keys_of_one_pass(monkeypatch):
+    """Attention in query chunks (each against the keys it can see) equals one pass over all keys."""
+    from coordinator.models import gpt_oss
+
+    rng = np.random.default_rng(5)
+    T, nq, nkv, d = 40, 4, 2, 8
+    q = rng.standard_normal((T, nq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((T + 6, nkv, d)).astype(np.float32) for _ in range(2))
+    sinks = rng.standard_normal(nq).astype(np.float32)
+    q_pos, k_pos = np.arange(6, 6 + T), np.arange(T + 6)
+    for window in (None, 5):
+        whole = gpt_oss.attend_chunk(q, k, v, sinks, q_pos, k_pos, window)
+        monkeypatch.setattr(gpt_oss, "ATTENTION_QUERY_CHUNK", 7)
+        np.testing.assert_allclose(attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window), whole, rtol=1e-5, atol=1e-6)
+        monkeypatch.undo()

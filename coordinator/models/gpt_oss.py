@@ -149,6 +149,9 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, conce
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+ATTENTION_QUERY_CHUNK = 128  # queries per score matrix: bounds its memory on long prompts
+
+
 def attention_with_sinks(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
     q_pos: np.ndarray, k_pos: np.ndarray, window: int | None,
@@ -156,8 +159,22 @@ def attention_with_sinks(
     """Causal GQA attention with one learned sink logit per query head (§2.5, §2.6).
 
     q [T, nq, d], k/v [S, nkv, d] at absolute positions q_pos [T], k_pos [S]. The sink joins the
-    softmax denominator only. A window of W keeps keys j with t - W < j <= t.
+    softmax denominator only. A window of W keeps keys j with t - W < j <= t. Queries go in chunks,
+    each against only the keys some query of the chunk can see (a sliding layer's window, not the
+    whole prompt), so a long prompt costs neither quadratic memory nor masked-out work.
     """
+    T, nq, d = q.shape
+    out = np.empty((T, nq * d), np.float32)
+    for a in range(0, T, ATTENTION_QUERY_CHUNK):
+        b = min(T, a + ATTENTION_QUERY_CHUNK)
+        visible = k_pos <= q_pos[b - 1]
+        if window is not None:
+            visible &= k_pos > q_pos[a] - window
+        out[a:b] = attend_chunk(q[a:b], k[visible], v[visible], sinks, q_pos[a:b], k_pos[visible], window)
+    return out
+
+
+def attend_chunk(q, k, v, sinks, q_pos, k_pos, window) -> np.ndarray:
     T, nq, d = q.shape
     nkv = k.shape[1]
     group = nq // nkv
