@@ -377,7 +377,7 @@ class RemoteExpertBackend(ExpertBackend):
     # -- liveness --------------------------------------------------------------------------------
     def mark_down(self, node: str, why: str) -> None:
         with self._lock:
-            if not self._up[node]:
+            if not self._up[node] or self._closed.is_set():  # streams end on close: not a failure
                 return
             self._up[node] = False
             self.events.append((time.monotonic(), node, f"down: {why}"))
