@@ -58,6 +58,15 @@ class Q8DenseLinear:
         return out if b is None else out + b
 
 
+def limit_blas_threads() -> None:
+    """One BLAS thread for numpy in this process: the native pool has the cores. numpy's BLAS
+    workers spin after each call (attention over a long context crosses their threading
+    threshold) and slowed the kernels that ran next by a third."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
 def make_expert_backend(ckpt: Checkpoint, precision: str) -> ExpertBackend:
     family = family_of(ckpt)
     shape = family.expert_shape(ckpt.config)
@@ -81,6 +90,8 @@ class Engine:
             raise ValueError(f"dense must be one of {', '.join(DENSE_FORMATS)}, got {dense!r}")
         if dense == "q8" and precision != "fast":
             raise ValueError("the 8-bit dense copy (dense q8) runs with the fast precision only")
+        if precision != "reference":
+            limit_blas_threads()
         ckpt = Checkpoint(folder)
         family = family_of(ckpt)
         if experts is None:
