@@ -22,19 +22,15 @@ from coordinator.sampling import SamplingParams
 from expert_node import native
 
 
-def expert_arrays(engine: Engine) -> list[np.ndarray]:
-    return [a for layer in engine.model.experts.layers.values() for a in vars(layer).values()]
-
-
 def bytes_per_decoded_token(engine: Engine) -> int:
     """Weights read per token: every dense array the engine computes with (8-bit copies where
     made) but the embedding table, of which one row, plus k experts per layer."""
     model = engine.model
-    expert_ids = {id(a) for a in expert_arrays(engine)}
+    expert_ids = {id(a) for a in engine.expert_arrays()}
     dense = sum(a.nbytes for a in engine.weight_arrays() if id(a) not in expert_ids)
     dense += model.embed[0].nbytes - model.embed.nbytes
     k = engine.config.num_experts_per_tok
-    experts = sum(a.nbytes // a.shape[0] * k for a in expert_arrays(engine))
+    experts = sum(a.nbytes // a.shape[0] * k for a in engine.expert_arrays())
     return dense + experts
 
 
@@ -42,7 +38,7 @@ def mapped_bandwidth(engine: Engine) -> float:
     """GB/s reading the mapped checkpoint itself (the first ~1.2 GB of expert weights, which every
     configuration reads), median of runs."""
     chunks, total = [], 0
-    for a in expert_arrays(engine):
+    for a in engine.expert_arrays():
         if total > 1.2e9:
             break
         chunks.append(a.reshape(-1).view(np.uint8))

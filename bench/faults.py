@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cluster import start_node  # noqa: E402  (bench/cluster.py)
+from support import stream_with_fault  # noqa: E402  (tests/support.py)
 
 from coordinator import Engine, cluster  # noqa: E402
 from coordinator.demo import demo_model_dir  # noqa: E402
@@ -64,14 +66,10 @@ def kill_scenario(folder, runs, work) -> dict:
             prompt, params = rng.integers(0, 199_998, 6).tolist(), SamplingParams(temperature=0.8, seed=run)
             expected = [s.token for s in local.stream(prompt, TOKENS, params)]
             victim, kill_at = run % 3, int(rng.integers(1, TOKENS - 2))
-            got, last = [], time.perf_counter()
-            for i, step in enumerate(remote.stream(prompt, TOKENS, params)):
-                now = time.perf_counter()
-                stall, last = max(stall, now - last), now
-                got.append(step.token)
-                if i == kill_at:
-                    nodes[victim][0].kill()
-                    nodes[victim][0].wait()
+            proc = nodes[victim][0]
+            got, run_stall = stream_with_fault(remote, prompt, TOKENS, params, kill_at,
+                                               lambda: (proc.kill(), proc.wait()))
+            stall = max(stall, run_stall)
             identical += got == expected
             nid = node_id_of(experts, nodes[victim][1])
             nodes[victim] = start_node(victim, "--cache-dir", str(work / f"k{victim}"), "--port", ports[victim])

@@ -395,8 +395,7 @@ class RemoteExpertBackend(ExpertBackend):
                 down = {n for n, up in self._up.items() if not up}
                 live = [n for n, up in self._up.items() if up]
                 current = self.placement
-            capacities = [NodeCapacity(n, self.clients[n].info.memory_budget, float(max(self.clients[n].info.cores, 1)))
-                          for n in live]
+            capacities = [node_capacity(n, self.clients[n].info) for n in live]
             repaired = repair_placement(current, capacities, down, self.provisioner.piece_bytes, self.replicas)
             gained = {n: set(repaired.pieces_of(n)) - set(current.pieces_of(n)) for n in live}
             gained = {n: g for n, g in gained.items() if g}
@@ -481,6 +480,11 @@ class ClusterReport:
     rtt_ms: float = 0.0  # median of 5 handshakes, shown in the topology table
 
 
+def node_capacity(node_id: str, info: pb.NodeInfo) -> NodeCapacity:
+    """What the planner weighs a node by: the memory it offers and its cores as its speed."""
+    return NodeCapacity(node_id, info.memory_budget, float(max(info.cores, 1)))
+
+
 def hosted_pieces(info: pb.NodeInfo) -> set[tuple[int, int]]:
     return {(h.layer, e) for h in info.hosted for e in h.experts}
 
@@ -518,7 +522,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
         clients[info.node_id] = c
     piece_bytes = LayerExperts.piece_nbytes(shape)
     if placement is None:
-        capacities = [NodeCapacity(nid, c.info.memory_budget, float(max(c.info.cores, 1))) for nid, c in clients.items()]
+        capacities = [node_capacity(nid, c.info) for nid, c in clients.items()]
         placement = plan_placement(n_layers, shape.n_experts, piece_bytes, capacities, replicas)
     unknown = set(placement.nodes()) - set(clients)
     if unknown:

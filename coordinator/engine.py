@@ -45,9 +45,6 @@ class Q8DenseLinear:
         self.copies = {id(w): native.q8_quantize(w) for w in matrices}
         self._sources = matrices  # keeps the ids above valid
 
-    def arrays(self) -> list[np.ndarray]:
-        return [a for values, scales, _ in self.copies.values() for a in (values, scales)]
-
     def __call__(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         copy = self.copies.get(id(w))
         if copy is None:
@@ -101,19 +98,23 @@ class Engine:
             ckpt.advise_hugepages()
         model = family.build_model(ckpt, linear, experts)
         if dense == "q8":
-            model.linear = Q8DenseLinear(model.matmul_weights())
-            for w in model.matmul_weights():
+            matrices = model.matmul_weights()
+            model.linear = Q8DenseLinear(matrices)
+            for w in matrices:
                 ckpt.release(w)  # read once for the copy; never again
         return cls(ckpt, model, precision)
+
+    def expert_arrays(self) -> list[np.ndarray]:
+        """The experts' weights when they are in-process (none for a cluster)."""
+        return [a for layer in getattr(self.model.experts, "layers", {}).values() for a in vars(layer).values()]
 
     def weight_arrays(self) -> list[np.ndarray]:
         """What this device reads to compute: dense weights (8-bit copies where made) and, when
         the experts are in-process, theirs."""
-        replaced = {id(w) for w in self.model.matmul_weights()} if isinstance(self.model.linear, Q8DenseLinear) else set()
-        arrays = [a for a in self.model.weight_arrays() if id(a) not in replaced]
-        if replaced:
-            arrays += self.model.linear.arrays()
-        return arrays + [a for layer in getattr(self.model.experts, "layers", {}).values() for a in vars(layer).values()]
+        copies = self.model.linear.copies if isinstance(self.model.linear, Q8DenseLinear) else {}
+        arrays = [a for a in self.model.weight_arrays() if id(a) not in copies]
+        arrays += [a for values, scales, _ in copies.values() for a in (values, scales)]
+        return arrays + self.expert_arrays()
 
     def set_tracer(self, tracer) -> None:
         """Trace the model's stages and, for a cluster, every hop (see coordinator.tracing)."""

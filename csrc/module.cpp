@@ -32,6 +32,8 @@ std::string shape_str(const py::array& a) {
     return s.str();
 }
 
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
 // Checks dtype, C-contiguity and (where given, -1 = any) the exact shape of an argument.
 template <typename T>
 const T* in_ptr(const py::array& a, const char* name, std::vector<py::ssize_t> shape) {
@@ -89,7 +91,7 @@ Precision parse_precision(const std::string& p) {
 
 py::array_t<float> py_mxfp4_dequant(const py::array& blocks, const py::array& scales) {
     if (blocks.ndim() < 2) fail("blocks: expected shape (..., n_blocks, 16), got " + shape_str(blocks));
-    std::vector<py::ssize_t> bshape(blocks.shape(), blocks.shape() + blocks.ndim());
+    std::vector<py::ssize_t> bshape = shape_of(blocks);
     if (bshape.back() != Mxfp4::kBlockBytes) fail("blocks: last axis must be 16 bytes, got " + shape_str(blocks));
     std::vector<py::ssize_t> sshape(bshape.begin(), bshape.end() - 1);
     const uint8_t* b = in_ptr<uint8_t>(blocks, "blocks", bshape);
@@ -124,21 +126,21 @@ void py_bf16_matmul(const py::array& x, const py::array& w, const std::optional<
     bf16_matmul(kt, xp, T, K, wp, N, bp, op);
 }
 
-// Shape of an activation array [..., n] with n a multiple of 32, as the q16 functions need.
-void check_q16_shape(const py::array& a, const char* name) {
+// An activation array [..., n] (n a multiple of 32, as the q16 functions need) -> the shape of
+// its per-block scales [..., n/32].
+std::vector<py::ssize_t> q16_scales_shape(const py::array& a, const char* name) {
     if (a.ndim() < 1 || a.shape(a.ndim() - 1) % Q16Block::kBlock)
         fail(std::string(name) + ": last dimension must be a multiple of 32, got " + shape_str(a));
+    std::vector<py::ssize_t> shape = shape_of(a);
+    shape.back() /= Q16Block::kBlock;
+    return shape;
 }
 
-std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
-
 py::tuple py_q16_quantize(const py::array& x) {
-    check_q16_shape(x, "x");
+    const std::vector<py::ssize_t> dshape = q16_scales_shape(x, "x");
     const float* xp = in_ptr<float>(x, "x", shape_of(x));
     const int64_t n = int64_t(x.size());
     check_finite(xp, size_t(n), "x");
-    std::vector<py::ssize_t> dshape = shape_of(x);
-    dshape.back() /= Q16Block::kBlock;
     py::array_t<int16_t> q(shape_of(x));
     py::array_t<float> d(dshape);
     int16_t* qp = q.mutable_data();
@@ -151,11 +153,8 @@ py::tuple py_q16_quantize(const py::array& x) {
 }
 
 py::array_t<float> py_q16_dequantize(const py::array& q, const py::array& d) {
-    check_q16_shape(q, "q");
-    std::vector<py::ssize_t> dshape = shape_of(q);
-    dshape.back() /= Q16Block::kBlock;
     const int16_t* qp = in_ptr<int16_t>(q, "q", shape_of(q));
-    const float* dp = in_ptr<float>(d, "d", dshape);
+    const float* dp = in_ptr<float>(d, "d", q16_scales_shape(q, "q"));
     py::array_t<float> out(shape_of(q));
     float* op = out.mutable_data();
     const int64_t n = int64_t(q.size());

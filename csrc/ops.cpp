@@ -9,12 +9,6 @@
 #include "threadpool.h"
 
 namespace moemesh {
-namespace {
-
-// Rows per task: enough tasks to balance two to a few dozen threads, few enough to amortise.
-constexpr int64_t kRowsPerTask = 256;
-
-}  // namespace
 
 // Symmetric per-32 int16 quantization, round half to even: numpy's q16_quantize, operation for
 // operation in float32, so codes made here and in Python are the same bits.
@@ -35,6 +29,9 @@ void q16_dequantize(const int16_t* q, const float* d, int64_t n, float* out) {
 }
 
 namespace {
+
+// Rows per task: enough tasks to balance two to a few dozen threads, few enough to amortise.
+constexpr int64_t kRowsPerTask = 256;
 
 // Buffers of one moe_experts call, kept per calling thread: fresh ones each call cost page faults
 // (the allocator returns freed memory to the system) on every decoded token.
@@ -207,16 +204,19 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
         for (int64_t a : by_expert[size_t(e)]) tokens_by_expert[size_t(e)].push_back(token_of[size_t(a)]);
 
     const int64_t nb1 = H / Mxfp4::kBlock, nb2 = I / Mxfp4::kBlock;
-    // References: a thread_local named inside the lambdas would be each worker's own, empty one.
-    thread_local Scratch x_scratch_tl, act_scratch_tl;
-    thread_local std::vector<float> h_tl, act_tl;
-    Scratch& x_scratch = x_scratch_tl;
-    Scratch& act_scratch = act_scratch_tl;
-    std::vector<float>& h = h_tl;
-    std::vector<float>& act = act_tl;
+    // This thread's buffers, by reference: a thread_local named inside the lambdas below would be
+    // each worker's own, empty one.
+    struct MoeScratch {
+        Scratch x, act_q;
+        std::vector<float> h, act;
+    };
+    thread_local MoeScratch scratch_tl;
+    MoeScratch& scratch = scratch_tl;
+    std::vector<float>& h = scratch.h;
+    std::vector<float>& act = scratch.act;
     h.resize(static_cast<size_t>(A * 2 * I));
     {
-        Activations xa(kt, precision, x, T, H, x_scratch);
+        Activations xa(kt, precision, x, T, H, scratch.x);
         const auto tasks = make_tasks(2 * I);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -232,7 +232,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
         if (ids[a] >= 0) swiglu_clamped(h.data() + a * 2 * I, I, w.swiglu_alpha, w.swiglu_limit, act.data() + a * I);
     });
     {
-        Activations aa(kt, precision, act.data(), A, I, act_scratch);
+        Activations aa(kt, precision, act.data(), A, I, scratch.act_q);
         const auto tasks = make_tasks(H);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -258,8 +258,8 @@ uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
         // One cache line per step, prefetched as far ahead as the kernels do (the fastest read
         // this machine allows is the fair yardstick for them).
         for (; i + 64 <= end; i += 64) {
-            __builtin_prefetch(buf + i + 8192, 0, 2);
-            __builtin_prefetch(buf + i + 512, 0, 3);
+            __builtin_prefetch(buf + i + kPrefetchFarBytes, 0, 2);
+            __builtin_prefetch(buf + i + kPrefetchBytes, 0, 3);
             for (int j = 0; j < 8; ++j) {
                 uint64_t v;
                 std::memcpy(&v, buf + i + 8 * j, 8);

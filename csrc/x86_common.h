@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "formats.h"
+#include "kernels.h"
 
 namespace moemesh {
 namespace x86 {
@@ -22,13 +23,7 @@ static inline void decode_block_i8(const uint8_t* codes, __m128i* e0, __m128i* e
     *e1 = _mm_unpackhi_epi8(even, odd);
 }
 
-// Weights stream from a file mapping with 4 KiB pages, where hardware prefetchers stop at every
-// page edge; touching 512 bytes ahead keeps the stream going (bf16 unembedding: 20 -> 31 GB/s).
-// A second, far prefetch into L2 covers the memory latency a single core otherwise waits out (a
-// KVM guest's core keeps few misses in flight): MXFP4 decode 12 -> 18 GB/s on one core; 8 KiB
-// ahead measured best for the 2-thread expert decode (4 KiB: 22.6, 8 KiB: 23.5, 32 KiB: 22.9 GB/s).
-constexpr int kPrefetchBytes = 512;
-constexpr int kPrefetchFarBytes = 8192;
+// The near prefetch into L1, the far one into L2 (distances and why: kernels.h).
 static inline void prefetch_ahead(const void* p) {
     _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
     _mm_prefetch(static_cast<const char*>(p) + kPrefetchFarBytes, _MM_HINT_T1);

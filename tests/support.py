@@ -3,6 +3,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -60,3 +61,17 @@ class LinkProcess:
         self.proc.terminate()
         self.proc.wait(10)
         self.proc.stdout.close()
+
+
+def stream_with_fault(engine, prompt, n, params, at, fault) -> tuple[list[int], float]:
+    """Generate n tokens, calling fault() right after token `at` (kill or freeze a node); returns
+    the tokens and the longest gap between two tokens: the stall the failover cost. Shared by the
+    failover tests and bench/faults.py."""
+    tokens, longest, last = [], 0.0, time.perf_counter()
+    for i, step in enumerate(engine.stream(prompt, n, params)):
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+        tokens.append(step.token)
+        if i == at:
+            fault()
+    return tokens, longest

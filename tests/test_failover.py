@@ -11,6 +11,7 @@ from coordinator import Engine, cluster
 from coordinator.sampling import SamplingParams
 from coordinator.tracing import Tracer
 from expert_node.checkpoint import Checkpoint
+from support import stream_with_fault
 
 pytestmark = pytest.mark.timeout(600)
 KILL_RUNS = 20
@@ -46,13 +47,9 @@ def test_kill_minus_nine_mid_generation(tiny_dir, start_node, tmp_path):
         params = SamplingParams(temperature=0.8, seed=run)
         expected = [s.token for s in local.stream(prompt, TOKENS, params)]
         victim, kill_at = run % 3, int(rng.integers(1, TOKENS - 2))
-        got, last = [], time.perf_counter()
-        for i, step in enumerate(remote.stream(prompt, TOKENS, params)):
-            now = time.perf_counter()
-            longest_stall, last = max(longest_stall, now - last), now
-            got.append(step.token)
-            if i == kill_at:
-                nodes[victim].stop(signal.SIGKILL)
+        got, stall = stream_with_fault(remote, prompt, TOKENS, params, kill_at,
+                                       lambda: nodes[victim].stop(signal.SIGKILL))
+        longest_stall = max(longest_stall, stall)
         assert got == expected, f"run {run}: tokens differ after killing node {victim} at token {kill_at}"
         node_id = next(n for n in experts.clients if experts.clients[n].address == nodes[victim].address)
         nodes[victim] = start_node("--no-mdns", "--host", "127.0.0.1", "--port", str(ports[victim]),
@@ -99,11 +96,8 @@ def test_last_resort_is_the_coordinators_own_copy(tiny_dir, start_node):
     remote, local = Engine.load(tiny_dir, "exact", experts=experts), Engine.load(tiny_dir, "exact")
     prompt, params = [9, 10, 11], SamplingParams(temperature=0)
     expected = [s.token for s in local.stream(prompt, 12, params)]
-    got = []
-    for i, step in enumerate(remote.stream(prompt, 12, params)):
-        got.append(step.token)
-        if i == 3:
-            node.stop(signal.SIGKILL)  # the only node: every expert falls back to the coordinator
+    # the only node: every expert falls back to the coordinator
+    got, _ = stream_with_fault(remote, prompt, 12, params, 3, lambda: node.stop(signal.SIGKILL))
     assert got == expected
     experts.close()
 
@@ -136,11 +130,7 @@ def test_placement_is_repaired_onto_live_nodes(tiny_dir, start_node):
     expected = [s.token for s in local.stream(prompt, 16, params)]
     victim = next(n for n, c in experts.clients.items() if c.address == nodes[1].address)
     orphans = set(experts.placement.pieces_of(victim))
-    got = []
-    for i, step in enumerate(remote.stream(prompt, 16, params)):
-        got.append(step.token)
-        if i == 2:
-            nodes[1].stop(signal.SIGKILL)
+    got, _ = stream_with_fault(remote, prompt, 16, params, 2, lambda: nodes[1].stop(signal.SIGKILL))
     assert got == expected
     assert wait_until(lambda: any(what.startswith("repaired") for _, _, what in experts.events), 30), experts.events
     survivors = [n for n in experts.clients if n != victim]
