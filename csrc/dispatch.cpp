@@ -33,13 +33,23 @@ const KernelTable* kernel_table(Isa isa) {
         case Isa::Scalar: return &kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
         case Isa::Avx2: return &kAvx2Kernels;
-        case Isa::Avx512: return &kAvx512Kernels;
+        case Isa::Avx512: return __builtin_cpu_supports("avx512vbmi") ? &kAvx512VbmiKernels : &kAvx512Kernels;
 #endif
 #if defined(__aarch64__)
         case Isa::Neon: return &kNeonKernels;
 #endif
         default: return nullptr;
     }
+}
+
+std::vector<const KernelTable*> all_kernel_tables() {
+    std::vector<const KernelTable*> tables;
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})
+        if (const KernelTable* kt = kernel_table(isa)) tables.push_back(kt);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (kernel_table(Isa::Avx512) == &kAvx512VbmiKernels) tables.push_back(&kAvx512Kernels);
+#endif
+    return tables;
 }
 
 Isa best_isa() {

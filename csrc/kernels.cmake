@@ -15,8 +15,17 @@ target_compile_options(moemesh_kernels PRIVATE -O3 -fno-fast-math -ffp-contract=
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_avx2.cpp ${MOEMESH_CSRC}/kernels_avx512.cpp)
   set_source_files_properties(${MOEMESH_CSRC}/kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
-  set_source_files_properties(${MOEMESH_CSRC}/kernels_avx512.cpp PROPERTIES
-    COMPILE_OPTIONS "-mavx2;-mfma;-mf16c;-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni;-mavx512bf16")
+  set(MOEMESH_AVX512_FLAGS -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512vnni)
+  set_source_files_properties(${MOEMESH_CSRC}/kernels_avx512.cpp PROPERTIES COMPILE_OPTIONS "${MOEMESH_AVX512_FLAGS}")
+  # The same source again with VBMI's byte permutes (Ice Lake, Zen 4 and later): its own table,
+  # chosen at run time; Cascade Lake has VNNI without VBMI and takes the first build.
+  add_library(moemesh_kernels_avx512_vbmi OBJECT ${MOEMESH_CSRC}/kernels_avx512.cpp)
+  set_target_properties(moemesh_kernels_avx512_vbmi PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_include_directories(moemesh_kernels_avx512_vbmi PRIVATE ${MOEMESH_CSRC})
+  target_compile_definitions(moemesh_kernels_avx512_vbmi PRIVATE MOEMESH_VBMI)
+  target_compile_options(moemesh_kernels_avx512_vbmi PRIVATE -O3 -fno-fast-math -ffp-contract=off
+                         ${MOEMESH_AVX512_FLAGS} -mavx512vbmi)
+  target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_avx512_vbmi>)
 elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64")
   target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_neon.cpp)
 endif()

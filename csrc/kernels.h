@@ -4,6 +4,7 @@
 // depends on how tokens or rows were split across threads or requests.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace moemesh {
 
@@ -20,9 +21,12 @@ constexpr int kPrefetchBytes = 512;
 constexpr int kPrefetchFarBytes = 8192;
 
 // Activations of the `fast` precision: int16 per 32-block with one fp32 scale per block.
+// q: codes, d: scale per 32-block, s: sum of each block's codes (what the AVX-512 path needs to
+// take its weights' offset back out).
 struct Q16Row {
     const int16_t* q;
     const float* d;
+    const float* s;
 };
 
 struct KernelTable {
@@ -48,6 +52,7 @@ struct KernelTable {
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
 const KernelTable* kernel_table(Isa isa);  // nullptr when not compiled in or not supported by the CPU
+std::vector<const KernelTable*> all_kernel_tables();  // every table this CPU runs, variants included
 Isa best_isa();
 Isa active_isa();                          // best_isa() unless MOEMESH_ISA forces one
 const char* isa_name(Isa isa);
@@ -57,6 +62,7 @@ extern const KernelTable kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
+extern const KernelTable kAvx512VbmiKernels;  // the same path with VBMI byte permutes
 #endif
 #if defined(__aarch64__)
 extern const KernelTable kNeonKernels;

@@ -1,9 +1,11 @@
 // AVX-512 kernels (F/BW/VL + VNNI; compiled with those flags, selected only when the CPU has them).
-// fp32 path: a block's 32 weights are two zmm registers. int16 path: 4 blocks' weights in four zmm
-// of int16 and VNNI vpdpwssd per token (exact int32 block sums).
+// Built twice: with MOEMESH_VBMI the MXFP4 nibble lookup uses VBMI's vpermb (same results).
+// fp32 path: a block's 32 weights are two zmm registers. Fast path: 16 blocks' weights in eight zmm
+// of offset bytes and 8-bit VNNI (vpdpbusd) against activation codes split into bytes.
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "formats.h"
@@ -51,114 +53,176 @@ inline __m512 half_scales16(int n, const uint8_t* s) {
     return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
 }
 
-// Groups of 4 blocks decode into four int16 registers in which register j, 16-bit lane i holds
-// element 4i + j of the block in its 128-bit lane. The activations (and the Q8 copy's values) are
-// put in that same order once per row by group_layout, so weights never cross a lane and the four
-// products of a group land in one int32 accumulator per block.
-constexpr int kGroup = 4;
+// The fast path on 8-bit VNNI (vpdpbusd: 64 u8 x s8 products per instruction, twice int16's rate
+// and no widening of the weights). Activation codes split into signed bytes, x = 256 * hi + lo
+// (Q16Block::kMax keeps both in [-128, 127]); weights become unsigned bytes with an offset
+// (MXFP4's doubled values + 12, Q8 values + 128), whose share, offset * (sum of the block's codes),
+// is taken back out once per chunk.
+//
+// A chunk is 16 blocks (a row's last one may be shorter), and in every register of a chunk the
+// 32-bit lane k belongs to block k: a block's products all land in one int32 lane, so one convert
+// and one FMA with the 16 blocks' scales finish a chunk (per 4-block group, as before, that work
+// equalled the multiplies themselves). The weights are 8 byte planes W[2c + p], lane k byte m =
+// element 8c + 2m + p of block k; MXFP4 codes get there with a dword transpose (code byte 4c + m
+// of a block holds elements 8c + 2m and + 1 in its nibbles), the Q8 copy is stored that way.
+// Activations: 16 planes, [hi of W's 8 | lo of W's 8]; a short chunk of n blocks keeps planes of
+// 4n bytes, read with masks.
+constexpr int kChunk = 16;
 
-template <typename T>
-void group_layout(T* v, int64_t n_blocks) {
-    T tmp[kGroup * 32];
-    for (int64_t g = 0; g + kGroup <= n_blocks; g += kGroup) {
-        T* grp = v + g * 32;
-        for (int j = 0; j < 4; ++j)          // register j
-            for (int k = 0; k < kGroup; ++k)  // lane k = block k
-                for (int i = 0; i < 8; ++i) tmp[j * 32 + k * 8 + i] = grp[k * 32 + 4 * i + j];
-        std::memcpy(grp, tmp, sizeof(tmp));
+inline __mmask64 lanes_mask(int n) { return n == kChunk ? ~__mmask64(0) : (__mmask64(1) << (4 * n)) - 1; }
+
+inline void split_code(int16_t x, int8_t* hi, int8_t* lo) {
+    const int h = (int(x) + 128) >> 8;
+    *hi = int8_t(h);
+    *lo = int8_t(int(x) - 256 * h);
+}
+
+// Byte (plane, k, m) of a chunk of n blocks, planes of 4n bytes.
+inline int plane_byte(int plane, int n, int k, int m) { return plane * 4 * n + 4 * k + m; }
+
+void activation_layout(int16_t* q, int64_t n_blocks) {
+    int8_t tmp[kChunk * 64];
+    for (int64_t g0 = 0; g0 < n_blocks; g0 += kChunk) {
+        const int n = int(n_blocks - g0 < kChunk ? n_blocks - g0 : kChunk);
+        int16_t* chunk = q + g0 * 32;
+        for (int k = 0; k < n; ++k)
+            for (int e = 0; e < 32; ++e) {
+                const int c = e / 8, m = (e % 8) / 2, p = e % 2;
+                split_code(chunk[k * 32 + e], &tmp[plane_byte(2 * c + p, n, k, m)], &tmp[plane_byte(8 + 2 * c + p, n, k, m)]);
+            }
+        std::memcpy(chunk, tmp, size_t(n * 64));
     }
 }
 
-// MXFP4 rows: 64 code bytes of a group hold element 4i + j of each block as nibble j of 16-bit word
-// i, so three shifts and four 16-bit table lookups decode them (vpermw reads 5 index bits of each
-// word; the 16 doubled values repeated twice make that the low nibble), already signed.
+void q8_weight_layout(int8_t* w, int64_t n_blocks) {
+    int8_t tmp[kChunk * 32];
+    for (int64_t g0 = 0; g0 < n_blocks; g0 += kChunk) {
+        const int n = int(n_blocks - g0 < kChunk ? n_blocks - g0 : kChunk);
+        int8_t* chunk = w + g0 * 32;
+        for (int k = 0; k < n; ++k)
+            for (int e = 0; e < 32; ++e)
+                tmp[plane_byte(2 * (e / 8) + e % 2, n, k, (e % 8) / 2)] = int8_t(chunk[k * 32 + e] ^ 0x80);
+        std::memcpy(chunk, tmp, size_t(n * 32));
+    }
+}
+
+// Constants of the MXFP4 decode, built at compile time (built per call, they cost ~100 cycles a row).
+struct alignas(64) Mxfp4Tables {
+    static constexpr int kOffset = 12;
+    uint8_t offset_values[64];  // nibble -> doubled value + offset, repeated in every 128-bit lane
+    int32_t pick01[16];         // from two 4-block registers: lanes 0-7 dword c of each block, 8-15 dword c+1
+    int32_t pick23[16];         // the same for dwords 2 and 3
+    constexpr Mxfp4Tables() : offset_values{}, pick01{}, pick23{} {
+        for (int i = 0; i < 64; ++i) offset_values[i] = uint8_t(Mxfp4::kDoubled[i & 15] + kOffset);
+        for (int lane = 0; lane < 16; ++lane) {
+            const int c = lane / 8, pos = lane % 8, src = (pos / 4) * 16 + 4 * (pos % 4);
+            pick01[lane] = src + c;
+            pick23[lane] = src + c + 2;
+        }
+    }
+};
+constexpr Mxfp4Tables kMxfp4Tables{};
+
+// MXFP4 rows: 4 loads of 4 blocks, a dword transpose (register c, lane k = code bytes 4c..4c+3 of
+// block k), then a nibble lookup in each 128-bit lane gives offset bytes.
 struct Mxfp4Row {
+    static constexpr float kOffset = float(Mxfp4Tables::kOffset);
     const uint8_t* blocks;
     const uint8_t* scales;
-    __m512i table;
+    __m512i table, pick01, pick23;
 
-    Mxfp4Row(const uint8_t* b, const uint8_t* s) : blocks(b), scales(s) {
-        alignas(64) int16_t t[32];
-        for (int i = 0; i < 32; ++i) t[i] = Mxfp4::kDoubled[i & 15];
-        table = _mm512_load_si512(t);
-    }
+    Mxfp4Row(const uint8_t* b, const uint8_t* s)
+        : blocks(b), scales(s), table(_mm512_load_si512(kMxfp4Tables.offset_values)),
+          pick01(_mm512_load_si512(kMxfp4Tables.pick01)), pick23(_mm512_load_si512(kMxfp4Tables.pick23)) {}
     __m512 scales16(int n, int64_t g0) const { return half_scales16(n, scales + g0); }
-    void group(int64_t g, __m512i w[4]) const {
-        const uint8_t* codes = blocks + g * Mxfp4::kBlockBytes;
-        x86::prefetch_ahead(codes);
-        const __m512i b = _mm512_loadu_si512(codes);
-        w[0] = _mm512_permutexvar_epi16(b, table);
-        w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
-        w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 8), table);
-        w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 12), table);
-    }
-    __m512i one(int64_t g) const {  // a tail block, natural order
-        __m128i e0, e1;
-        x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        return _mm512_cvtepi8_epi16(_mm256_set_m128i(e1, e0));
+    template <bool kFull>
+    void chunk(int64_t g0, int n, __m512i w[8]) const {
+        const uint8_t* codes = blocks + g0 * Mxfp4::kBlockBytes;
+        __m512i a[4];
+        for (int j = 0; j < 4; ++j) {
+            x86::prefetch_ahead(codes + 64 * j);
+            const int in_reg = n - 4 * j < 0 ? 0 : (n - 4 * j > 4 ? 4 : n - 4 * j);
+            a[j] = kFull ? _mm512_loadu_si512(codes + 64 * j)
+                         : _mm512_maskz_loadu_epi8(in_reg == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * in_reg)) - 1,
+                                                   codes + 64 * j);
+        }
+        const __m512i p01 = _mm512_permutex2var_epi32(a[0], pick01, a[1]), p23 = _mm512_permutex2var_epi32(a[0], pick23, a[1]);
+        const __m512i q01 = _mm512_permutex2var_epi32(a[2], pick01, a[3]), q23 = _mm512_permutex2var_epi32(a[2], pick23, a[3]);
+        const __m512i r[4] = {_mm512_shuffle_i64x2(p01, q01, 0x44), _mm512_shuffle_i64x2(p01, q01, 0xEE),
+                              _mm512_shuffle_i64x2(p23, q23, 0x44), _mm512_shuffle_i64x2(p23, q23, 0xEE)};
+#if defined(MOEMESH_VBMI)
+        // vpermb reads 6 index bits: the table repeats every 16 entries, so no masking.
+        for (int c = 0; c < 4; ++c) {
+            w[2 * c] = _mm512_permutexvar_epi8(r[c], table);
+            w[2 * c + 1] = _mm512_permutexvar_epi8(_mm512_srli_epi16(r[c], 4), table);
+        }
+#else
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        for (int c = 0; c < 4; ++c) {
+            w[2 * c] = _mm512_shuffle_epi8(table, _mm512_and_si512(r[c], low));
+            w[2 * c + 1] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(r[c], 4), low));
+        }
+#endif
     }
 };
 
-// Q8 rows: the values were laid out by group_layout when the copy was made; a sign extension each.
+// Q8 rows: the copy holds the 8 planes of each chunk as they are used.
 struct Q8Row {
+    static constexpr float kOffset = 128.f;
     const int8_t* values;
     const uint16_t* scales;
 
     __m512 scales16(int n, int64_t g0) const {
         return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), scales + g0));
     }
-    void group(int64_t g, __m512i w[4]) const {
-        const int8_t* v = values + g * Q8::kBlock;
-        x86::prefetch_ahead(v);
-        x86::prefetch_ahead(v + 64);
-        for (int j = 0; j < 4; ++j)
-            w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * j)));
-    }
-    __m512i one(int64_t g) const {
-        return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + g * Q8::kBlock)));
+    template <bool kFull>
+    void chunk(int64_t g0, int n, __m512i w[8]) const {
+        const int8_t* v = values + g0 * Q8::kBlock;
+        for (int p = 0; p < 8; ++p) {
+            x86::prefetch_ahead(v + 64 * p);
+            w[p] = kFull ? _mm512_loadu_si512(v + 64 * p) : _mm512_maskz_loadu_epi8(lanes_mask(n), v + 4 * n * p);
+        }
     }
 };
 
-// Per 4 blocks and token: one VNNI chain into an int32 accumulator, one convert, one FMA with the
-// blocks' combined scales. Tail blocks (n_blocks % 4) keep natural order, one per step.
-// NT is a template parameter so the accumulators of every token stay in registers.
+// One chunk against one token: int32 sums per block, lane k = block k.
+template <bool kFull>
+inline __m512i chunk_dot(const __m512i w[8], const int8_t* planes, int n) {
+    auto plane = [&](int p) {
+        const int8_t* src = planes + p * 4 * n;
+        return kFull ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8(lanes_mask(n), src);
+    };
+    __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+    for (int p = 0; p < 8; ++p) {
+        hi = _mm512_dpbusd_epi32(hi, w[p], plane(p));
+        lo = _mm512_dpbusd_epi32(lo, w[p], plane(8 + p));
+    }
+    return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+}
+
+// Per chunk and token: one convert and one FMA with the blocks' combined scales, one FNMADD for
+// the offset's share. NT is a template parameter so every token's accumulator stays in a register.
 template <int NT, typename Row>
 void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     __m512 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-    const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const int64_t grouped = n_blocks - n_blocks % kGroup;
-    for (int64_t g0 = 0; g0 < n_blocks; g0 += 16) {
-        const int n = int(n_blocks - g0 < 16 ? n_blocks - g0 : 16);
+    const __m512 offset = _mm512_set1_ps(Row::kOffset);
+    auto step = [&](auto full, int64_t g0, int n) {
+        constexpr bool kFull = decltype(full)::value;
         const __mmask16 m = __mmask16((1u << n) - 1u);
         const __m512 ws = row.scales16(n, g0);
-        __m512 csv[NT];
-        for (int t = 0; t < NT; ++t) csv[t] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
-        int i = 0;
-        for (; i + kGroup <= n && g0 + i + kGroup <= grouped; i += kGroup) {
-            const int64_t g = g0 + i;
-            __m512i w[4];
-            row.group(g, w);
-            const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(i));
-            for (int t = 0; t < NT; ++t) {
-                const int16_t* q = x[t].q + g * 32;
-                __m512i p = _mm512_madd_epi16(w[0], _mm512_loadu_si512(q));
-                p = _mm512_dpwssd_epi32(p, w[1], _mm512_loadu_si512(q + 32));
-                p = _mm512_dpwssd_epi32(p, w[2], _mm512_loadu_si512(q + 64));
-                p = _mm512_dpwssd_epi32(p, w[3], _mm512_loadu_si512(q + 96));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
-            }
+        __m512i w[8];
+        row.template chunk<kFull>(g0, n, w);
+        for (int t = 0; t < NT; ++t) {
+            const __m512 csv = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
+            const __m512i p = chunk_dot<kFull>(w, reinterpret_cast<const int8_t*>(x[t].q + g0 * 32), n);
+            const __m512 sums = _mm512_fnmadd_ps(offset, _mm512_maskz_loadu_ps(m, x[t].s + g0), _mm512_cvtepi32_ps(p));
+            acc[t] = _mm512_fmadd_ps(sums, csv, acc[t]);
         }
-        for (; i < n; ++i) {
-            const int64_t g = g0 + i;
-            const __m512i w = row.one(g);
-            const __m512i idx = _mm512_set1_epi32(i);
-            for (int t = 0; t < NT; ++t) {
-                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512(x[t].q + g * 32));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, csv[t]), acc[t]);
-            }
-        }
-    }
+    };
+    int64_t g0 = 0;
+    for (; g0 + kChunk <= n_blocks; g0 += kChunk) step(std::true_type{}, g0, kChunk);
+    if (g0 < n_blocks) step(std::false_type{}, g0, int(n_blocks - g0));
     for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
 }
 
@@ -201,7 +265,11 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, group_layout<int16_t>, bf16_dot_f32,
-                                    q8_dot_q16, group_layout<int8_t>};
+#if defined(MOEMESH_VBMI)
+const KernelTable kAvx512VbmiKernels =
+#else
+const KernelTable kAvx512Kernels =
+#endif
+    {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout};
 
 }  // namespace moemesh

@@ -37,7 +37,7 @@ constexpr int64_t kRowsPerTask = 256;
 // (the allocator returns freed memory to the system) on every decoded token.
 struct Scratch {
     std::vector<int16_t> q;
-    std::vector<float> d;
+    std::vector<float> d, s;
 };
 
 // Activations of one matmul: fp32 rows, plus their q16 twins (in `scratch`) when the precision is fast.
@@ -47,6 +47,7 @@ struct Activations {
     bool fast_;
     const int16_t* q = nullptr;
     const float* d = nullptr;
+    const float* s = nullptr;
 
     Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k, Scratch& scratch)
         : f32(x), ld(k), fast_(p == Precision::Fast) {
@@ -54,14 +55,24 @@ struct Activations {
         const int64_t nb = k / Q16Block::kBlock;
         scratch.q.resize(size_t(rows * k));
         scratch.d.resize(size_t(rows * nb));
-        q = scratch.q.data(), d = scratch.d.data();
+        scratch.s.resize(size_t(rows * nb));
+        q = scratch.q.data(), d = scratch.d.data(), s = scratch.s.data();
         global_pool().parallel_for(rows, [&](int64_t r) {
             int16_t* qr = scratch.q.data() + r * k;
             q16_quantize(x + r * k, k, qr, scratch.d.data() + r * nb);
+            for (int64_t g = 0; g < nb; ++g) {
+                int32_t sum = 0;
+                for (int i = 0; i < Q16Block::kBlock; ++i) sum += qr[g * Q16Block::kBlock + i];
+                scratch.s[size_t(r * nb + g)] = float(sum);
+            }
             if (kt.q16_layout) kt.q16_layout(qr, nb);
         });
     }
     bool fast() const { return fast_; }
+    Q16Row row(int64_t r) const {
+        const int64_t nb = ld / Q16Block::kBlock;
+        return {q + r * ld, d + r * nb, s + r * nb};
+    }
 };
 
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
@@ -69,7 +80,6 @@ struct Activations {
 void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
                 const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
                 const int64_t* in_rows, const int64_t* out_rows, int64_t n, float* y, int64_t ldy) {
-    const int64_t nbd = act.ld / Q16Block::kBlock;
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
         const uint8_t* rs = scales + r * nb;
@@ -79,10 +89,7 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
             float res[kMaxTokens];
             if (act.fast()) {
                 Q16Row xs[kMaxTokens];
-                for (int j = 0; j < cnt; ++j) {
-                    const int64_t row = in_rows[i0 + j];
-                    xs[j] = {act.q + row * act.ld, act.d + row * nbd};
-                }
+                for (int j = 0; j < cnt; ++j) xs[j] = act.row(in_rows[i0 + j]);
                 kt.mxfp4_dot_q16(rb, rs, nb, xs, cnt, res);
             } else {
                 const float* xs[kMaxTokens];
@@ -172,7 +179,7 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     for_rows_and_token_groups(N, T, [&](int64_t r, int64_t t0, int cnt) {
         Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
-        for (int j = 0; j < cnt; ++j) xs[j] = {act.q + (t0 + j) * K, act.d + (t0 + j) * nb};
+        for (int j = 0; j < cnt; ++j) xs[j] = act.row(t0 + j);
         kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
         for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j];
     });

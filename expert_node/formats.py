@@ -39,12 +39,12 @@ def mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 Q16_BLOCK = 32
-Q16_MAX = 32767.0
+Q16_MAX = 32639.0  # codes split into two signed bytes (csrc/formats.h)
 
 
 def q16_quantize(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Activations [..., n] (n % 32 == 0) -> int16 codes [..., n] and float32 scales [..., n/32]:
-    symmetric per-32 blocks, scale = block max / 32767. The `fast` precision's activation format,
+    symmetric per-32 blocks, scale = block max / 32639. The `fast` precision's activation format,
     both in the expert kernels and on the wire (15 bits per value, 2.125 bytes)."""
     blocks = a.astype(np.float32).reshape(*a.shape[:-1], a.shape[-1] // Q16_BLOCK, Q16_BLOCK)
     d = (np.abs(blocks).max(axis=-1) / np.float32(Q16_MAX)).astype(np.float32)

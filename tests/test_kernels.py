@@ -17,7 +17,7 @@ ISAS = native.available_isas()
 TOL = {"exact": 2e-5, "fast": 2e-4}
 
 
-def random_experts(rng, E=5, H=320, I=160, scale_lo=118, scale_hi=124):
+def random_experts(rng, E=5, H=640, I=544, scale_lo=118, scale_hi=124):
     scales = lambda *s: rng.integers(scale_lo, scale_hi, s, dtype=np.uint8)  # noqa: E731
     bias = lambda *s: f32_to_bf16(rng.standard_normal(s).astype(np.float32) * 0.3)  # noqa: E731
     w = LayerExperts(rng.integers(0, 256, (E, 2 * I, H // 32, 16), dtype=np.uint8), scales(E, 2 * I, H // 32),
@@ -207,8 +207,8 @@ def call(w, x_, ids_, out=None, **kw):
     (lambda w, x, ids: dict(down_scales=w.down_scales[:, :-1].copy()), "down_scales: expected shape"),
     (lambda w, x, ids: dict(gate_up_blocks=w.gate_up_blocks[:4].copy()), "gate_up_scales: expected shape"),
     (lambda w, x, ids: dict(down_bias=w.down_bias.astype(np.float32)), "down_bias: expected dtype uint16"),
-    (lambda w, x, ids: dict(out=np.empty((2, 2, 319), np.float32)), "out: expected shape"),
-    (lambda w, x, ids: dict(out=np.empty((2, 2, 320), np.float32)[...].view()), None),
+    (lambda w, x, ids: dict(out=np.empty((2, 2, 639), np.float32)), "out: expected shape"),
+    (lambda w, x, ids: dict(out=np.empty((2, 2, 640), np.float32)[...].view()), None),
     (lambda w, x, ids: dict(precision="int3"), "precision: expected 'exact' or 'fast'"),
     (lambda w, x, ids: dict(isa="sse9"), "isa: unknown ISA 'sse9'"),
 ])
@@ -225,11 +225,11 @@ def test_bad_calls_raise_value_error(good, mutate, match):
 
 def test_read_only_and_aliased_outputs_are_refused(good):
     w, x, ids = good
-    out = np.empty((2, 2, 320), np.float32)
+    out = np.empty((2, 2, 640), np.float32)
     out.flags.writeable = False
     with pytest.raises(ValueError, match="out: must be writeable"):
         call(w, x, ids, out=out)
     with pytest.raises(ValueError, match="out: must not overlap x"):
-        native.bf16_matmul(x, np.zeros((320, 320), np.uint16), None, x)
+        native.bf16_matmul(x, np.zeros((640, 640), np.uint16), None, x)
     with pytest.raises(ValueError, match="bias: expected shape"):
-        native.bf16_matmul(x, np.zeros((5, 320), np.uint16), np.zeros(4, np.uint16), np.empty((2, 5), np.float32))
+        native.bf16_matmul(x, np.zeros((5, 640), np.uint16), np.zeros(4, np.uint16), np.empty((2, 5), np.float32))

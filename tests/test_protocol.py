@@ -24,7 +24,7 @@ def test_q16_on_the_wire_equals_local_rounding():
     a = (np.random.default_rng(1).standard_normal((5, 96)) * 10).astype(np.float32)
     wire = decode_tensor(encode_tensor(a, "q16"), "x", ("q16",), 2)
     np.testing.assert_array_equal(wire, round_activations(a, "fast"))
-    assert np.abs(wire - a).max() <= np.abs(a).max() / 32767
+    assert np.abs(wire - a).max() <= np.abs(a).max() / 32639
     assert len(encode_tensor(a, "q16").data) == a.size * 2 + a.size // 32 * 4
 
 
