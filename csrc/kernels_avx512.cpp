@@ -134,7 +134,11 @@ struct Mxfp4Row {
     Mxfp4Row(const uint8_t* b, const uint8_t* s)
         : blocks(b), scales(s), table(_mm512_load_si512(kMxfp4Tables.offset_values)),
           pick01(_mm512_load_si512(kMxfp4Tables.pick01)), pick23(_mm512_load_si512(kMxfp4Tables.pick23)) {}
-    __m512 scales16(int n, int64_t g0) const { return half_scales16(n, scales + g0); }
+    __m512 scales16(int n, int64_t g0) const {
+        // The scale stream runs 16x slower than the codes: the same lead in time is 1/16 the bytes.
+        _mm_prefetch(reinterpret_cast<const char*>(scales + g0) + kPrefetchFarBytes / 16, _MM_HINT_T0);
+        return half_scales16(n, scales + g0);
+    }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m512i w[8]) const {
         const uint8_t* codes = blocks + g0 * Mxfp4::kBlockBytes;

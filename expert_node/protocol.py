@@ -41,15 +41,16 @@ class WireError(ValueError):
 def encode_tensor(a: np.ndarray, dtype: str) -> pb.Tensor:
     """float32 -> f32, or q16 (int16 codes then float32 per-32 scales); int32 -> i32."""
     if dtype == "q16":
-        q, d = native.q16_quantize(np.ascontiguousarray(a, np.float32))
-        raw = q.tobytes() + d.tobytes()
+        raw = native.q16_encode(np.ascontiguousarray(a, np.float32))
     else:
         raw = np.ascontiguousarray(a, WIRE_DTYPES[dtype]).tobytes()
     return pb.Tensor(dtype=dtype, shape=list(a.shape), data=raw)
 
 
-def decode_tensor(t: pb.Tensor, name: str, dtypes: tuple[str, ...], ndim: int) -> np.ndarray:
-    """Checked decode: floats come back as float32, ids as int32."""
+def decode_tensor(t: pb.Tensor, name: str, dtypes: tuple[str, ...], ndim: int,
+                  limit: float | None = None) -> np.ndarray:
+    """Checked decode: floats come back as float32, ids as int32. With `limit`, float values must
+    be finite and within ±limit."""
     if t.dtype not in dtypes:
         raise WireError(f"{name}: dtype {t.dtype!r} not accepted here (expected {' or '.join(dtypes)})")
     shape = tuple(t.shape)
@@ -62,10 +63,17 @@ def decode_tensor(t: pb.Tensor, name: str, dtypes: tuple[str, ...], ndim: int) -
     expected = count * dt.itemsize + (count // Q16_BLOCK * 4 if t.dtype == "q16" else 0)
     if len(t.data) != expected:
         raise WireError(f"{name}: {len(t.data)} bytes do not hold {t.dtype}{list(shape)} ({expected} bytes)")
-    a = np.frombuffer(t.data, dt, count=count).reshape(shape)
     if t.dtype == "q16":
-        scales = np.frombuffer(t.data, np.dtype("<f4"), offset=count * 2).reshape(*shape[:-1], -1)
-        return native.q16_dequantize(a, scales)
+        a, peak = native.q16_decode(t.data, count // shape[-1] if shape[-1] else 0, shape[-1])
+        a = a.reshape(shape)
+    else:
+        a = np.frombuffer(t.data, dt, count=count).reshape(shape)
+        peak = native.max_abs(a) if limit is not None and t.dtype == "f32" else 0.0
+    if limit is not None:
+        if not np.isfinite(peak):
+            raise WireError(f"{name}: contains NaN or Inf")
+        if peak > limit:
+            raise WireError(f"{name}: values beyond ±{limit:g}")
     return a
 
 

@@ -46,6 +46,23 @@ def test_native_q16_is_the_numpy_reference_bit_for_bit():
         native.q16_quantize(np.zeros((2, 30), np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["f32", "q16"])
+def test_limits_are_checked_on_decode(dtype):
+    """A receiver's limit: values must be finite and within it, whatever the wire dtype."""
+    a = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(decode_tensor(encode_tensor(a, dtype), "x", (dtype,), 2, limit=10.0),
+                                  decode_tensor(encode_tensor(a, dtype), "x", (dtype,), 2))
+    with pytest.raises(WireError, match=r"x: values beyond ±0.5"):
+        decode_tensor(encode_tensor(a, dtype), "x", (dtype,), 2, limit=0.5)
+    bad = encode_tensor(a, dtype)
+    raw = bytearray(bad.data)
+    nan_at = len(raw) - 4 if dtype == "q16" else 8  # q16: the last block's scale
+    raw[nan_at:nan_at + 4] = np.array([np.nan], "<f4").tobytes()
+    bad.data = bytes(raw)
+    with pytest.raises(WireError, match="x: contains NaN or Inf"):
+        decode_tensor(bad, "x", (dtype,), 2, limit=10.0)
+
+
 @pytest.mark.parametrize("msg,match", [
     (pb.Tensor(dtype="f64", shape=[1, 2], data=b"\0" * 16), "dtype 'f64' not accepted"),
     (pb.Tensor(dtype="f32", shape=[2], data=b"\0" * 8), "expected a 2-D shape"),
