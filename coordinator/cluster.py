@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint
+from expert_node import native
 from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts, NativeExpertBackend
 from expert_node.identity import CHANNEL_TLS_OPTIONS, INSECURE_WARNING, Identity, TrustStore, channel_credentials
 from expert_node.proto import moemesh_pb2 as pb
@@ -327,6 +328,7 @@ class RemoteExpertBackend(ExpertBackend):
                 todo &= ~orphan
             sent = [self._send(node, layer, x, expert_ids, todo & (owner == i))
                     for i, node in enumerate(self._node_ids) if (todo & (owner == i)).any()]
+            native.park_workers()  # spinning kernel threads would take the cores of nodes on this machine
             for node, mask, n_tokens, t0, t1, fut in sent:
                 try:
                     reply = fut.result(timeout=max(0.0, t1 + self.deadlines.deadline(node, n_tokens) - time.perf_counter()))

@@ -349,6 +349,8 @@ PYBIND11_MODULE(_native, m) {
         set_global_threads(n);
     }, py::arg("n"));
     m.def("get_threads", [] { return global_pool().size(); });
+    m.def("park_workers", [] { global_pool().park(); },
+          "Idle kernel threads sleep now rather than spin (call before waiting on the network).");
     m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
     m.def("available_isas", [] {
         std::vector<std::string> names;

@@ -14,6 +14,7 @@ try:
         max_abs,
         moe_experts,
         mxfp4_dequant,
+        park_workers,
         q16_decode,
         q16_dequantize,
         q16_encode,

@@ -213,6 +213,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
                 t_start = time.perf_counter()
                 out = native_experts(native, hosted.weights, self.shape, x, local_ids, request.precision)
                 t_done = time.perf_counter()
+            native.park_workers()  # the next request is a layer away: leave the cores to the device
             y = encode_tensor(out[local_ids >= 0], wire_dtype)
             yield pb.ExpertReply(seq=request.seq, y=y, timing=pb.NodeTiming(
                 decode_us=int((t_dec - t_recv) * 1e6), queue_us=int((t_start - t_dec) * 1e6),
