@@ -75,17 +75,22 @@ struct Activations {
     }
 };
 
+// Tokens per pass over a task's rows: their activations stay in L1 while the rows go by (4
+// tokens' q16 planes are 23 KB at gpt-oss's 2880). Rows outside, tokens inside streamed every
+// token's activations from L2 for each row: prefill 130 -> 185 GFLOP/s (AVX-512, 2 threads).
+constexpr int64_t kTokensPerPass = 4;
+
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
-// activation rows; tokens go through the primitive kMaxTokens at a time.
+// activation rows, kTokensPerPass tokens at a time.
 void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
                 const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
                 const int64_t* in_rows, const int64_t* out_rows, int64_t n, float* y, int64_t ldy) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
-        const uint8_t* rs = scales + r * nb;
-        const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
-        for (int64_t i0 = 0; i0 < n; i0 += kMaxTokens) {
-            const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
+    for (int64_t i0 = 0; i0 < n; i0 += kTokensPerPass) {
+        const int cnt = int(std::min<int64_t>(kTokensPerPass, n - i0));
+        for (int64_t r = r0; r < r1; ++r) {
+            const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
+            const uint8_t* rs = scales + r * nb;
+            const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
             float res[kMaxTokens];
             if (act.fast()) {
                 Q16Row xs[kMaxTokens];
