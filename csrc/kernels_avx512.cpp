@@ -230,30 +230,23 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
 }
 
-// Tokens go through at most 4 at a time: 4 tokens' activation planes (23 KB at gpt-oss's 2880)
-// stay in L1 while a row passes; 8 did not, and prefill ran a fifth slower on L2 reads.
-constexpr int kTokensPerPass = 4;
-
-// A runtime token count -> the instantiations for it.
+// A runtime token count -> the instantiation for it.
 template <typename Row, int... NT>
 void dot_q16(const Row& row, int64_t n_blocks, const Q16Row* x, int n_tok, float* out,
              std::integer_sequence<int, NT...>) {
     using Fn = void (*)(const Row&, int64_t, const Q16Row*, float*);
     static constexpr Fn kVariants[] = {dot_q16_n<NT + 1, Row>...};
-    for (int t0 = 0; t0 < n_tok; t0 += kTokensPerPass) {
-        const int cnt = n_tok - t0 < kTokensPerPass ? n_tok - t0 : kTokensPerPass;
-        kVariants[cnt - 1](row, n_blocks, x + t0, out + t0);
-    }
+    kVariants[n_tok - 1](row, n_blocks, x, out);
 }
 
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
-    dot_q16(Mxfp4Row(blocks, scales), n_blocks, x, n_tok, out, std::make_integer_sequence<int, kTokensPerPass>{});
+    dot_q16(Mxfp4Row(blocks, scales), n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
                 float* out) {
-    dot_q16(Q8Row{w, scales}, n_blocks, x, n_tok, out, std::make_integer_sequence<int, kTokensPerPass>{});
+    dot_q16(Q8Row{w, scales}, n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {

@@ -75,18 +75,13 @@ struct Activations {
     }
 };
 
-// Tokens per pass over a task's rows: their activations stay in L1 while the rows go by (4
-// tokens' q16 planes are 23 KB at gpt-oss's 2880). Rows outside, tokens inside streamed every
-// token's activations from L2 for each row: prefill 130 -> 185 GFLOP/s (AVX-512, 2 threads).
-constexpr int64_t kTokensPerPass = 4;
-
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
-// activation rows, kTokensPerPass tokens at a time.
+// activation rows: kMaxTokens of them at a time pass over all the rows.
 void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
                 const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
                 const int64_t* in_rows, const int64_t* out_rows, int64_t n, float* y, int64_t ldy) {
-    for (int64_t i0 = 0; i0 < n; i0 += kTokensPerPass) {
-        const int cnt = int(std::min<int64_t>(kTokensPerPass, n - i0));
+    for (int64_t i0 = 0; i0 < n; i0 += kMaxTokens) {
+        const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
         for (int64_t r = r0; r < r1; ++r) {
             const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
             const uint8_t* rs = scales + r * nb;
@@ -127,26 +122,22 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
     });
 }
 
-// Calls dot(r, t0, cnt) for every row of [0, N) and every group of up to kMaxTokens tokens, in
-// parallel over row tasks. Within a task, tokens go in blocks that stay in L2 while the task's
-// rows pass by: streaming all of a long prompt's activations once per weight row made prefill
-// projections memory-bound on L3. Each (row, group) is one call, so results do not depend on it.
+// Calls dot(r, t0, cnt) for every row of [0, N) and every pass of up to kMaxTokens tokens, in
+// parallel over row tasks; within a task, each pass goes over all of the task's rows while its
+// activations stay in L1. Each (row, pass) is one call, so results do not depend on the grouping.
 template <typename Dot>
-void for_rows_and_token_groups(int64_t N, int64_t T, const Dot& dot) {
-    constexpr int64_t kTokenBlock = 8 * kMaxTokens;
+void for_rows_and_token_passes(int64_t N, int64_t T, const Dot& dot) {
     const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
     global_pool().parallel_for(n_tasks, [&](int64_t task) {
         const int64_t r0 = task * kRowsPerTask, r1 = std::min(N, r0 + kRowsPerTask);
-        for (int64_t b0 = 0; b0 < T; b0 += kTokenBlock)
-            for (int64_t r = r0; r < r1; ++r)
-                for (int64_t t0 = b0; t0 < std::min(T, b0 + kTokenBlock); t0 += kMaxTokens)
-                    dot(r, t0, int(std::min<int64_t>(kMaxTokens, T - t0)));
+        for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens)
+            for (int64_t r = r0; r < r1; ++r) dot(r, t0, int(std::min<int64_t>(kMaxTokens, T - t0)));
     });
 }
 
 void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
                  int64_t N, const uint16_t* bias, float* y) {
-    for_rows_and_token_groups(N, T, [&](int64_t r, int64_t t0, int cnt) {
+    for_rows_and_token_passes(N, T, [&](int64_t r, int64_t t0, int cnt) {
         const float* xs[kMaxTokens];
         float res[kMaxTokens];
         for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
@@ -181,7 +172,7 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     thread_local Scratch scratch_tl;
     const Activations act(kt, Precision::Fast, x, T, K, scratch_tl);
     const int64_t nb = K / Q8::kBlock;
-    for_rows_and_token_groups(N, T, [&](int64_t r, int64_t t0, int cnt) {
+    for_rows_and_token_passes(N, T, [&](int64_t r, int64_t t0, int cnt) {
         Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
         for (int j = 0; j < cnt; ++j) xs[j] = act.row(t0 + j);
