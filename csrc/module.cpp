@@ -148,7 +148,7 @@ py::tuple py_q16_quantize(const py::array& x) {
     float* dp = d.mutable_data();
     {
         py::gil_scoped_release nogil;
-        q16_quantize(xp, n, qp, dp);
+        q16_quantize_parallel(xp, n, qp, dp);
     }
     return py::make_tuple(q, d);
 }
@@ -160,7 +160,7 @@ py::array_t<float> py_q16_dequantize(const py::array& q, const py::array& d) {
     float* op = out.mutable_data();
     const int64_t n = int64_t(q.size());
     py::gil_scoped_release nogil;
-    q16_dequantize(qp, dp, n, op);
+    q16_dequantize_parallel(qp, dp, n, op);
     return out;
 }
 
@@ -192,7 +192,7 @@ py::bytes py_q16_encode(const py::array& x) {
         py::gil_scoped_release nogil;
         std::vector<int16_t> q(static_cast<size_t>(n));
         std::vector<float> d(static_cast<size_t>(n / Q16Block::kBlock));
-        q16_quantize(xp, n, q.data(), d.data());
+        q16_quantize_parallel(xp, n, q.data(), d.data());
         std::memcpy(p, q.data(), size_t(code_bytes));
         std::memcpy(p + code_bytes, d.data(), d.size() * sizeof(float));
     }
@@ -220,7 +220,7 @@ py::tuple py_q16_decode(const py::bytes& data, int64_t rows, int64_t cols) {
         std::vector<float> d(static_cast<size_t>(nb));
         std::memcpy(q.data(), p, size_t(code_bytes));
         std::memcpy(d.data(), p + code_bytes, d.size() * sizeof(float));
-        q16_dequantize(q.data(), d.data(), n, op);
+        q16_dequantize_parallel(q.data(), d.data(), n, op);
         peak = max_abs(op, n);
     }
     return py::make_tuple(out, peak);

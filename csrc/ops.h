@@ -14,6 +14,9 @@ enum class Precision { Exact = 0, Fast = 1 };
 // expert_node.formats.q16_quantize bit for bit; q16_dequantize its inverse.
 void q16_quantize(const float* x, int64_t n, int16_t* q, float* d);
 void q16_dequantize(const int16_t* q, const float* d, int64_t n, float* out);
+// The same over a whole buffer on the thread pool (not from inside a parallel_for).
+void q16_quantize_parallel(const float* x, int64_t n, int16_t* q, float* d);
+void q16_dequantize_parallel(const int16_t* q, const float* d, int64_t n, float* out);
 
 // out[r, :] = dequantized MXFP4 row r (rows x n_blocks*32).
 void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t n_blocks,
