@@ -80,30 +80,30 @@ inline void split_code(int16_t x, int8_t* hi, int8_t* lo) {
 // Byte (plane, k, m) of a chunk of n blocks, planes of 4n bytes.
 inline int plane_byte(int plane, int n, int k, int m) { return plane * 4 * n + 4 * k + m; }
 
-void activation_layout(int16_t* q, int64_t n_blocks) {
-    int8_t tmp[kChunk * 64];
+// Rewrites a row chunk by chunk: put(value, tmp, n, k, plane, m) places element 8c + 2m + p of
+// block k (weight plane 2c + p) into tmp, which then replaces the chunk's bytes.
+template <typename T, typename Put>
+void relayout_chunks(T* row, int64_t n_blocks, const Put& put) {
+    int8_t tmp[kChunk * 32 * sizeof(T)];
     for (int64_t g0 = 0; g0 < n_blocks; g0 += kChunk) {
         const int n = int(n_blocks - g0 < kChunk ? n_blocks - g0 : kChunk);
-        int16_t* chunk = q + g0 * 32;
+        T* chunk = row + g0 * 32;
         for (int k = 0; k < n; ++k)
-            for (int e = 0; e < 32; ++e) {
-                const int c = e / 8, m = (e % 8) / 2, p = e % 2;
-                split_code(chunk[k * 32 + e], &tmp[plane_byte(2 * c + p, n, k, m)], &tmp[plane_byte(8 + 2 * c + p, n, k, m)]);
-            }
-        std::memcpy(chunk, tmp, size_t(n * 64));
+            for (int e = 0; e < 32; ++e) put(chunk[k * 32 + e], tmp, n, k, 2 * (e / 8) + e % 2, (e % 8) / 2);
+        std::memcpy(chunk, tmp, size_t(n) * 32 * sizeof(T));
     }
 }
 
+void activation_layout(int16_t* q, int64_t n_blocks) {
+    relayout_chunks(q, n_blocks, [](int16_t x, int8_t* tmp, int n, int k, int plane, int m) {
+        split_code(x, &tmp[plane_byte(plane, n, k, m)], &tmp[plane_byte(8 + plane, n, k, m)]);
+    });
+}
+
 void q8_weight_layout(int8_t* w, int64_t n_blocks) {
-    int8_t tmp[kChunk * 32];
-    for (int64_t g0 = 0; g0 < n_blocks; g0 += kChunk) {
-        const int n = int(n_blocks - g0 < kChunk ? n_blocks - g0 : kChunk);
-        int8_t* chunk = w + g0 * 32;
-        for (int k = 0; k < n; ++k)
-            for (int e = 0; e < 32; ++e)
-                tmp[plane_byte(2 * (e / 8) + e % 2, n, k, (e % 8) / 2)] = int8_t(chunk[k * 32 + e] ^ 0x80);
-        std::memcpy(chunk, tmp, size_t(n * 32));
-    }
+    relayout_chunks(w, n_blocks, [](int8_t x, int8_t* tmp, int n, int k, int plane, int m) {
+        tmp[plane_byte(plane, n, k, m)] = int8_t(x ^ 0x80);
+    });
 }
 
 // Constants of the MXFP4 decode, built at compile time (built per call, they cost ~100 cycles a row).
