@@ -69,7 +69,10 @@ inline __m512 half_scales16(int n, const uint8_t* s) {
 // 4n bytes, read with masks.
 constexpr int kChunk = 16;
 
-inline __mmask64 lanes_mask(int n) { return n == kChunk ? ~__mmask64(0) : (__mmask64(1) << (4 * n)) - 1; }
+// The first `bytes` of 64 (all of them at 64).
+inline __mmask64 bytes_mask(int bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
+// A short chunk's n lanes of 4 bytes.
+inline __mmask64 lanes_mask(int n) { return bytes_mask(4 * n); }
 
 inline void split_code(int16_t x, int8_t* hi, int8_t* lo) {
     const int h = (int(x) + 128) >> 8;
@@ -145,10 +148,9 @@ struct Mxfp4Row {
         __m512i a[4];
         for (int j = 0; j < 4; ++j) {
             x86::prefetch_ahead(codes + 64 * j);
-            const int in_reg = n - 4 * j < 0 ? 0 : (n - 4 * j > 4 ? 4 : n - 4 * j);
+            const int in_reg = n - 4 * j < 0 ? 0 : n - 4 * j;  // blocks of a short chunk in register j
             a[j] = kFull ? _mm512_loadu_si512(codes + 64 * j)
-                         : _mm512_maskz_loadu_epi8(in_reg == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * in_reg)) - 1,
-                                                   codes + 64 * j);
+                         : _mm512_maskz_loadu_epi8(bytes_mask(Mxfp4::kBlockBytes * in_reg), codes + 64 * j);
         }
         const __m512i p01 = _mm512_permutex2var_epi32(a[0], pick01, a[1]), p23 = _mm512_permutex2var_epi32(a[0], pick23, a[1]);
         const __m512i q01 = _mm512_permutex2var_epi32(a[2], pick01, a[3]), q23 = _mm512_permutex2var_epi32(a[2], pick23, a[3]);

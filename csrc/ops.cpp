@@ -21,6 +21,16 @@ inline float round_half_even(float v) {
 
 // Blocks per task when a whole buffer is (de)quantized at once.
 constexpr int64_t kQ16BlocksPerTask = 1024;
+
+// Calls fn(first block, block count) over a whole buffer's q16 blocks on the thread pool.
+template <typename Fn>
+void for_q16_block_ranges(int64_t n, const Fn& fn) {
+    const int64_t nb = n / Q16Block::kBlock;
+    global_pool().parallel_for((nb + kQ16BlocksPerTask - 1) / kQ16BlocksPerTask, [&](int64_t task) {
+        const int64_t g0 = task * kQ16BlocksPerTask;
+        fn(g0, std::min(nb, g0 + kQ16BlocksPerTask) - g0);
+    });
+}
 }  // namespace
 
 // Symmetric per-32 int16 quantization, round half to even: numpy's q16_quantize, operation for
@@ -42,18 +52,14 @@ void q16_dequantize(const int16_t* q, const float* d, int64_t n, float* out) {
 }
 
 void q16_quantize_parallel(const float* x, int64_t n, int16_t* q, float* d) {
-    const int64_t nb = n / Q16Block::kBlock;
-    global_pool().parallel_for((nb + kQ16BlocksPerTask - 1) / kQ16BlocksPerTask, [&](int64_t task) {
-        const int64_t g0 = task * kQ16BlocksPerTask, g1 = std::min(nb, g0 + kQ16BlocksPerTask);
-        q16_quantize(x + g0 * Q16Block::kBlock, (g1 - g0) * Q16Block::kBlock, q + g0 * Q16Block::kBlock, d + g0);
+    for_q16_block_ranges(n, [&](int64_t g0, int64_t count) {
+        q16_quantize(x + g0 * Q16Block::kBlock, count * Q16Block::kBlock, q + g0 * Q16Block::kBlock, d + g0);
     });
 }
 
 void q16_dequantize_parallel(const int16_t* q, const float* d, int64_t n, float* out) {
-    const int64_t nb = n / Q16Block::kBlock;
-    global_pool().parallel_for((nb + kQ16BlocksPerTask - 1) / kQ16BlocksPerTask, [&](int64_t task) {
-        const int64_t g0 = task * kQ16BlocksPerTask, g1 = std::min(nb, g0 + kQ16BlocksPerTask);
-        q16_dequantize(q + g0 * Q16Block::kBlock, d + g0, (g1 - g0) * Q16Block::kBlock, out + g0 * Q16Block::kBlock);
+    for_q16_block_ranges(n, [&](int64_t g0, int64_t count) {
+        q16_dequantize(q + g0 * Q16Block::kBlock, d + g0, count * Q16Block::kBlock, out + g0 * Q16Block::kBlock);
     });
 }
 
