@@ -25,6 +25,14 @@ bool cpu_supports(Isa isa) {
         default: return false;
     }
 }
+#if defined(MOEMESH_AMX)
+// AMX tiles when the CPU and kernel allow them, unless MOEMESH_AMX=0 (benchmarks compare the two).
+bool amx_wanted() {
+    const char* env = std::getenv("MOEMESH_AMX");
+    if (env && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512vbmi") && amx_usable();
+}
+#endif
 }  // namespace
 
 const KernelTable* kernel_table(Isa isa) {
@@ -33,7 +41,11 @@ const KernelTable* kernel_table(Isa isa) {
         case Isa::Scalar: return &kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
         case Isa::Avx2: return &kAvx2Kernels;
-        case Isa::Avx512: return __builtin_cpu_supports("avx512vbmi") ? &kAvx512VbmiKernels : &kAvx512Kernels;
+        case Isa::Avx512:
+#if defined(MOEMESH_AMX)
+            if (amx_wanted()) return &kAvx512AmxKernels;
+#endif
+            return __builtin_cpu_supports("avx512vbmi") ? &kAvx512VbmiKernels : &kAvx512Kernels;
 #endif
 #if defined(__aarch64__)
         case Isa::Neon: return &kNeonKernels;
@@ -47,7 +59,11 @@ std::vector<const KernelTable*> all_kernel_tables() {
     for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})
         if (const KernelTable* kt = kernel_table(isa)) tables.push_back(kt);
 #if defined(__x86_64__) || defined(_M_X64)
-    if (kernel_table(Isa::Avx512) == &kAvx512VbmiKernels) tables.push_back(&kAvx512Kernels);
+    // The other builds of the best AVX-512 path this CPU runs (they must agree bit for bit).
+    if (const KernelTable* best = kernel_table(Isa::Avx512)) {
+        if (__builtin_cpu_supports("avx512vbmi") && best != &kAvx512VbmiKernels) tables.push_back(&kAvx512VbmiKernels);
+        if (best != &kAvx512Kernels) tables.push_back(&kAvx512Kernels);
+    }
 #endif
     return tables;
 }

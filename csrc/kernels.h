@@ -32,6 +32,9 @@ struct Q16Row {
     const float* s;
 };
 
+// Tokens per step of a matrix-unit path (AMX: one tile's 16 rows).
+constexpr int kTileTokens = 16;
+
 struct KernelTable {
     const char* name;
     // out[t] = sum_k W[k] * x[t][k], W one MXFP4 row of n_blocks blocks.
@@ -50,6 +53,17 @@ struct KernelTable {
                        float* out);
     // The q16_layout permutation applied to a row of Q8 values, once, when the copy is made.
     void (*q8_layout)(int8_t* w, int64_t n_blocks);
+
+    // Optional (nullptr when absent): a matrix-unit path for many tokens, whose results are
+    // bit-identical to mxfp4_dot_q16's, so any token may take either.
+    // Bytes of one packed group of kTileTokens tokens' activations over n_blocks blocks.
+    int64_t (*q16_tile_bytes)(int64_t n_blocks);
+    // Packs up to kTileTokens laid-out activation rows (the rest are zeros) for mxfp4_tile_q16.
+    void (*q16_tile_pack)(const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
+    // out[(g * n_rows + r) * kTileTokens + t] = sum_k W[r][k] * x[g][t][k] for n_rows consecutive
+    // MXFP4 rows and n_groups consecutive packed groups (each weight row is decoded once).
+    void (*mxfp4_tile_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
+                           const int8_t* packed, int64_t n_groups, float* out);
 };
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
@@ -66,6 +80,10 @@ extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512VbmiKernels;  // the same path with VBMI byte permutes
+#if defined(MOEMESH_AMX)
+extern const KernelTable kAvx512AmxKernels;   // the VBMI build plus AMX tiles for many tokens
+bool amx_usable();                            // the CPU has AMX-INT8 and Linux granted its tile state
+#endif
 #endif
 #if defined(__aarch64__)
 extern const KernelTable kNeonKernels;

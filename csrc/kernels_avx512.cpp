@@ -10,6 +10,8 @@
 
 #include "formats.h"
 #include "kernels.h"
+#include "avx512_layout.h"
+#include "kernels_amx.h"
 #include "x86_common.h"
 
 namespace moemesh {
@@ -42,32 +44,17 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = hsum512(acc[t]);
 }
 
-// The first n of 16 scale bytes -> 2^(s-127) * 0.5 as floats (s = 0 is the denormal 2^-128 after
-// halving); lanes past n are exact zeros. They must not be denormals: an Intel core takes a
-// microcode assist for every denormal operand, which made whole rows several times slower.
-inline __m512 half_scales16(int n, const uint8_t* s) {
-    const __mmask16 m = __mmask16((1u << n) - 1u);
-    const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s));
-    const __mmask16 zero = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
-    const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), zero & m, _mm512_set1_epi32(0x00400000));
-    return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
-}
-
 // The fast path on 8-bit VNNI (vpdpbusd: 64 u8 x s8 products per instruction, twice int16's rate
-// and no widening of the weights). Activation codes split into signed bytes, x = 256 * hi + lo
-// (Q16Block::kMax keeps both in [-128, 127]); weights become unsigned bytes with an offset
-// (MXFP4's doubled values + 12, Q8 values + 128), whose share, offset * (sum of the block's codes),
-// is taken back out once per chunk.
+// and no widening of the weights), in the layout of avx512_layout.h.
 //
-// A chunk is 16 blocks (a row's last one may be shorter), and in every register of a chunk the
-// 32-bit lane k belongs to block k: a block's products all land in one int32 lane, so one convert
-// and one FMA with the 16 blocks' scales finish a chunk (per 4-block group, as before, that work
-// equalled the multiplies themselves). The weights are 8 byte planes W[2c + p], lane k byte m =
-// element 8c + 2m + p of block k; MXFP4 codes get there with a dword transpose (code byte 4c + m
-// of a block holds elements 8c + 2m and + 1 in its nibbles), the Q8 copy is stored that way.
-// Activations: 16 planes, [hi of W's 8 | lo of W's 8]; a short chunk of n blocks keeps planes of
-// 4n bytes, read with masks.
-constexpr int kChunk = 16;
+// In every register of a chunk the 32-bit lane k belongs to block k: a block's products all land
+// in one int32 lane, so one convert and one FMA with the 16 blocks' scales finish a chunk (per
+// 4-block group, as before, that work equalled the multiplies themselves). The weights are 8 byte
+// planes W[2c + e] matching the activations' planes; MXFP4 codes get there with a dword transpose
+// (code byte 4c + m of a block holds elements 8c + 2m and + 1 in its nibbles), the Q8 copy is
+// stored that way. A short chunk's planes are read with masks.
+using avx512::kChunk;
+using avx512::plane_byte;
 
 // The first `bytes` of 64 (all of them at 64).
 inline __mmask64 bytes_mask(int bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
@@ -79,9 +66,6 @@ inline void split_code(int16_t x, int8_t* hi, int8_t* lo) {
     *hi = int8_t(h);
     *lo = int8_t(int(x) - 256 * h);
 }
-
-// Byte (plane, k, m) of a chunk of n blocks, planes of 4n bytes.
-inline int plane_byte(int plane, int n, int k, int m) { return plane * 4 * n + 4 * k + m; }
 
 // Rewrites a row chunk by chunk: put(value, tmp, n, k, plane, m) places element 8c + 2m + p of
 // block k (weight plane 2c + p) into tmp, which then replaces the chunk's bytes.
@@ -109,14 +93,12 @@ void q8_weight_layout(int8_t* w, int64_t n_blocks) {
     });
 }
 
-// Constants of the MXFP4 decode, built at compile time (built per call, they cost ~100 cycles a row).
-struct alignas(64) Mxfp4Tables {
-    static constexpr int kOffset = 12;
-    uint8_t offset_values[64];  // nibble -> doubled value + offset, repeated in every 128-bit lane
+// The dword picks of the MXFP4 transpose, built at compile time (with the nibble table built per
+// call, they cost ~100 cycles a row).
+struct alignas(64) Mxfp4Picks {
     int32_t pick01[16];         // from two 4-block registers: lanes 0-7 dword c of each block, 8-15 dword c+1
     int32_t pick23[16];         // the same for dwords 2 and 3
-    constexpr Mxfp4Tables() : offset_values{}, pick01{}, pick23{} {
-        for (int i = 0; i < 64; ++i) offset_values[i] = uint8_t(Mxfp4::kDoubled[i & 15] + kOffset);
+    constexpr Mxfp4Picks() : pick01{}, pick23{} {
         for (int lane = 0; lane < 16; ++lane) {
             const int c = lane / 8, pos = lane % 8, src = (pos / 4) * 16 + 4 * (pos % 4);
             pick01[lane] = src + c;
@@ -124,23 +106,23 @@ struct alignas(64) Mxfp4Tables {
         }
     }
 };
-constexpr Mxfp4Tables kMxfp4Tables{};
+constexpr Mxfp4Picks kMxfp4Picks{};
 
 // MXFP4 rows: 4 loads of 4 blocks, a dword transpose (register c, lane k = code bytes 4c..4c+3 of
 // block k), then a nibble lookup in each 128-bit lane gives offset bytes.
 struct Mxfp4Row {
-    static constexpr float kOffset = float(Mxfp4Tables::kOffset);
+    static constexpr float kOffset = float(avx512::Mxfp4OffsetBytes::kOffset);
     const uint8_t* blocks;
     const uint8_t* scales;
     __m512i table, pick01, pick23;
 
     Mxfp4Row(const uint8_t* b, const uint8_t* s)
-        : blocks(b), scales(s), table(_mm512_load_si512(kMxfp4Tables.offset_values)),
-          pick01(_mm512_load_si512(kMxfp4Tables.pick01)), pick23(_mm512_load_si512(kMxfp4Tables.pick23)) {}
+        : blocks(b), scales(s), table(_mm512_load_si512(avx512::kMxfp4OffsetBytes.values)),
+          pick01(_mm512_load_si512(kMxfp4Picks.pick01)), pick23(_mm512_load_si512(kMxfp4Picks.pick23)) {}
     __m512 scales16(int n, int64_t g0) const {
         // The scale stream runs 16x slower than the codes: the same lead in time is 1/16 the bytes.
         _mm_prefetch(reinterpret_cast<const char*>(scales + g0) + kPrefetchFarBytes / 16, _MM_HINT_T0);
-        return half_scales16(n, scales + g0);
+        return avx512::half_scales16(n, scales + g0);
     }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m512i w[8]) const {
@@ -277,5 +259,11 @@ const KernelTable kAvx512VbmiKernels =
 const KernelTable kAvx512Kernels =
 #endif
     {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout};
+
+#if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
+const KernelTable kAvx512AmxKernels = {"avx512",          mxfp4_dot_f32,      mxfp4_dot_q16,      activation_layout,
+                                       bf16_dot_f32,      q8_dot_q16,         q8_weight_layout,   amx::q16_tile_bytes,
+                                       amx::q16_tile_pack, amx::mxfp4_tile_q16};
+#endif
 
 }  // namespace moemesh

@@ -352,6 +352,8 @@ PYBIND11_MODULE(_native, m) {
     m.def("park_workers", [] { global_pool().park(); },
           "Idle kernel threads sleep now rather than spin (call before waiting on the network).");
     m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
+    m.def("matrix_tiles", [] { return kernel_table(active_isa())->mxfp4_tile_q16 != nullptr; },
+          "Whether the active path multiplies many tokens' experts on matrix tiles (AMX; MOEMESH_AMX=0 turns it off).");
     m.def("available_isas", [] {
         std::vector<std::string> names;
         for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})

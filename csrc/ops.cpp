@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "formats.h"
@@ -110,17 +111,35 @@ struct Activations {
     }
 };
 
+// The first n of a matmul's activation rows, packed for the matrix unit kTileTokens at a time.
+struct TiledRows {
+    const int8_t* groups = nullptr;
+    int64_t n = 0;
+};
+
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
-// activation rows: kMaxTokens of them at a time pass over all the rows.
+// activation rows: the tiled ones a group at a time, the rest kMaxTokens at a time over all rows.
 void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
                 const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
-                const int64_t* in_rows, const int64_t* out_rows, int64_t n, float* y, int64_t ldy) {
-    for (int64_t i0 = 0; i0 < n; i0 += kMaxTokens) {
+                const int64_t* in_rows, const int64_t* out_rows, int64_t n, const TiledRows& tiled, float* y,
+                int64_t ldy) {
+    auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
+    if (tiled.n > 0) {
+        const int64_t n_groups = (tiled.n + kTileTokens - 1) / kTileTokens, rows = r1 - r0;
+        thread_local std::vector<float> res;
+        res.resize(size_t(n_groups * rows * kTileTokens));
+        kt.mxfp4_tile_q16(blocks + r0 * nb * Mxfp4::kBlockBytes, scales + r0 * nb, nb, rows, tiled.groups, n_groups,
+                          res.data());
+        for (int64_t i = 0; i < tiled.n; ++i) {
+            const float* ri = res.data() + (i / kTileTokens * rows) * kTileTokens + i % kTileTokens;
+            for (int64_t r = r0; r < r1; ++r) y[out_rows[i] * ldy + r] = ri[(r - r0) * kTileTokens] + bias_of(r);
+        }
+    }
+    for (int64_t i0 = tiled.n; i0 < n; i0 += kMaxTokens) {
         const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
         for (int64_t r = r0; r < r1; ++r) {
             const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
             const uint8_t* rs = scales + r * nb;
-            const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
             float res[kMaxTokens];
             if (act.fast()) {
                 Q16Row xs[kMaxTokens];
@@ -131,10 +150,52 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
                 for (int j = 0; j < cnt; ++j) xs[j] = act.f32 + in_rows[i0 + j] * act.ld;
                 kt.mxfp4_dot_f32(rb, rs, nb, xs, cnt, res);
             }
-            for (int j = 0; j < cnt; ++j) y[out_rows[i0 + j] * ldy + r] = res[j] + b;
+            for (int j = 0; j < cnt; ++j) y[out_rows[i0 + j] * ldy + r] = res[j] + bias_of(r);
         }
     }
 }
+
+// Fewest tokens of an expert worth a tile group of kTileTokens (the rest take 4-token passes).
+constexpr int64_t kTileMinTokens = 8;
+
+// Each expert's activation rows packed for the matrix unit (none without one, or when exact).
+class ExpertTiles {
+public:
+    ExpertTiles(const KernelTable& kt, const Activations& act, int64_t nb,
+                const std::vector<std::vector<int64_t>>& rows_by_expert, std::vector<int8_t>& storage) {
+        const size_t E = rows_by_expert.size();
+        first_group_.assign(E, 0);
+        n_tiled_.assign(E, 0);
+        if (!act.fast() || !kt.mxfp4_tile_q16) return;
+        group_bytes_ = kt.q16_tile_bytes(nb);
+        std::vector<std::pair<size_t, int64_t>> jobs;  // (expert, first row of the group)
+        for (size_t e = 0; e < E; ++e) {
+            const int64_t n = int64_t(rows_by_expert[e].size());
+            const int64_t groups = n / kTileTokens + (n % kTileTokens >= kTileMinTokens ? 1 : 0);
+            first_group_[e] = int64_t(jobs.size());
+            n_tiled_[e] = std::min(n, groups * kTileTokens);
+            for (int64_t g = 0; g < groups; ++g) jobs.push_back({e, g * kTileTokens});
+        }
+        // 64-byte aligned: a tile row straddling two cache lines loads at half speed.
+        storage.resize(size_t(int64_t(jobs.size()) * group_bytes_ + 63));
+        groups_ = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+        global_pool().parallel_for(int64_t(jobs.size()), [&](int64_t j) {
+            const auto [e, i0] = jobs[size_t(j)];
+            const int cnt = int(std::min<int64_t>(kTileTokens, n_tiled_[e] - i0));
+            Q16Row xs[kTileTokens];
+            for (int i = 0; i < cnt; ++i) xs[i] = act.row(rows_by_expert[e][size_t(i0 + i)]);
+            kt.q16_tile_pack(xs, cnt, nb, groups_ + j * group_bytes_);
+        });
+    }
+    TiledRows of(int64_t expert) const {
+        return {groups_ + first_group_[size_t(expert)] * group_bytes_, n_tiled_[size_t(expert)]};
+    }
+
+private:
+    int8_t* groups_ = nullptr;
+    int64_t group_bytes_ = 0;
+    std::vector<int64_t> first_group_, n_tiled_;
+};
 
 // gpt-oss activation: gate = min(g, limit), up = clamp(u, -limit, limit),
 // out = gate * sigmoid(alpha * gate) * (up + 1). Rows of h are interleaved (gate even, up odd).
@@ -247,6 +308,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     struct MoeScratch {
         Scratch x, act_q;
         std::vector<float> h, act;
+        std::vector<int8_t> tiles;
     };
     thread_local MoeScratch scratch_tl;
     MoeScratch& scratch = scratch_tl;
@@ -255,6 +317,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     h.resize(static_cast<size_t>(A * 2 * I));
     {
         Activations xa(kt, precision, x, T, H, scratch.x);
+        const ExpertTiles tiles(kt, xa, nb1, tokens_by_expert, scratch.tiles);
         const auto tasks = make_tasks(2 * I);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -262,7 +325,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
             mxfp4_rows(kt, w.gate_up_blocks + t.expert * 2 * I * nb1 * Mxfp4::kBlockBytes,
                        w.gate_up_scales + t.expert * 2 * I * nb1, nb1, w.gate_up_bias + t.expert * 2 * I,
                        t.r0, t.r1, xa, tokens_by_expert[size_t(t.expert)].data(), as.data(),
-                       int64_t(as.size()), h.data(), 2 * I);
+                       int64_t(as.size()), tiles.of(t.expert), h.data(), 2 * I);
         });
     }
     act.resize(static_cast<size_t>(A * I));
@@ -271,13 +334,14 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     });
     {
         Activations aa(kt, precision, act.data(), A, I, scratch.act_q);
+        const ExpertTiles tiles(kt, aa, nb2, by_expert, scratch.tiles);
         const auto tasks = make_tasks(H);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
             const auto& as = by_expert[size_t(t.expert)];
             mxfp4_rows(kt, w.down_blocks + t.expert * H * nb2 * Mxfp4::kBlockBytes,
                        w.down_scales + t.expert * H * nb2, nb2, w.down_bias + t.expert * H, t.r0, t.r1,
-                       aa, as.data(), as.data(), int64_t(as.size()), out, H);
+                       aa, as.data(), as.data(), int64_t(as.size()), tiles.of(t.expert), out, H);
         });
     }
 }

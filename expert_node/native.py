@@ -11,6 +11,7 @@ try:
         available_isas,
         bf16_matmul,
         get_threads,
+        matrix_tiles,
         max_abs,
         moe_experts,
         mxfp4_dequant,

@@ -32,13 +32,13 @@ void expect_close(const char* what, const char* isa, const std::vector<float>& g
 }
 
 struct Inputs {
-    int64_t E = 5, H = 640, I = 544, T = 7, k = 2;  // 20 and 17 blocks: 16-block chunks and tails
+    int64_t E = 5, H = 640, I = 544, T, k = 2;  // 20 and 17 blocks: 16-block chunks and tails
     std::vector<uint8_t> gu_blocks, gu_scales, dn_blocks, dn_scales;
     std::vector<uint16_t> gu_bias, dn_bias;
     std::vector<float> x;
     std::vector<int32_t> ids;
 
-    explicit Inputs(std::mt19937& rng) {
+    Inputs(std::mt19937& rng, int64_t tokens) : T(tokens) {
         std::uniform_int_distribution<int> byte(0, 255), scale(118, 124), expert(-1, int(E) - 1);
         std::normal_distribution<float> normal(0.f, 1.f);
         auto fill = [&](std::vector<uint8_t>& v, size_t n, auto& dist) { v.resize(n); for (auto& b : v) b = uint8_t(dist(rng)); };
@@ -63,29 +63,43 @@ struct Inputs {
     }
 };
 
+void expect(bool ok, const char* isa, const char* what) {
+    std::printf("%-6s %-28s %s\n", isa, what, ok ? "ok" : "FAILED");
+    (ok ? passed : failed)++;
+}
+
 }  // namespace
 
 int main() {
     std::mt19937 rng(1234);
-    Inputs in(rng);
+    // 7 tokens: 4-token passes only; 48: ~19 per expert, so matrix-unit paths (AMX) take groups too.
+    const Inputs few(rng, 7), many(rng, 48);
+    const Inputs& in = few;
     const KernelTable& scalar = *kernel_table(Isa::Scalar);
-    std::map<std::string, std::vector<float>> fast_by_path;  // variants of one path must agree bit for bit
+    // Variants of one path must agree bit for bit: key (path, token count).
+    std::map<std::pair<std::string, int64_t>, std::vector<float>> fast_by_path;
     for (const KernelTable* kt : all_kernel_tables()) {
-        for (Precision p : {Precision::Exact, Precision::Fast}) {
-            std::vector<float> ref(size_t(in.T * in.k * in.H)), got(ref.size());
-            moe_experts(scalar, p, in.weights(), in.x.data(), in.T, in.ids.data(), in.k, ref.data());
-            moe_experts(*kt, p, in.weights(), in.x.data(), in.T, in.ids.data(), in.k, got.data());
-            expect_close(p == Precision::Exact ? "moe_experts exact" : "moe_experts fast", kt->name, got, ref, 2e-5f);
-            if (p != Precision::Fast) continue;
-            const auto seen = fast_by_path.find(kt->name);
-            if (seen == fast_by_path.end()) {
-                fast_by_path.emplace(kt->name, got);
-            } else {
-                const bool same = seen->second == got;
-                std::printf("%-6s %-28s %s\n", kt->name, "variants bit-identical", same ? "ok" : "FAILED");
-                (same ? passed : failed)++;
+        for (const Inputs* inputs : {&few, &many})
+            for (Precision p : {Precision::Exact, Precision::Fast}) {
+                const Inputs& v = *inputs;
+                std::vector<float> ref(size_t(v.T * v.k * v.H)), got(ref.size());
+                moe_experts(scalar, p, v.weights(), v.x.data(), v.T, v.ids.data(), v.k, ref.data());
+                moe_experts(*kt, p, v.weights(), v.x.data(), v.T, v.ids.data(), v.k, got.data());
+                const std::string what = std::string("moe_experts ") + (p == Precision::Exact ? "exact" : "fast") +
+                                         " T=" + std::to_string(v.T);
+                expect_close(what.c_str(), kt->name, got, ref, 2e-5f);
+                if (p != Precision::Fast) continue;
+                // Token by token (4-token passes only) must give what the whole batch gave.
+                std::vector<float> one_by_one(got.size());
+                for (int64_t t = 0; t < v.T; ++t)
+                    moe_experts(*kt, p, v.weights(), v.x.data() + t * v.H, 1, v.ids.data() + t * v.k, v.k,
+                                one_by_one.data() + t * v.k * v.H);
+                expect(one_by_one == got, kt->name, ("token split identical T=" + std::to_string(v.T)).c_str());
+                const auto key = std::make_pair(std::string(kt->name), v.T);
+                const auto seen = fast_by_path.find(key);
+                if (seen == fast_by_path.end()) fast_by_path.emplace(key, got);
+                else expect(seen->second == got, kt->name, ("variants bit-identical T=" + std::to_string(v.T)).c_str());
             }
-        }
         const int64_t N = 37, K = 100, T = 5;
         std::vector<uint16_t> w(size_t(N * K));
         for (size_t i = 0; i < w.size(); ++i) w[i] = uint16_t(0x3C00 + (i * 2654435761u) % 0x1000);
