@@ -55,7 +55,7 @@ struct KernelTable {
     void (*q8_layout)(int8_t* w, int64_t n_blocks);
 
     // Optional (nullptr when absent): a matrix-unit path for many tokens, whose results are
-    // bit-identical to mxfp4_dot_q16's, so any token may take either.
+    // bit-identical to mxfp4_dot_q16's and q8_dot_q16's, so any token may take either.
     // Bytes of one packed group of kTileTokens tokens' activations over n_blocks blocks.
     int64_t (*q16_tile_bytes)(int64_t n_blocks);
     // Packs up to kTileTokens laid-out activation rows (the rest are zeros) for mxfp4_tile_q16.
@@ -64,6 +64,9 @@ struct KernelTable {
     // MXFP4 rows and n_groups consecutive packed groups (each weight row is decoded once).
     void (*mxfp4_tile_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
                            const int8_t* packed, int64_t n_groups, float* out);
+    // The same over n_rows consecutive rows of a Q8 copy (q8_layout's layout).
+    void (*q8_tile_q16)(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
+                        const int8_t* packed, int64_t n_groups, float* out);
 };
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };

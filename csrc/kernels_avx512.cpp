@@ -261,9 +261,9 @@ const KernelTable kAvx512Kernels =
     {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout};
 
 #if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
-const KernelTable kAvx512AmxKernels = {"avx512",          mxfp4_dot_f32,      mxfp4_dot_q16,      activation_layout,
-                                       bf16_dot_f32,      q8_dot_q16,         q8_weight_layout,   amx::q16_tile_bytes,
-                                       amx::q16_tile_pack, amx::mxfp4_tile_q16};
+const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
+                                       bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, amx::q16_tile_bytes,
+                                       amx::q16_tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16};
 #endif
 
 }  // namespace moemesh

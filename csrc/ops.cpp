@@ -158,15 +158,16 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
 // Fewest tokens of an expert worth a tile group of kTileTokens (the rest take 4-token passes).
 constexpr int64_t kTileMinTokens = 8;
 
-// Each expert's activation rows packed for the matrix unit (none without one, or when exact).
-class ExpertTiles {
+// Lists of activation rows (one per expert, or one for a dense matmul), each packed for the matrix
+// unit kTileTokens at a time; none when `enabled` is false (no matrix unit, or exact precision).
+class TileGroups {
 public:
-    ExpertTiles(const KernelTable& kt, const Activations& act, int64_t nb,
-                const std::vector<std::vector<int64_t>>& rows_by_expert, std::vector<int8_t>& storage) {
+    TileGroups(const KernelTable& kt, bool enabled, const Activations& act, int64_t nb,
+               const std::vector<std::vector<int64_t>>& rows_by_expert, std::vector<int8_t>& storage) {
         const size_t E = rows_by_expert.size();
         first_group_.assign(E, 0);
         n_tiled_.assign(E, 0);
-        if (!act.fast() || !kt.mxfp4_tile_q16) return;
+        if (!enabled || !act.fast()) return;
         group_bytes_ = kt.q16_tile_bytes(nb);
         std::vector<std::pair<size_t, int64_t>> jobs;  // (expert, first row of the group)
         for (size_t e = 0; e < E; ++e) {
@@ -266,14 +267,33 @@ void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K,
 void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
                const uint16_t* scales, int64_t N, float* y) {
     thread_local Scratch scratch_tl;
+    thread_local std::vector<int8_t> tile_storage;
     const Activations act(kt, Precision::Fast, x, T, K, scratch_tl);
     const int64_t nb = K / Q8::kBlock;
-    for_rows_and_token_passes(N, T, [&](int64_t r, int64_t t0, int cnt) {
+    std::vector<std::vector<int64_t>> all_rows(1, std::vector<int64_t>(size_t(T)));
+    for (int64_t t = 0; t < T; ++t) all_rows[0][size_t(t)] = t;
+    const TileGroups tiles(kt, kt.q8_tile_q16 != nullptr, act, nb, all_rows, tile_storage);
+    const TiledRows tiled = tiles.of(0);
+    if (tiled.n > 0) {
+        const int64_t n_groups = (tiled.n + kTileTokens - 1) / kTileTokens;
+        global_pool().parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+            const int64_t r0 = task * kRowsPerTask, rows = std::min(N, r0 + kRowsPerTask) - r0;
+            thread_local std::vector<float> res;
+            res.resize(size_t(n_groups * rows * kTileTokens));
+            kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, rows, tiled.groups, n_groups, res.data());
+            for (int64_t t = 0; t < tiled.n; ++t) {
+                const float* rt = res.data() + (t / kTileTokens * rows) * kTileTokens + t % kTileTokens;
+                for (int64_t r = 0; r < rows; ++r) y[t * N + r0 + r] = rt[r * kTileTokens];
+            }
+        });
+    }
+    const int64_t t_rest = tiled.n;
+    for_rows_and_token_passes(N, T - t_rest, [&](int64_t r, int64_t i0, int cnt) {
         Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
-        for (int j = 0; j < cnt; ++j) xs[j] = act.row(t0 + j);
+        for (int j = 0; j < cnt; ++j) xs[j] = act.row(t_rest + i0 + j);
         kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
-        for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j];
+        for (int j = 0; j < cnt; ++j) y[(t_rest + i0 + j) * N + r] = res[j];
     });
 }
 
@@ -317,7 +337,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     h.resize(static_cast<size_t>(A * 2 * I));
     {
         Activations xa(kt, precision, x, T, H, scratch.x);
-        const ExpertTiles tiles(kt, xa, nb1, tokens_by_expert, scratch.tiles);
+        const TileGroups tiles(kt, kt.mxfp4_tile_q16 != nullptr, xa, nb1, tokens_by_expert, scratch.tiles);
         const auto tasks = make_tasks(2 * I);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -334,7 +354,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     });
     {
         Activations aa(kt, precision, act.data(), A, I, scratch.act_q);
-        const ExpertTiles tiles(kt, aa, nb2, by_expert, scratch.tiles);
+        const TileGroups tiles(kt, kt.mxfp4_tile_q16 != nullptr, aa, nb2, by_expert, scratch.tiles);
         const auto tasks = make_tasks(H);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];

@@ -110,7 +110,7 @@ def q8_reference(w_bf16, x):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("T,K,N", [(1, 2880, 70), (9, 320, 33), (3, 128, 1)])
+@pytest.mark.parametrize("T,K,N", [(1, 2880, 70), (9, 320, 33), (3, 128, 1), (40, 608, 300)])
 def test_q8_copy_and_matmul(isa, T, K, N):
     rng = np.random.default_rng(K + T)
     w = f32_to_bf16(rng.standard_normal((N, K)).astype(np.float32) * 0.02)
@@ -123,6 +123,19 @@ def test_q8_copy_and_matmul(isa, T, K, N):
     out = np.empty((T, N), np.float32)
     native.q8_matmul(x, *copy, out, isa=isa)
     assert_close(out, ref, TOL["fast"])  # the only difference left: int16 activation blocks
+
+
+def test_q8_matmul_is_bit_identical_across_token_splits():
+    """40 tokens at once (matrix-unit groups where the CPU has AMX) equal 4-token requests."""
+    rng = np.random.default_rng(8)
+    w = f32_to_bf16(rng.standard_normal((300, 608)).astype(np.float32) * 0.02)
+    x = rng.standard_normal((40, 608)).astype(np.float32)
+    copy = native.q8_quantize(w)
+    whole, parts = np.empty((40, 300), np.float32), np.empty((40, 300), np.float32)
+    native.q8_matmul(x, *copy, whole)
+    for t in range(0, 40, 4):
+        native.q8_matmul(x[t:t + 4], *copy, parts[t:t + 4])
+    np.testing.assert_array_equal(whole, parts)
 
 
 def test_q8_copy_refuses_a_foreign_layout_and_bad_shapes():
