@@ -29,11 +29,11 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   # AMX tiles (Sapphire Rapids and later) where the compiler knows them; used only when the CPU
   # has them and the kernel grants the tile state (dispatch.cpp).
   include(CheckCXXCompilerFlag)
-  check_cxx_compiler_flag("-mamx-tile -mamx-int8" MOEMESH_COMPILER_HAS_AMX)
+  check_cxx_compiler_flag("-mamx-tile -mamx-int8 -mamx-bf16" MOEMESH_COMPILER_HAS_AMX)
   if(MOEMESH_COMPILER_HAS_AMX)
     target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_amx.cpp)
     set_source_files_properties(${MOEMESH_CSRC}/kernels_amx.cpp PROPERTIES COMPILE_OPTIONS
-                                "${MOEMESH_AVX512_FLAGS};-mavx512vbmi;-mamx-tile;-mamx-int8")
+                                "${MOEMESH_AVX512_FLAGS};-mavx512vbmi;-mamx-tile;-mamx-int8;-mamx-bf16")
     target_compile_definitions(moemesh_kernels PUBLIC MOEMESH_AMX)
     target_compile_definitions(moemesh_kernels_avx512_vbmi PRIVATE MOEMESH_AMX)
   endif()

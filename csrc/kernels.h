@@ -29,11 +29,13 @@ constexpr int kPrefetchFarBytes = 8192;
 struct Q16Row {
     const int16_t* q;
     const float* d;
-    const float* s;
+    const int32_t* s;
 };
 
-// Tokens per step of a matrix-unit path (AMX: one tile's 16 rows).
+// Tokens per step of a matrix-unit path (AMX: one tile's 16 columns), and the weight formats it
+// packs activations for.
 constexpr int kTileTokens = 16;
+enum class TileFormat { Mxfp4, Q8 };
 
 struct KernelTable {
     const char* name;
@@ -57,9 +59,9 @@ struct KernelTable {
     // Optional (nullptr when absent): a matrix-unit path for many tokens, whose results are
     // bit-identical to mxfp4_dot_q16's and q8_dot_q16's, so any token may take either.
     // Bytes of one packed group of kTileTokens tokens' activations over n_blocks blocks.
-    int64_t (*q16_tile_bytes)(int64_t n_blocks);
-    // Packs up to kTileTokens laid-out activation rows (the rest are zeros) for mxfp4_tile_q16.
-    void (*q16_tile_pack)(const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
+    int64_t (*tile_group_bytes)(TileFormat format, int64_t n_blocks);
+    // Packs up to kTileTokens laid-out activation rows (the rest are zeros) for one weight format.
+    void (*tile_pack)(TileFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
     // out[(g * n_rows + r) * kTileTokens + t] = sum_k W[r][k] * x[g][t][k] for n_rows consecutive
     // MXFP4 rows and n_groups consecutive packed groups (each weight row is decoded once).
     void (*mxfp4_tile_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,

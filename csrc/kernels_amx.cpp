@@ -1,18 +1,21 @@
 // AMX tiles for the fast path's matmuls over many tokens (Sapphire Rapids and later): MXFP4
-// experts and the Q8 dense copy. One tile multiply gives a block's int32 sums for 16 weight rows x
-// 16 tokens; VNNI needs 8 vpdpbusd per row and token pass of 4 for the same, and decodes MXFP4
-// weights again for every pass.
+// experts and the Q8 dense copy. One tile multiply gives a block's sums for 16 weight rows x 16
+// tokens; VNNI needs 8 vpdpbusd per row and token pass of 4 for the same, and decodes MXFP4
+// weights again for every pass. Weights are decoded once per group of 32 rows for all token groups.
 //
 // The results are bit-identical to the AVX-512 VNNI kernels (mxfp4_dot_q16, q8_dot_q16), so a
-// token may take either path: the same int32 sum per block (offset weight bytes against hi and lo
-// code bytes, recombined as 256 * hi + lo), the same float operations on it, accumulated into 16
-// lanes per output with block b in lane b % 16 in the same order, folded by the same tree. Only
-// the order of the integer products inside a block differs, and integer sums do not care.
+// token may take either path: the same sum per block, the same float operations on it,
+// accumulated into 16 lanes per output with block b in lane b % 16 in the same order, folded by
+// the same tree. Only the order of the products inside a block differs, and exact sums do not care.
 //
-// Tiles: A = 16 weight rows x one block's 32 offset bytes, in activation plane order (dword p =
-// plane p of avx512_layout.h); B = the block's codes of 16 tokens, 4-byte groups interleaved by
-// token (the packed group); C = int32 sums, 16 rows x 16 tokens. Two row tiles, hi and lo codes:
-// C tiles 0-3, A 4-5, B 6-7. Weights are decoded once per group of 32 rows for all token groups.
+// MXFP4 (AMX-BF16): doubled weights and the codes' hi bytes times 256 and lo bytes are integers
+// bf16 holds exactly, and every partial sum of a block stays below 2^24, so TDPBF16PS's fp32
+// accumulation yields the block's exact sum of weights times codes, hi and lo in one C tile,
+// which is what the VNNI kernel converts to float. Q8 (AMX-INT8): its sums can pass 2^24, so
+// offset weight bytes against hi and lo code bytes give two int32 tiles, recombined as the VNNI
+// kernel does. In both, A tile rows are a block's 32 weights in activation plane order (4-element
+// group p = plane p of avx512_layout.h) and a packed group holds the B tiles: the same block of 16
+// tokens, interleaved by token in 2- (bf16) or 4-element (int8) groups.
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -31,8 +34,8 @@ bool amx_usable() {
     static const bool usable = [] {
         unsigned a, b, c, d;
         if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-        const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
-        if (!amx_tile || !amx_int8) return false;
+        const bool amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+        if (!amx_bf16 || !amx_tile || !amx_int8) return false;
         // Linux hands a process the 8 KB tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
         // for XFEATURE_XTILEDATA); threads started later inherit it.
         constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -45,43 +48,64 @@ namespace amx {
 namespace {
 
 constexpr int kRowsPerTile = 16;
-constexpr int kRowGroup = 2 * kRowsPerTile;          // rows per step: two A tiles share the B tiles
-constexpr int kABlockBytes = 32 * kRowGroup;         // one block of a row group's rows, decoded
-constexpr int kPlaneTileBytes = 8 * 64;              // B tile: 8 rows of 4-byte groups x 16 tokens
-// A packed block: B tiles for the hi and lo codes, then the 16 tokens' scales and code sums.
-constexpr int64_t kPackedBlockBytes = 2 * kPlaneTileBytes + 2 * kTileTokens * 4;
+constexpr int kRowGroup = 2 * kRowsPerTile;  // rows per step: two A tiles share the B tiles
+constexpr int kCTileFloats = kRowsPerTile * kTileTokens;
 
 struct alignas(64) TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {};
     uint8_t rows[16] = {};
-    TileConfig() {
-        for (int t = 0; t < 4; ++t) colsb[t] = 64, rows[t] = kRowsPerTile;     // C: 16 rows x 16 int32
-        for (int t = 4; t < 6; ++t) colsb[t] = 32, rows[t] = kRowsPerTile;     // A: 16 rows x 32 bytes
-        for (int t = 6; t < 8; ++t) colsb[t] = 64, rows[t] = 8;                // B: 8 rows x 64 bytes
+    // Tiles 0-3: C (16 rows x 16 32-bit sums); 4-5: A (16 rows of a_bytes); 6-7: B.
+    TileConfig(int a_bytes, int b_rows) {
+        for (int t = 0; t < 4; ++t) colsb[t] = 64, rows[t] = kRowsPerTile;
+        for (int t = 4; t < 6; ++t) colsb[t] = uint16_t(a_bytes), rows[t] = kRowsPerTile;
+        for (int t = 6; t < 8; ++t) colsb[t] = 64, rows[t] = uint8_t(b_rows);
     }
 };
 
-// A row group's decoded offset bytes are block-major so that each A tile is 512 contiguous bytes:
-// a[b * kABlockBytes + r * 32 ..] = block b of row r (rows past n_rows: zeros). A weight format
-// says how to decode them and its scales (as the VNNI kernel has them) into scales[r * n_blocks + b].
+// Block b of a row in plane layout (int16 codes split into bytes, or the Q8 copy), its 32 bytes in
+// plane order: dword p from plane first_plane + p. bytes_per_element: 2 for codes, 1 for Q8.
+inline __m256i plane_order(const int8_t* row, int bytes_per_element, int64_t n_blocks, int64_t b, int first_plane) {
+    const int64_t g0 = b / avx512::kChunk * avx512::kChunk;
+    const int n = int(std::min<int64_t>(avx512::kChunk, n_blocks - g0)), k = int(b - g0);
+    const int8_t* chunk = row + g0 * 32 * bytes_per_element;
+    const __m256i planes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(n));
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(chunk + avx512::plane_byte(first_plane, n, k, 0)),
+                                  planes, 4);
+}
 
-// MXFP4: a zmm of codes is 4 blocks; nibble lookups give each block's low-nibble dwords L0-L3
-// (elements 8c + 0, 2, 4, 6: plane 2c) and high ones H0-H3 (plane 2c + 1), interleaved to
-// L0 H0 L1 H1 L2 H2 L3 H3. The next row group's codes are pulled into L2 meanwhile (32 rows are
-// one contiguous stretch of the matrix).
-struct Mxfp4Rows {
-    static constexpr int kOffset = avx512::Mxfp4OffsetBytes::kOffset;
-    static constexpr int kDecodeBlocks = 4;
+// MXFP4 on AMX-BF16. C tiles 0-1 take even blocks and 2-3 odd ones, so a block's tiles are
+// multiplied while the previous block's are still being stored.
+struct Mxfp4Bf16 {
+    static constexpr int kABytes = 64;                         // 32 bf16 weights per tile row
+    static constexpr int kABlockBytes = kABytes * kRowGroup;   // a block of a row group, decoded
+    static constexpr int kBRows = 16;                          // pairs of K
+    static constexpr int kBTileBytes = kBRows * 64;
+    static constexpr int64_t kPackedBlockBytes = 2 * kBTileBytes + kTileTokens * 4;  // B hi*256, B lo, scales
+
     const uint8_t* blocks;
     const uint8_t* scales;
     int64_t n_blocks, rows_total;
 
+    // a[b * kABlockBytes + r * 64] = block b of row r as bf16 doubled weights (rows past n_rows: 0).
+    // A zmm of codes is 4 blocks: nibbles L (low) and H (high) of dword c are planes 2c and 2c + 1,
+    // interleaved to L0 H0 L1 H1 L2 H2 L3 H3, then widened and looked up as bf16. The next row
+    // group's codes are pulled into L2 meanwhile (32 rows are one stretch of the matrix).
     void decode(int64_t r0, int n_rows, uint8_t* a) const {
-        const __m512i table = _mm512_load_si512(avx512::kMxfp4OffsetBytes.values);
-        // [lane 0 of u0, lane 0 of u1, lane 1 of u0, lane 1 of u1] and the same for lanes 2 and 3.
-        const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-        const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+        alignas(64) static const struct Table {
+            uint16_t bf16[32];
+            Table() : bf16{} {
+                for (int i = 0; i < 32; ++i) {
+                    const float v = float(Mxfp4::kDoubled[i & 15]);
+                    uint32_t bits;
+                    std::memcpy(&bits, &v, 4);
+                    bf16[i] = uint16_t(bits >> 16);  // small integers: exact
+                }
+            }
+        } kTable;
+        const __m512i table = _mm512_load_si512(kTable.bf16), low = _mm512_set1_epi8(0x0F);
+        const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);   // lanes 0, 1 of u0 and u1
+        const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);  // lanes 2, 3
         const int64_t row_bytes = n_blocks * Mxfp4::kBlockBytes;
         const uint8_t* next = blocks + (r0 + kRowGroup) * row_bytes;
         const int64_t next_bytes = std::min<int64_t>(kRowGroup, std::max<int64_t>(0, rows_total - r0 - kRowGroup)) * row_bytes;
@@ -89,106 +113,193 @@ struct Mxfp4Rows {
         for (int r = 0; r < kRowGroup; ++r) {
             for (; prefetched < (r + 1) * next_bytes / kRowGroup; prefetched += 64)
                 _mm_prefetch(reinterpret_cast<const char*>(next) + prefetched, _MM_HINT_T1);
-            for (int64_t g0 = 0; g0 < n_blocks; g0 += kDecodeBlocks) {
-                const int n_blk = int(std::min<int64_t>(kDecodeBlocks, n_blocks - g0));
-                const __mmask64 m = n_blk == kDecodeBlocks ? ~__mmask64(0) : (__mmask64(1) << (16 * n_blk)) - 1;
-                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-                if (r < n_rows) {
-                    const __m512i x = _mm512_maskz_loadu_epi8(m, blocks + (r0 + r) * row_bytes + g0 * Mxfp4::kBlockBytes);
-                    // vpermb reads 6 index bits: the table repeats every 16 entries, so no masking.
-                    lo = _mm512_permutexvar_epi8(x, table);
-                    hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(x, 4), table);
-                }
+            for (int64_t g0 = 0; g0 < n_blocks; g0 += 4) {
+                const int n_blk = int(std::min<int64_t>(4, n_blocks - g0));
+                __m512i x = _mm512_setzero_si512();
+                if (r < n_rows)
+                    x = _mm512_maskz_loadu_epi8(n_blk == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n_blk)) - 1,
+                                                blocks + (r0 + r) * row_bytes + g0 * Mxfp4::kBlockBytes);
+                const __m512i lo = _mm512_and_si512(x, low), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
                 const __m512i u0 = _mm512_unpacklo_epi32(lo, hi), u1 = _mm512_unpackhi_epi32(lo, hi);
                 const __m512i b01 = _mm512_permutex2var_epi64(u0, first, u1), b23 = _mm512_permutex2var_epi64(u0, second, u1);
-                const __m256i pieces[kDecodeBlocks] = {_mm512_castsi512_si256(b01), _mm512_extracti64x4_epi64(b01, 1),
-                                                       _mm512_castsi512_si256(b23), _mm512_extracti64x4_epi64(b23, 1)};
+                const __m256i nibbles[4] = {_mm512_castsi512_si256(b01), _mm512_extracti64x4_epi64(b01, 1),
+                                            _mm512_castsi512_si256(b23), _mm512_extracti64x4_epi64(b23, 1)};
                 for (int i = 0; i < n_blk; ++i)
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + (g0 + i) * kABlockBytes + r * 32), pieces[i]);
+                    _mm512_storeu_si512(a + (g0 + i) * kABlockBytes + r * kABytes,
+                                        _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles[i]), table));
             }
         }
     }
     __m512 scales16(int64_t r, int64_t g0, int n) const { return avx512::half_scales16(n, scales + r * n_blocks + g0); }
+
+    // C tiles of block b: both row tiles, hi*256 and lo products summed in one tile each.
+    static void multiply(int64_t b, const uint8_t* a_block, const int8_t* pb) {
+        if (b % 2 == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+        } else {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        _tile_loadd(4, a_block, kABytes);
+        _tile_loadd(5, a_block + kRowsPerTile * kABytes, kABytes);
+        _tile_loadd(6, pb, 64);
+        _tile_loadd(7, pb + kBTileBytes, 64);
+        if (b % 2 == 0) {
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(0, 4, 7);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(1, 5, 7);
+        } else {
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    static void store(int64_t b, float* c) {
+        if (b % 2 == 0) {
+            _tile_stored(0, c, 64);
+            _tile_stored(1, c + kCTileFloats, 64);
+        } else {
+            _tile_stored(2, c, 64);
+            _tile_stored(3, c + kCTileFloats, 64);
+        }
+    }
+    // Row r's exact block sums (16 tokens) from the stored C tiles.
+    static __m512 sums(const float* c, int r, const int8_t*) { return _mm512_load_ps(c + r * kTileTokens); }
+    static const float* code_scales(const int8_t* pb) { return reinterpret_cast<const float*>(pb + 2 * kBTileBytes); }
+
+    // B row j holds plane-order elements 2j and 2j + 1 of each token: [hi * 256 tile | lo tile | scales].
+    static void pack(const Q16Row* x, int n_tok, int64_t nb, int8_t* packed) {
+        const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16));  // dword index of row j, token 0
+        auto bf16_pairs = [](__m256i bytes, float scale) {
+            auto half = [&](__m128i b) {
+                const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
+                return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));  // exact: small integers
+            };
+            return _mm512_inserti64x4(_mm512_castsi256_si512(half(_mm256_castsi256_si128(bytes))),
+                                      half(_mm256_extracti128_si256(bytes, 1)), 1);
+        };
+        for (int t = 0; t < n_tok; ++t) {
+            const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
+            for (int64_t b = 0; b < nb; ++b) {
+                int8_t* pb = packed + b * kPackedBlockBytes;
+                _mm512_i32scatter_epi32(pb + 4 * t, rows, bf16_pairs(plane_order(codes, 2, nb, b, 0), 256.f), 4);
+                _mm512_i32scatter_epi32(pb + kBTileBytes + 4 * t, rows, bf16_pairs(plane_order(codes, 2, nb, b, 8), 1.f), 4);
+                reinterpret_cast<float*>(pb + 2 * kBTileBytes)[t] = x[t].d[b];
+            }
+        }
+    }
 };
 
-// Q8: the copy is already offset bytes in plane layout; a block's 8 dwords are gathered from its
-// chunk's 8 planes.
-struct Q8Rows {
-    static constexpr int kOffset = 128;
+// Q8 on AMX-INT8: offset bytes against hi and lo code bytes, two int32 C tiles per row tile.
+struct Q8Int8 {
+    static constexpr int kABytes = 32;                         // 32 offset weight bytes per tile row
+    static constexpr int kABlockBytes = kABytes * kRowGroup;
+    static constexpr int kBRows = 8;                           // 4-byte groups of K
+    static constexpr int kBTileBytes = kBRows * 64;
+    static constexpr int64_t kPackedBlockBytes = 2 * kBTileBytes + 2 * kTileTokens * 4;  // B hi, B lo, scales, sums
+    static constexpr float kOffset = 128.f;
+
     const int8_t* values;
     const uint16_t* scales;
-    int64_t n_blocks;
+    int64_t n_blocks, rows_total;
 
+    // The copy is already offset bytes in plane layout: a block's 8 dwords come from its chunk's planes.
     void decode(int64_t r0, int n_rows, uint8_t* a) const {
         const int64_t row_bytes = n_blocks * Q8::kBlock;
         for (int r = 0; r < kRowGroup; ++r)
-            for (int64_t g0 = 0; g0 < n_blocks; g0 += avx512::kChunk) {
-                const int n = int(std::min<int64_t>(avx512::kChunk, n_blocks - g0));
-                const int8_t* chunk = values + (r0 + r) * row_bytes + g0 * Q8::kBlock;
-                const __m256i planes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(n));
-                for (int k = 0; k < n; ++k) {
-                    const __m256i v = r < n_rows ? _mm256_i32gather_epi32(reinterpret_cast<const int*>(chunk) + k, planes, 4)
-                                                 : _mm256_setzero_si256();
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + (g0 + k) * kABlockBytes + r * 32), v);
-                }
+            for (int64_t b = 0; b < n_blocks; ++b) {
+                const __m256i v = r < n_rows ? plane_order(values + (r0 + r) * row_bytes, 1, n_blocks, b, 0)
+                                             : _mm256_setzero_si256();
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + b * kABlockBytes + r * kABytes), v);
             }
     }
     __m512 scales16(int64_t r, int64_t g0, int n) const {
         return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), scales + r * n_blocks + g0));
     }
-};
 
-// acc[lane][row] (16 tokens each) += this block's products, as the VNNI kernel does per lane:
-// sums = float(256 * hi + lo) - offset * (sum of codes), acc = sums * (weight scale * code scale) + acc.
-void accumulate_block(const int32_t* c, const int8_t* packed_block, float weight_offset, const float* row_scales,
-                      int64_t n_blocks, int n_rows, __m512* acc_lane) {
-    const __m512 offset = _mm512_set1_ps(weight_offset);
-    const float* d = reinterpret_cast<const float*>(packed_block + 2 * kPlaneTileBytes);
-    const __m512 code_scales = _mm512_loadu_ps(d), code_sums = _mm512_loadu_ps(d + kTileTokens);
-    for (int r = 0; r < n_rows; ++r) {
-        const int32_t* hi = c + (r / kRowsPerTile) * 2 * 256 + (r % kRowsPerTile) * kTileTokens;
-        const __m512i p = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi), 8), _mm512_load_si512(hi + 256));
-        const __m512 sums = _mm512_fnmadd_ps(offset, code_sums, _mm512_cvtepi32_ps(p));
-        const __m512 csv = _mm512_mul_ps(_mm512_set1_ps(row_scales[r * n_blocks]), code_scales);
-        acc_lane[r] = _mm512_fmadd_ps(sums, csv, acc_lane[r]);
-    }
-}
-
-// One token group against a decoded row group (a, scales[row][block]): out[r * 16 + t].
-void token_group(const uint8_t* a, float weight_offset, const float* scales, int64_t n_blocks, int n_rows,
-                 const int8_t* packed, float* out) {
-    alignas(64) int32_t c[2][4 * 256];  // two blocks in flight: C tiles of block b land in c[b % 2]
-    __m512 acc[avx512::kChunk][kRowGroup];
-    for (auto& lane : acc)
-        for (auto& v : lane) v = _mm512_setzero_ps();
-    // The vector work of block b - 1 runs while the matrix unit multiplies the tiles of block b.
-    auto finish = [&](int64_t b) {
-        accumulate_block(c[b % 2], packed + b * kPackedBlockBytes, weight_offset, scales + b, n_blocks, n_rows,
-                         acc[b % avx512::kChunk]);
-    };
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const int8_t* pb = packed + b * kPackedBlockBytes;
+    // C tiles: 0 hi / 1 lo of row tile 0, 2 / 3 of row tile 1.
+    static void multiply(int64_t, const uint8_t* a_block, const int8_t* pb) {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        _tile_loadd(4, a + b * kABlockBytes, 32);
-        _tile_loadd(5, a + b * kABlockBytes + kRowsPerTile * 32, 32);
+        _tile_loadd(4, a_block, kABytes);
+        _tile_loadd(5, a_block + kRowsPerTile * kABytes, kABytes);
         _tile_loadd(6, pb, 64);
-        _tile_loadd(7, pb + kPlaneTileBytes, 64);
+        _tile_loadd(7, pb + kBTileBytes, 64);
         _tile_dpbusd(0, 4, 6);
         _tile_dpbusd(1, 4, 7);
         _tile_dpbusd(2, 5, 6);
         _tile_dpbusd(3, 5, 7);
-        if (b > 0) finish(b - 1);
-        int32_t* cb = c[b % 2];
-        _tile_stored(0, cb, 64);
-        _tile_stored(1, cb + 256, 64);
-        _tile_stored(2, cb + 512, 64);
-        _tile_stored(3, cb + 768, 64);
     }
-    finish(n_blocks - 1);
-    // The VNNI kernel's short last chunk adds 0 * 0 to the lanes it has no block for (-0 -> +0).
+    static void store(int64_t, float* c) {
+        _tile_stored(0, c, 64);
+        _tile_stored(1, c + kCTileFloats, 64);
+        _tile_stored(2, c + 2 * kCTileFloats, 64);
+        _tile_stored(3, c + 3 * kCTileFloats, 64);
+    }
+    // float(256 * hi + lo) - offset * (sum of codes), as q8_dot_q16's block_sums.
+    static __m512 sums(const float* c, int r, const int8_t* pb) {
+        const int32_t* hi = reinterpret_cast<const int32_t*>(c) + (r / kRowsPerTile) * 2 * kCTileFloats +
+                            (r % kRowsPerTile) * kTileTokens;
+        const __m512i p = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi), 8), _mm512_load_si512(hi + kCTileFloats));
+        const __m512 code_sums = _mm512_loadu_ps(code_scales(pb) + kTileTokens);
+        return _mm512_fnmadd_ps(_mm512_set1_ps(kOffset), code_sums, _mm512_cvtepi32_ps(p));
+    }
+    static const float* code_scales(const int8_t* pb) { return reinterpret_cast<const float*>(pb + 2 * kBTileBytes); }
+
+    // B row j holds plane j's 4 bytes of each token: [hi tile | lo tile | scales | code sums].
+    static void pack(const Q16Row* x, int n_tok, int64_t nb, int8_t* packed) {
+        for (int t = 0; t < n_tok; ++t) {
+            const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
+            for (int64_t b = 0; b < nb; ++b) {
+                const int64_t g0 = b / avx512::kChunk * avx512::kChunk;
+                const int n = int(std::min<int64_t>(avx512::kChunk, nb - g0)), k = int(b - g0);
+                const int8_t* chunk = codes + g0 * 32 * 2;
+                int8_t* pb = packed + b * kPackedBlockBytes;
+                for (int j = 0; j < 8; ++j) {
+                    std::memcpy(pb + j * 64 + 4 * t, chunk + avx512::plane_byte(j, n, k, 0), 4);
+                    std::memcpy(pb + kBTileBytes + j * 64 + 4 * t, chunk + avx512::plane_byte(8 + j, n, k, 0), 4);
+                }
+                float* d = reinterpret_cast<float*>(pb + 2 * kBTileBytes);
+                d[t] = x[t].d[b];
+                d[kTileTokens + t] = float(x[t].s[b]);
+            }
+        }
+    }
+};
+
+// One token group against a decoded row group (a; scales[r * n_blocks + b]): out[r * 16 + t].
+// acc[lane][row] (16 tokens each) = sums * (weight scale * code scale) + acc, per block, as the
+// VNNI kernels do per lane.
+template <typename Format>
+void token_group(const uint8_t* a, const float* scales, int64_t n_blocks, int n_rows, const int8_t* packed,
+                 float* out) {
+    alignas(64) float c[2][4 * kCTileFloats];  // two blocks in flight: C tiles of block b land in c[b % 2]
+    __m512 acc[avx512::kChunk][kRowGroup];
+    for (auto& lane : acc)
+        for (auto& v : lane) v = _mm512_setzero_ps();
+    auto accumulate = [&](int64_t b) {
+        const int8_t* pb = packed + b * Format::kPackedBlockBytes;
+        const __m512 code_scales = _mm512_loadu_ps(Format::code_scales(pb));
+        __m512* acc_lane = acc[b % avx512::kChunk];
+        for (int r = 0; r < n_rows; ++r) {
+            const __m512 csv = _mm512_mul_ps(_mm512_set1_ps(scales[r * n_blocks + b]), code_scales);
+            acc_lane[r] = _mm512_fmadd_ps(Format::sums(c[b % 2], r, pb), csv, acc_lane[r]);
+        }
+    };
+    // The vector work of block b - 1 runs while the matrix unit multiplies the tiles of block b.
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        Format::multiply(b, a + b * Format::kABlockBytes, packed + b * Format::kPackedBlockBytes);
+        if (b > 0) accumulate(b - 1);
+        Format::store(b, c[b % 2]);
+    }
+    accumulate(n_blocks - 1);
+    // The VNNI kernels' short last chunk adds 0 * 0 to the lanes it has no block for (-0 -> +0).
     if (n_blocks % avx512::kChunk)
         for (int k = int(n_blocks % avx512::kChunk); k < avx512::kChunk; ++k)
             for (int r = 0; r < n_rows; ++r) acc[k][r] = _mm512_add_ps(acc[k][r], _mm512_setzero_ps());
@@ -203,13 +314,13 @@ void token_group(const uint8_t* a, float weight_offset, const float* scales, int
 }
 
 // out[(g * n_rows + r) * 16 + t] for every row and token group.
-template <typename Rows>
-void tile_matmul(const Rows& rows, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out) {
-    static const TileConfig kConfig;
-    const int64_t nb = rows.n_blocks;
+template <typename Format>
+void tile_matmul(const Format& rows, const int8_t* packed, int64_t n_groups, float* out) {
+    static const TileConfig kConfig(Format::kABytes, Format::kBRows);
+    const int64_t nb = rows.n_blocks, n_rows = rows.rows_total;
     thread_local std::vector<uint8_t> a;
     thread_local std::vector<float> row_scales;
-    a.resize(size_t(nb * kABlockBytes + 63));  // tile rows must not straddle cache lines
+    a.resize(size_t(nb * Format::kABlockBytes + 63));  // tile rows must not straddle cache lines
     uint8_t* a_tiles = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(a.data()) + 63) & ~uintptr_t(63));
     row_scales.resize(size_t(nb * kRowGroup));
     _tile_loadconfig(&kConfig);
@@ -223,44 +334,35 @@ void tile_matmul(const Rows& rows, int64_t n_rows, const int8_t* packed, int64_t
                                       rows.scales16(r0 + r, g0, blocks));
             }
         for (int64_t g = 0; g < n_groups; ++g)
-            token_group(a_tiles, float(Rows::kOffset), row_scales.data(), nb, n, packed + g * q16_tile_bytes(nb),
-                        out + (g * n_rows + r0) * kTileTokens);
+            token_group<Format>(a_tiles, row_scales.data(), nb, n, packed + g * nb * Format::kPackedBlockBytes,
+                                out + (g * n_rows + r0) * kTileTokens);
     }
     _tile_release();  // the 8 KB tile state need not be saved at every context switch
 }
 
+template <typename Format>
+int64_t packed_bytes(int64_t n_blocks) { return n_blocks * Format::kPackedBlockBytes; }
+
 }  // namespace
 
-int64_t q16_tile_bytes(int64_t n_blocks) { return n_blocks * kPackedBlockBytes; }
+int64_t tile_group_bytes(TileFormat format, int64_t n_blocks) {
+    return format == TileFormat::Mxfp4 ? packed_bytes<Mxfp4Bf16>(n_blocks) : packed_bytes<Q8Int8>(n_blocks);
+}
 
-void q16_tile_pack(const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
-    std::memset(packed, 0, size_t(q16_tile_bytes(n_blocks)));
-    for (int t = 0; t < n_tok; ++t) {
-        const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            const int64_t g0 = b / avx512::kChunk * avx512::kChunk;
-            const int n = int(std::min<int64_t>(avx512::kChunk, n_blocks - g0)), k = int(b - g0);
-            const int8_t* chunk = codes + g0 * 32 * 2;
-            int8_t* pb = packed + b * kPackedBlockBytes;
-            for (int j = 0; j < 8; ++j) {
-                std::memcpy(pb + j * 64 + 4 * t, chunk + avx512::plane_byte(j, n, k, 0), 4);
-                std::memcpy(pb + kPlaneTileBytes + j * 64 + 4 * t, chunk + avx512::plane_byte(8 + j, n, k, 0), 4);
-            }
-            float* d = reinterpret_cast<float*>(pb + 2 * kPlaneTileBytes);
-            d[t] = x[t].d[b];
-            d[kTileTokens + t] = x[t].s[b];
-        }
-    }
+void tile_pack(TileFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
+    std::memset(packed, 0, size_t(tile_group_bytes(format, n_blocks)));
+    if (format == TileFormat::Mxfp4) Mxfp4Bf16::pack(x, n_tok, n_blocks, packed);
+    else Q8Int8::pack(x, n_tok, n_blocks, packed);
 }
 
 void mxfp4_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
                     const int8_t* packed, int64_t n_groups, float* out) {
-    tile_matmul(Mxfp4Rows{blocks, scales, n_blocks, n_rows}, n_rows, packed, n_groups, out);
+    tile_matmul(Mxfp4Bf16{blocks, scales, n_blocks, n_rows}, packed, n_groups, out);
 }
 
 void q8_tile_q16(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
                  const int8_t* packed, int64_t n_groups, float* out) {
-    tile_matmul(Q8Rows{values, scales, n_blocks}, n_rows, packed, n_groups, out);
+    tile_matmul(Q8Int8{values, scales, n_blocks, n_rows}, packed, n_groups, out);
 }
 
 }  // namespace amx

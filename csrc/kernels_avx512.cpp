@@ -111,7 +111,14 @@ constexpr Mxfp4Picks kMxfp4Picks{};
 // MXFP4 rows: 4 loads of 4 blocks, a dword transpose (register c, lane k = code bytes 4c..4c+3 of
 // block k), then a nibble lookup in each 128-bit lane gives offset bytes.
 struct Mxfp4Row {
-    static constexpr float kOffset = float(avx512::Mxfp4OffsetBytes::kOffset);
+    // The offset's share comes out in int32, leaving each block's exact sum of doubled weights
+    // times codes (|sum| <= 32 * 12 * 32639 < 2^24, so the convert is exact too): the AMX tiles
+    // reach the same float by multiplying bf16 integers (kernels_amx.cpp).
+    static __m512 block_sums(__m512i p, __m512i code_sums) {
+        static_assert(avx512::Mxfp4OffsetBytes::kOffset == 12, "the share is 8 s + 4 s");
+        const __m512i share = _mm512_add_epi32(_mm512_slli_epi32(code_sums, 3), _mm512_slli_epi32(code_sums, 2));
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(p, share));
+    }
     const uint8_t* blocks;
     const uint8_t* scales;
     __m512i table, pick01, pick23;
@@ -156,7 +163,10 @@ struct Mxfp4Row {
 
 // Q8 rows: the copy holds the 8 planes of each chunk as they are used.
 struct Q8Row {
-    static constexpr float kOffset = 128.f;
+    // Q8 sums can pass 2^24 (32 * 127 * 32639), so they are floats before the offset's share goes.
+    static __m512 block_sums(__m512i p, __m512i code_sums) {
+        return _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_cvtepi32_ps(code_sums), _mm512_cvtepi32_ps(p));
+    }
     const int8_t* values;
     const uint16_t* scales;
 
@@ -188,13 +198,12 @@ inline __m512i chunk_dot(const __m512i w[8], const int8_t* planes, int n) {
     return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
 }
 
-// Per chunk and token: one convert and one FMA with the blocks' combined scales, one FNMADD for
-// the offset's share. NT is a template parameter so every token's accumulator stays in a register.
+// Per chunk and token: the offset's share out (Row::block_sums), one FMA with the blocks' combined
+// scales. NT is a template parameter so every token's accumulator stays in a register.
 template <int NT, typename Row>
 void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     __m512 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-    const __m512 offset = _mm512_set1_ps(Row::kOffset);
     auto step = [&](auto full, int64_t g0, int n) {
         constexpr bool kFull = decltype(full)::value;
         const __mmask16 m = __mmask16((1u << n) - 1u);
@@ -204,7 +213,7 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
         for (int t = 0; t < NT; ++t) {
             const __m512 csv = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, x[t].d + g0));
             const __m512i p = chunk_dot<kFull>(w, reinterpret_cast<const int8_t*>(x[t].q + g0 * 32), n);
-            const __m512 sums = _mm512_fnmadd_ps(offset, _mm512_maskz_loadu_ps(m, x[t].s + g0), _mm512_cvtepi32_ps(p));
+            const __m512 sums = Row::block_sums(p, _mm512_maskz_loadu_epi32(m, x[t].s + g0));
             acc[t] = _mm512_fmadd_ps(sums, csv, acc[t]);
         }
     };
@@ -262,8 +271,8 @@ const KernelTable kAvx512Kernels =
 
 #if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
 const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
-                                       bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, amx::q16_tile_bytes,
-                                       amx::q16_tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16};
+                                       bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, amx::tile_group_bytes,
+                                       amx::tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16};
 #endif
 
 }  // namespace moemesh

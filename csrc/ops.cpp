@@ -73,7 +73,8 @@ constexpr int64_t kRowsPerTask = 256;
 // (the allocator returns freed memory to the system) on every decoded token.
 struct Scratch {
     std::vector<int16_t> q;
-    std::vector<float> d, s;
+    std::vector<float> d;
+    std::vector<int32_t> s;
 };
 
 // Activations of one matmul: fp32 rows, plus their q16 twins (in `scratch`) when the precision is fast.
@@ -83,7 +84,7 @@ struct Activations {
     bool fast_;
     const int16_t* q = nullptr;
     const float* d = nullptr;
-    const float* s = nullptr;
+    const int32_t* s = nullptr;
 
     Activations(const KernelTable& kt, Precision p, const float* x, int64_t rows, int64_t k, Scratch& scratch)
         : f32(x), ld(k), fast_(p == Precision::Fast) {
@@ -99,7 +100,7 @@ struct Activations {
             for (int64_t g = 0; g < nb; ++g) {
                 int32_t sum = 0;
                 for (int i = 0; i < Q16Block::kBlock; ++i) sum += qr[g * Q16Block::kBlock + i];
-                scratch.s[size_t(r * nb + g)] = float(sum);
+                scratch.s[size_t(r * nb + g)] = sum;
             }
             if (kt.q16_layout) kt.q16_layout(qr, nb);
         });
@@ -162,13 +163,13 @@ constexpr int64_t kTileMinTokens = 8;
 // unit kTileTokens at a time; none when `enabled` is false (no matrix unit, or exact precision).
 class TileGroups {
 public:
-    TileGroups(const KernelTable& kt, bool enabled, const Activations& act, int64_t nb,
+    TileGroups(const KernelTable& kt, TileFormat format, bool enabled, const Activations& act, int64_t nb,
                const std::vector<std::vector<int64_t>>& rows_by_expert, std::vector<int8_t>& storage) {
         const size_t E = rows_by_expert.size();
         first_group_.assign(E, 0);
         n_tiled_.assign(E, 0);
         if (!enabled || !act.fast()) return;
-        group_bytes_ = kt.q16_tile_bytes(nb);
+        group_bytes_ = kt.tile_group_bytes(format, nb);
         std::vector<std::pair<size_t, int64_t>> jobs;  // (expert, first row of the group)
         for (size_t e = 0; e < E; ++e) {
             const int64_t n = int64_t(rows_by_expert[e].size());
@@ -185,7 +186,7 @@ public:
             const int cnt = int(std::min<int64_t>(kTileTokens, n_tiled_[e] - i0));
             Q16Row xs[kTileTokens];
             for (int i = 0; i < cnt; ++i) xs[i] = act.row(rows_by_expert[e][size_t(i0 + i)]);
-            kt.q16_tile_pack(xs, cnt, nb, groups_ + j * group_bytes_);
+            kt.tile_pack(format, xs, cnt, nb, groups_ + j * group_bytes_);
         });
     }
     TiledRows of(int64_t expert) const {
@@ -272,7 +273,7 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     const int64_t nb = K / Q8::kBlock;
     std::vector<std::vector<int64_t>> all_rows(1, std::vector<int64_t>(size_t(T)));
     for (int64_t t = 0; t < T; ++t) all_rows[0][size_t(t)] = t;
-    const TileGroups tiles(kt, kt.q8_tile_q16 != nullptr, act, nb, all_rows, tile_storage);
+    const TileGroups tiles(kt, TileFormat::Q8, kt.q8_tile_q16 != nullptr, act, nb, all_rows, tile_storage);
     const TiledRows tiled = tiles.of(0);
     if (tiled.n > 0) {
         const int64_t n_groups = (tiled.n + kTileTokens - 1) / kTileTokens;
@@ -337,7 +338,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     h.resize(static_cast<size_t>(A * 2 * I));
     {
         Activations xa(kt, precision, x, T, H, scratch.x);
-        const TileGroups tiles(kt, kt.mxfp4_tile_q16 != nullptr, xa, nb1, tokens_by_expert, scratch.tiles);
+        const TileGroups tiles(kt, TileFormat::Mxfp4, kt.mxfp4_tile_q16 != nullptr, xa, nb1, tokens_by_expert, scratch.tiles);
         const auto tasks = make_tasks(2 * I);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
@@ -354,7 +355,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     });
     {
         Activations aa(kt, precision, act.data(), A, I, scratch.act_q);
-        const TileGroups tiles(kt, kt.mxfp4_tile_q16 != nullptr, aa, nb2, by_expert, scratch.tiles);
+        const TileGroups tiles(kt, TileFormat::Mxfp4, kt.mxfp4_tile_q16 != nullptr, aa, nb2, by_expert, scratch.tiles);
         const auto tasks = make_tasks(H);
         global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) {
             const Task& t = tasks[size_t(i)];
