@@ -48,13 +48,16 @@ struct KernelTable {
     // Reorders one row of int16 activations in place into the order this ISA's mxfp4_dot_q16
     // decodes weights in (nullptr: natural element order).
     void (*q16_layout)(int16_t* q, int64_t n_blocks);
-    // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n).
+    // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n), x laid out by bf16_layout.
     void (*bf16_dot_f32)(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out);
     // out[t] = sum_k W[k] * x[t][k], W one Q8 row (int8 values reordered by q8_layout, fp16 scales).
     void (*q8_dot_q16)(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
                        float* out);
     // The q16_layout permutation applied to a row of Q8 values, once, when the copy is made.
     void (*q8_layout)(int8_t* w, int64_t n_blocks);
+    // Reorders one row of fp32 activations (length n) in place into the order bf16_dot_f32 reads
+    // them in (nullptr: natural order).
+    void (*bf16_layout)(float* x, int64_t n);
 
     // Optional (nullptr when absent): a matrix-unit path for many tokens, whose results are
     // bit-identical to mxfp4_dot_q16's and q8_dot_q16's, so any token may take either.

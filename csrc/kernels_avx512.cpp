@@ -242,22 +242,53 @@ void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const
     dot_q16(Q8Row{w, scales}, n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
-void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
-    __m512 acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
+// Weights 32 at a time: one load of 32 bf16, whose even elements become fp32 with a shift and odd
+// ones with a mask (activations come in that order, bf16_activation_layout), each half with its own
+// accumulator. NT is a template parameter so all accumulators stay in registers. (One widening per
+// 16 weights and one accumulator per token in memory ran at half the FMA units' rate: prefill
+// q/k/v/o 68 GFLOP/s.)
+template <int NT>
+void bf16_dot_n(const uint16_t* w, int64_t n, const float* const* x, float* out) {
+    __m512 even[NT], odd[NT];
+    for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 32 <= n; i += 32) {
         // Stream ahead: hardware prefetchers stop at 4 KiB page edges of the mapped checkpoint.
         x86::prefetch_ahead(w + i);
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-        const __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-        for (int t = 0; t < n_tok; ++t) acc[t] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x[t] + i), acc[t]);
+        const __m512i v = _mm512_loadu_si512(w + i);
+        const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        for (int t = 0; t < NT; ++t) {
+            even[t] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x[t] + i), even[t]);
+            odd[t] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x[t] + i + 16), odd[t]);
+        }
     }
-    for (int t = 0; t < n_tok; ++t) {
-        float s = hsum512(acc[t]);
+    for (int t = 0; t < NT; ++t) {
+        float s = hsum512(_mm512_add_ps(even[t], odd[t]));
         for (int64_t j = i; j < n; ++j) s += bf16_to_f32(w[j]) * x[t][j];
         out[t] = s;
     }
+}
+
+// Every full 32-element chunk of an activation row becomes [even elements | odd elements].
+void bf16_activation_layout(float* x, int64_t n) {
+    for (int64_t c = 0; c + 32 <= n; c += 32) {
+        float tmp[32];
+        for (int j = 0; j < 16; ++j) tmp[j] = x[c + 2 * j], tmp[16 + j] = x[c + 2 * j + 1];
+        std::memcpy(x + c, tmp, sizeof tmp);
+    }
+}
+
+template <int... NT>
+void bf16_dot(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out,
+              std::integer_sequence<int, NT...>) {
+    using Fn = void (*)(const uint16_t*, int64_t, const float* const*, float*);
+    static constexpr Fn kVariants[] = {bf16_dot_n<NT + 1>...};
+    kVariants[n_tok - 1](w, n, x, out);
+}
+
+void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
+    bf16_dot(w, n, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 }  // namespace
@@ -267,11 +298,13 @@ const KernelTable kAvx512VbmiKernels =
 #else
 const KernelTable kAvx512Kernels =
 #endif
-    {"avx512", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout};
+    {"avx512",   mxfp4_dot_f32, mxfp4_dot_q16,   activation_layout,
+     bf16_dot_f32, q8_dot_q16,  q8_weight_layout, bf16_activation_layout};
 
 #if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
 const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
-                                       bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, amx::tile_group_bytes,
+                                       bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, bf16_activation_layout,
+                                       amx::tile_group_bytes,
                                        amx::tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16};
 #endif
 
