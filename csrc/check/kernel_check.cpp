@@ -1,6 +1,8 @@
 // Every ISA path this build and CPU support, against the portable scalar kernels, on random
-// inputs: the MXFP4 dot products (fp32 and int16 activations), the bf16 dot product, the Q8 copy
-// and its matmul, and the full MoE expert FFN. Prints one line per check and "N passed, M failed"; exit code 1 on any failure.
+// inputs: the full MoE expert FFN (fp32 and int16 activations), the bf16 matmul, the Q8 copy and
+// its matmul. Fast results must not change when a batch is run token by token (which moves tokens
+// between matrix tiles and vector kernels) nor between the builds of one path (VBMI, AMX).
+// Prints one line per check and "N passed, M failed"; exit code 1 on any failure.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
