@@ -87,11 +87,12 @@ struct Mxfp4Bf16 {
     const uint8_t* scales;
     int64_t n_blocks, rows_total;
 
-    // a[b * kABlockBytes + r * 64] = block b of row r as bf16 doubled weights (rows past n_rows: 0).
-    // A zmm of codes is 4 blocks: nibbles L (low) and H (high) of dword c are planes 2c and 2c + 1,
-    // interleaved to L0 H0 L1 H1 L2 H2 L3 H3, then widened and looked up as bf16. The next row
-    // group's codes are pulled into L2 meanwhile (32 rows are one stretch of the matrix).
-    void decode(int64_t r0, int n_rows, uint8_t* a) const {
+    // Blocks g0 .. g0 + 3 of the row group at r0 as bf16 doubled weights: out[i * kABlockBytes +
+    // r * 64] = block g0 + i of row r (rows past n_rows: 0). A zmm of codes is 4 blocks: nibbles L
+    // (low) and H (high) of dword c are planes 2c and 2c + 1, interleaved to L0 H0 L1 H1 L2 H2 L3
+    // H3, then widened and looked up as bf16. The next row group's codes are pulled into L2 in step
+    // (a row group is one stretch of the matrix).
+    void decode4(int64_t r0, int n_rows, int64_t g0, uint8_t* out) const {
         alignas(64) static const struct Table {
             uint16_t bf16[32];
             Table() : bf16{} {
@@ -106,28 +107,24 @@ struct Mxfp4Bf16 {
         const __m512i table = _mm512_load_si512(kTable.bf16), low = _mm512_set1_epi8(0x0F);
         const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);   // lanes 0, 1 of u0 and u1
         const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);  // lanes 2, 3
+        const int n_blk = int(std::min<int64_t>(4, n_blocks - g0));
+        const __mmask64 m = n_blk == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n_blk)) - 1;
         const int64_t row_bytes = n_blocks * Mxfp4::kBlockBytes;
         const uint8_t* next = blocks + (r0 + kRowGroup) * row_bytes;
         const int64_t next_bytes = std::min<int64_t>(kRowGroup, std::max<int64_t>(0, rows_total - r0 - kRowGroup)) * row_bytes;
-        int64_t prefetched = 0;
+        for (int64_t p = g0 * next_bytes / n_blocks / 64 * 64; p < (g0 + n_blk) * next_bytes / n_blocks; p += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next) + p, _MM_HINT_T1);
         for (int r = 0; r < kRowGroup; ++r) {
-            for (; prefetched < (r + 1) * next_bytes / kRowGroup; prefetched += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(next) + prefetched, _MM_HINT_T1);
-            for (int64_t g0 = 0; g0 < n_blocks; g0 += 4) {
-                const int n_blk = int(std::min<int64_t>(4, n_blocks - g0));
-                __m512i x = _mm512_setzero_si512();
-                if (r < n_rows)
-                    x = _mm512_maskz_loadu_epi8(n_blk == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n_blk)) - 1,
-                                                blocks + (r0 + r) * row_bytes + g0 * Mxfp4::kBlockBytes);
-                const __m512i lo = _mm512_and_si512(x, low), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
-                const __m512i u0 = _mm512_unpacklo_epi32(lo, hi), u1 = _mm512_unpackhi_epi32(lo, hi);
-                const __m512i b01 = _mm512_permutex2var_epi64(u0, first, u1), b23 = _mm512_permutex2var_epi64(u0, second, u1);
-                const __m256i nibbles[4] = {_mm512_castsi512_si256(b01), _mm512_extracti64x4_epi64(b01, 1),
-                                            _mm512_castsi512_si256(b23), _mm512_extracti64x4_epi64(b23, 1)};
-                for (int i = 0; i < n_blk; ++i)
-                    _mm512_storeu_si512(a + (g0 + i) * kABlockBytes + r * kABytes,
-                                        _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles[i]), table));
-            }
+            __m512i x = _mm512_setzero_si512();
+            if (r < n_rows) x = _mm512_maskz_loadu_epi8(m, blocks + (r0 + r) * row_bytes + g0 * Mxfp4::kBlockBytes);
+            const __m512i lo = _mm512_and_si512(x, low), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+            const __m512i u0 = _mm512_unpacklo_epi32(lo, hi), u1 = _mm512_unpackhi_epi32(lo, hi);
+            const __m512i b01 = _mm512_permutex2var_epi64(u0, first, u1), b23 = _mm512_permutex2var_epi64(u0, second, u1);
+            const __m256i nibbles[4] = {_mm512_castsi512_si256(b01), _mm512_extracti64x4_epi64(b01, 1),
+                                        _mm512_castsi512_si256(b23), _mm512_extracti64x4_epi64(b23, 1)};
+            for (int i = 0; i < n_blk; ++i)
+                _mm512_storeu_si512(out + i * kABlockBytes + r * kABytes,
+                                    _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles[i]), table));
         }
     }
     __m512 scales16(int64_t r, int64_t g0, int n) const { return avx512::half_scales16(n, scales + r * n_blocks + g0); }
@@ -207,14 +204,15 @@ struct Q8Int8 {
     const uint16_t* scales;
     int64_t n_blocks, rows_total;
 
-    // The copy is already offset bytes in plane layout: a block's 8 dwords come from its chunk's planes.
-    void decode(int64_t r0, int n_rows, uint8_t* a) const {
+    // Blocks g0 .. g0 + 3, laid out as Mxfp4Bf16::decode4's. The copy is already offset bytes in
+    // plane layout: a block's 8 dwords come from its chunk's planes.
+    void decode4(int64_t r0, int n_rows, int64_t g0, uint8_t* out) const {
         const int64_t row_bytes = n_blocks * Q8::kBlock;
         for (int r = 0; r < kRowGroup; ++r)
-            for (int64_t b = 0; b < n_blocks; ++b) {
+            for (int64_t b = g0; b < std::min<int64_t>(g0 + 4, n_blocks); ++b) {
                 const __m256i v = r < n_rows ? plane_order(values + (r0 + r) * row_bytes, 1, n_blocks, b, 0)
                                              : _mm256_setzero_si256();
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + b * kABlockBytes + r * kABytes), v);
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (b - g0) * kABlockBytes + r * kABytes), v);
             }
     }
     __m512 scales16(int64_t r, int64_t g0, int n) const {
@@ -273,12 +271,37 @@ struct Q8Int8 {
     }
 };
 
-// One token group against a decoded row group (a; scales[r * n_blocks + b]): out[r * 16 + t].
+// Where token_group finds a block's decoded rows: the whole row group decoded up front, which
+// several token groups share, or, for a single token group, 4 blocks at a time just ahead of use
+// into a ring that stays in L1 (decoded up front, the bf16 rows would only make a round trip
+// through L2: a quarter of a 16-token group's time).
+template <typename Format>
+struct DecodedRows {
+    static constexpr int kRingBlocks = 8;
+    const Format& rows;
+    int64_t r0;
+    int n_rows;
+    uint8_t* base;
+    bool streaming;
+
+    void decode_all() const {
+        for (int64_t g0 = 0; g0 < rows.n_blocks; g0 += 4) rows.decode4(r0, n_rows, g0, base + g0 * Format::kABlockBytes);
+    }
+    // Called once per block, in order.
+    const uint8_t* block(int64_t b) const {
+        if (!streaming) return base + b * Format::kABlockBytes;
+        uint8_t* slot = base + (b % kRingBlocks) / 4 * 4 * Format::kABlockBytes;
+        if (b % 4 == 0) rows.decode4(r0, n_rows, b, slot);
+        return slot + (b % 4) * Format::kABlockBytes;
+    }
+};
+
+// One token group against a row group (scales[r * n_blocks + b]): out[r * 16 + t].
 // acc[lane][row] (16 tokens each) = sums * (weight scale * code scale) + acc, per block, as the
 // VNNI kernels do per lane.
 template <typename Format>
-void token_group(const uint8_t* a, const float* scales, int64_t n_blocks, int n_rows, const int8_t* packed,
-                 float* out) {
+void token_group(const DecodedRows<Format>& a, const float* scales, int64_t n_blocks, int n_rows,
+                 const int8_t* packed, float* out) {
     alignas(64) float c[2][4 * kCTileFloats];  // two blocks in flight: C tiles of block b land in c[b % 2]
     __m512 acc[avx512::kChunk][kRowGroup];
     for (auto& lane : acc)
@@ -294,7 +317,7 @@ void token_group(const uint8_t* a, const float* scales, int64_t n_blocks, int n_
     };
     // The vector work of block b - 1 runs while the matrix unit multiplies the tiles of block b.
     for (int64_t b = 0; b < n_blocks; ++b) {
-        Format::multiply(b, a + b * Format::kABlockBytes, packed + b * Format::kPackedBlockBytes);
+        Format::multiply(b, a.block(b), packed + b * Format::kPackedBlockBytes);
         if (b > 0) accumulate(b - 1);
         Format::store(b, c[b % 2]);
     }
@@ -318,15 +341,18 @@ template <typename Format>
 void tile_matmul(const Format& rows, const int8_t* packed, int64_t n_groups, float* out) {
     static const TileConfig kConfig(Format::kABytes, Format::kBRows);
     const int64_t nb = rows.n_blocks, n_rows = rows.rows_total;
+    const bool streaming = n_groups == 1;
     thread_local std::vector<uint8_t> a;
     thread_local std::vector<float> row_scales;
-    a.resize(size_t(nb * Format::kABlockBytes + 63));  // tile rows must not straddle cache lines
+    const int64_t a_blocks = streaming ? DecodedRows<Format>::kRingBlocks : (nb + 3) / 4 * 4;
+    a.resize(size_t(a_blocks * Format::kABlockBytes + 63));  // tile rows must not straddle cache lines
     uint8_t* a_tiles = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(a.data()) + 63) & ~uintptr_t(63));
     row_scales.resize(size_t(nb * kRowGroup));
     _tile_loadconfig(&kConfig);
     for (int64_t r0 = 0; r0 < n_rows; r0 += kRowGroup) {
         const int n = int(std::min<int64_t>(kRowGroup, n_rows - r0));
-        rows.decode(r0, n, a_tiles);
+        const DecodedRows<Format> decoded{rows, r0, n, a_tiles, streaming};
+        if (!streaming) decoded.decode_all();
         for (int r = 0; r < n; ++r)
             for (int64_t g0 = 0; g0 < nb; g0 += avx512::kChunk) {
                 const int blocks = int(std::min<int64_t>(avx512::kChunk, nb - g0));
@@ -334,7 +360,7 @@ void tile_matmul(const Format& rows, const int8_t* packed, int64_t n_groups, flo
                                       rows.scales16(r0 + r, g0, blocks));
             }
         for (int64_t g = 0; g < n_groups; ++g)
-            token_group<Format>(a_tiles, row_scales.data(), nb, n, packed + g * nb * Format::kPackedBlockBytes,
+            token_group<Format>(decoded, row_scales.data(), nb, n, packed + g * nb * Format::kPackedBlockBytes,
                                 out + (g * n_rows + r0) * kTileTokens);
     }
     _tile_release();  // the 8 KB tile state need not be saved at every context switch

@@ -76,8 +76,9 @@ void expect(bool ok, const char* isa, const char* what) {
 
 int main() {
     std::mt19937 rng(1234);
-    // 7 tokens: 4-token passes only; 48: ~19 per expert, so matrix-unit paths (AMX) take groups too.
-    const Inputs few(rng, 7), many(rng, 48);
+    // 7 tokens: 4-token passes only; 80: ~27 per expert, so matrix-unit paths (AMX) take one and
+    // two groups of 16 too.
+    const Inputs few(rng, 7), many(rng, 80);
     const Inputs& in = few;
     const KernelTable& scalar = *kernel_table(Isa::Scalar);
     // Variants of one path must agree bit for bit: key (path, token count).
