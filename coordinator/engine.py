@@ -7,6 +7,7 @@ precision: `reference` (pure numpy, the spec), `exact` (native kernels, fp32 act
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -30,6 +31,18 @@ def native_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndar
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
     return out if b is None else out + b
+
+
+def native_softmax(scores: np.ndarray, sinks: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
+                   window: int | None, d: int) -> np.ndarray:
+    """softmax_with_sinks in place on the kernel threads (numpy's passes over the scores were most
+    of attention's time on long prompts)."""
+    from expert_node import native
+
+    scores = np.ascontiguousarray(scores, np.float32)
+    native.attention_softmax(scores, np.ascontiguousarray(sinks, np.float32), np.ascontiguousarray(q_pos, np.int64),
+                             np.ascontiguousarray(k_pos, np.int64), window or 0, float(np.float32(math.sqrt(d))))
+    return scores
 
 
 class Q8DenseLinear:
@@ -97,6 +110,8 @@ class Engine:
         if precision != "reference":
             ckpt.advise_hugepages()
         model = family.build_model(ckpt, linear, experts)
+        if precision != "reference":
+            model.softmax = native_softmax
         if dense == "q8":
             matrices = model.matmul_weights()
             model.linear = Q8DenseLinear(matrices)

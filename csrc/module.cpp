@@ -127,6 +127,20 @@ void py_bf16_matmul(const py::array& x, const py::array& w, const std::optional<
     bf16_matmul(kt, xp, T, K, wp, N, bp, op);
 }
 
+void py_attention_softmax(py::array& scores, const py::array& sinks, const py::array& q_pos, const py::array& k_pos,
+                          int64_t window, float sqrt_d) {
+    if (scores.ndim() != 3) fail("scores: expected shape (H, T, S), got " + shape_str(scores));
+    const int64_t H = scores.shape(0), T = scores.shape(1), S = scores.shape(2);
+    float* sp = out_ptr<float>(scores, "scores", {H, T, S});
+    const float* hp = in_ptr<float>(sinks, "sinks", {H});
+    const int64_t* qp = in_ptr<int64_t>(q_pos, "q_pos", {T});
+    const int64_t* kp = in_ptr<int64_t>(k_pos, "k_pos", {S});
+    if (!(sqrt_d > 0.f) || !std::isfinite(sqrt_d)) fail("sqrt_d: must be a positive finite number");
+    check_finite(hp, size_t(H), "sinks");
+    py::gil_scoped_release nogil;
+    attention_softmax(sp, H, T, S, hp, qp, kp, window, sqrt_d);
+}
+
 // An activation array [..., n] (n a multiple of 32, as the q16 functions need) -> the shape of
 // its per-block scales [..., n/32].
 std::vector<py::ssize_t> q16_scales_shape(const py::array& a, const char* name) {
@@ -320,6 +334,10 @@ PYBIND11_MODULE(_native, m) {
           "Decode MXFP4 blocks (..., G, 16) u8 and scales (..., G) u8 into float32 (..., G*32).");
     m.def("bf16_matmul", &py_bf16_matmul, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
           py::arg("isa") = py::none(), "out[T, N] = x[T, K] @ w[N, K]^T + bias (w, bias bf16 as uint16).");
+    m.def("attention_softmax", &py_attention_softmax, py::arg("scores"), py::arg("sinks"), py::arg("q_pos"),
+          py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"),
+          "Raw scores [H, T, S] -> attention weights in place: /sqrt_d, causal (and window > 0) mask, "
+          "softmax with each head's sink logit in the denominator.");
     m.def("q16_quantize", &py_q16_quantize, py::arg("x"),
           "Activations float32 [..., n] -> (int16 codes [..., n], float32 scales [..., n/32]); numpy's bits.");
     m.def("q16_dequantize", &py_q16_dequantize, py::arg("q"), py::arg("d"), "The inverse of q16_quantize.");

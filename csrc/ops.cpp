@@ -389,6 +389,54 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
 }  // namespace moemesh
 
 namespace moemesh {
+namespace {
+// e^x for x <= 0 within a few ulp, as a plain loop body the compiler vectorizes (a libm call per
+// key does not): 2^n from the exponent bits times a degree-6 polynomial on a Cody-Waite
+// reduced argument. Arguments below -87.3 (e^x under the smallest normal float) give 0.
+inline float exp_nonpositive(float x) {
+    const float xc = std::max(x, -87.f);
+    const float n = round_half_even(xc * 1.44269504f);
+    const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.38888889e-3f;  // 1/720
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = (int32_t(n) + 127) << 23;
+    float two_n;
+    std::memcpy(&two_n, &bits, 4);
+    return x < -87.3f ? 0.f : p * two_n;
+}
+}  // namespace
+
+void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
+                       const int64_t* k_pos, int64_t window, float sqrt_d) {
+    constexpr int64_t kRowsPerTask = 64;
+    global_pool().parallel_for((H * T + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+        for (int64_t row = task * kRowsPerTask; row < std::min(H * T, (task + 1) * kRowsPerTask); ++row) {
+            float* s = scores + row * S;
+            const int64_t qp = q_pos[row % T];
+            const float sink = sinks[row / T];
+            float m = sink;
+            for (int64_t j = 0; j < S; ++j) {
+                const bool visible = k_pos[j] <= qp && (window <= 0 || k_pos[j] > qp - window);
+                s[j] = visible ? s[j] / sqrt_d : -INFINITY;
+                m = std::max(m, s[j]);
+            }
+            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // fixed-order partial sums, vectorizable
+            int64_t j = 0;
+            for (; j + 8 <= S; j += 8)
+                for (int i = 0; i < 8; ++i) part[i] += s[j + i] = exp_nonpositive(s[j + i] - m);
+            for (; j < S; ++j) part[0] += s[j] = exp_nonpositive(s[j] - m);
+            const float z = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) +
+                            exp_nonpositive(sink - m);
+            for (int64_t i = 0; i < S; ++i) s[i] /= z;
+        }
+    });
+}
+
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
     constexpr int64_t kChunk = 1 << 20;
     const int64_t n_chunks = (n_bytes + kChunk - 1) / kChunk;

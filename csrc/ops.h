@@ -54,6 +54,13 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
 }  // namespace moemesh
 
 namespace moemesh {
+// Attention weights in place, rows [H, T] of scores [H, T, S] (raw q.k of query head h): each row
+// divided by sqrt_d, keys a query cannot see dropped (k_pos > q_pos, or, with window > 0,
+// k_pos <= q_pos - window), then softmax over the visible keys and the head's sink logit, which
+// joins only the denominator (the numpy reference's softmax_with_sinks, with a polynomial exp).
+void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
+                       const int64_t* k_pos, int64_t window, float sqrt_d);
+
 // Reads every byte of buf once with all threads (a STREAM-like read for benchmarks); returns an
 // xor checksum so the reads cannot be optimised away.
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes);

@@ -248,3 +248,36 @@ def test_read_only_and_aliased_outputs_are_refused(good):
         native.bf16_matmul(x, np.zeros((640, 640), np.uint16), None, x)
     with pytest.raises(ValueError, match="bias: expected shape"):
         native.bf16_matmul(x, np.zeros((5, 640), np.uint16), np.zeros(4, np.uint16), np.empty((2, 5), np.float32))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_softmax_matches_the_reference(window):
+    """The engine's native softmax against softmax_with_sinks: causal and sliding masks, keys in
+    ring order (a sliding layer's cache), sinks large and small, rows whose keys are all masked
+    but one."""
+    from coordinator.engine import native_softmax
+    from coordinator.models.gpt_oss import softmax_with_sinks
+
+    rng = np.random.default_rng(3)
+    H, T, S, d = 6, 9, 37, 64
+    scores = (rng.standard_normal((H, T, S)) * 40).astype(np.float32)
+    sinks = np.array([-1e9, -3, 0, 2, 8, 30], np.float32)
+    k_pos = rng.permutation(S).astype(np.int64)
+    q_pos = np.arange(S - T, S, dtype=np.int64)
+    q_pos[0] = k_pos.min()  # sees a single key
+    ref = softmax_with_sinks(scores, sinks, q_pos, k_pos, window, d)
+    got = native_softmax(scores.copy(), sinks, q_pos, k_pos, window, d)
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-7)
+    assert (got[:, :, k_pos > q_pos[-1]] == 0).all()
+
+
+def test_attention_softmax_refuses_bad_arguments():
+    good = dict(scores=np.zeros((2, 3, 4), np.float32), sinks=np.zeros(2, np.float32),
+                q_pos=np.arange(3, dtype=np.int64), k_pos=np.arange(4, dtype=np.int64), window=0, sqrt_d=8.0)
+    for name, bad, match in [("scores", np.zeros((2, 3), np.float32), "scores: expected shape"),
+                             ("sinks", np.zeros(3, np.float32), "sinks: expected shape"),
+                             ("k_pos", np.arange(4, dtype=np.int32), "k_pos: expected dtype"),
+                             ("sqrt_d", 0.0, "sqrt_d"),
+                             ("sinks", np.array([0, np.nan], np.float32), "sinks: contains NaN")]:
+        with pytest.raises(ValueError, match=match):
+            native.attention_softmax(**{**good, name: bad})

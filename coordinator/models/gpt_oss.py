@@ -152,9 +152,25 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, conce
 ATTENTION_QUERY_CHUNK = 128  # queries per score matrix: bounds its memory on long prompts
 
 
+def softmax_with_sinks(scores, sinks, q_pos, k_pos, window, d) -> np.ndarray:
+    """Raw scores q.k [heads, T, S] of head dimension d -> attention weights: / sqrt(d), keys a
+    query cannot see masked, softmax over the rest and the head's sink logit, which joins only the
+    denominator. (The engine runs native.attention_softmax: the same, in place, on the kernel threads.)"""
+    scores = scores / np.float32(math.sqrt(d))
+    masked = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        masked |= k_pos[None, :] <= q_pos[:, None] - window
+    scores = np.where(masked, np.float32(-np.inf), scores)
+    sink = sinks.reshape(-1, 1, 1).astype(np.float32)
+    m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
+    p = np.exp(scores - m)
+    z = p.sum(axis=-1, keepdims=True) + np.exp(sink - m)
+    return p / z
+
+
 def attention_with_sinks(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
-    q_pos: np.ndarray, k_pos: np.ndarray, window: int | None,
+    q_pos: np.ndarray, k_pos: np.ndarray, window: int | None, softmax=softmax_with_sinks,
 ) -> np.ndarray:
     """Causal GQA attention with one learned sink logit per query head (§2.5, §2.6).
 
@@ -162,6 +178,7 @@ def attention_with_sinks(
     softmax denominator only. A window of W keeps keys j with t - W < j <= t. Queries go in chunks,
     each against only the keys some query of the chunk can see (a sliding layer's window, not the
     whole prompt), so a long prompt costs neither quadratic memory nor masked-out work.
+    softmax: softmax_with_sinks or a native twin with its signature.
     """
     T, nq, d = q.shape
     in_order = k_pos.size < 2 or bool((k_pos[1:] > k_pos[:-1]).all())  # full layers: a slice, no copy
@@ -173,27 +190,20 @@ def attention_with_sinks(
             keys = slice(np.searchsorted(k_pos, lo, side="right"), np.searchsorted(k_pos, q_pos[b - 1], side="right"))
         else:
             keys = (k_pos > lo) & (k_pos <= q_pos[b - 1])
-        out[a:b] = attend_chunk(q[a:b], k[keys], v[keys], sinks, q_pos[a:b], k_pos[keys], window)
+        out[a:b] = attend_chunk(q[a:b], k[keys], v[keys], sinks, q_pos[a:b], k_pos[keys], window, softmax)
     return out
 
 
-def attend_chunk(q, k, v, sinks, q_pos, k_pos, window) -> np.ndarray:
+def attend_chunk(q, k, v, sinks, q_pos, k_pos, window, softmax=softmax_with_sinks) -> np.ndarray:
     T, nq, d = q.shape
     S, nkv = k.shape[0], k.shape[1]
     group = nq // nkv
     # One matmul per kv head with its query group stacked as rows, on strided views BLAS reads in
     # place (einsum, or broadcasting the heads, re-read or copied the keys for every query head).
     qg = q.reshape(T, nkv, group, d).transpose(1, 2, 0, 3).reshape(nkv, group * T, d)
-    scores = (qg @ k.transpose(1, 2, 0)).reshape(nkv, group, T, S) / np.float32(math.sqrt(d))
-    masked = k_pos[None, :] > q_pos[:, None]
-    if window is not None:
-        masked |= k_pos[None, :] <= q_pos[:, None] - window
-    scores = np.where(masked, np.float32(-np.inf), scores)
-    sink = sinks.reshape(nkv, group, 1, 1).astype(np.float32)
-    m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
-    p = np.exp(scores - m)
-    z = p.sum(axis=-1, keepdims=True) + np.exp(sink - m)
-    out = (p / z).reshape(nkv, group * T, S) @ v.transpose(1, 0, 2)  # [nkv, group*T, d]
+    scores = (qg @ k.transpose(1, 2, 0)).reshape(nkv * group, T, S)  # heads in query-head order
+    p = softmax(scores, sinks, q_pos, k_pos, window, d)
+    out = p.reshape(nkv, group * T, S) @ v.transpose(1, 0, 2)  # [nkv, group*T, d]
     return out.reshape(nkv, group, T, d).transpose(2, 0, 1, 3).reshape(T, nq * d).astype(np.float32)
 
 
@@ -308,6 +318,7 @@ class GptOssModel:
     def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend):
         self.cfg = cfg = GptOssConfig.from_dict(ckpt.config)
         self.linear, self.experts = linear, experts
+        self.softmax = softmax_with_sinks  # attention weights; the engine swaps in the native twin
         self.tracer = NULL_TRACER
         H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
         qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -356,7 +367,7 @@ class GptOssModel:
         k = apply_rope(k, pos, self.inv_freq, self.concentration)
         keys, vals, kpos = cache.extend(i, k, v, pos)
         window = cfg.sliding_window if cfg.is_sliding(i) else None
-        o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window)
+        o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window, self.softmax)
         return self.linear(o, w.o, w.o_bias)
 
     def route(self, i: int, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
