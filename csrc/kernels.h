@@ -72,7 +72,17 @@ struct KernelTable {
     // The same over n_rows consecutive rows of a Q8 copy (q8_layout's layout).
     void (*q8_tile_q16)(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
                         const int8_t* packed, int64_t n_groups, float* out);
+    // The bf16 matmul for many tokens (K a multiple of 32, n_rows of 64): packed groups of
+    // kTileTokens fp32 activation rows, out[(g * n_rows + r) * kTileTokens + t]. Its sums are
+    // rounded in the matrix unit's order, not bf16_dot_f32's: exact within tolerance, not bit for bit.
+    int64_t (*bf16_tile_bytes)(int64_t K);
+    void (*bf16_tile_pack)(const float* const* x, int n_tok, int64_t K, int8_t* packed);
+    void (*bf16_tile_f32)(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups,
+                          float* out);
 };
+
+// Rows per step of bf16_tile_f32.
+constexpr int64_t kBf16TileRows = 64;
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 

@@ -391,5 +391,80 @@ void q8_tile_q16(const int8_t* values, const uint16_t* scales, int64_t n_blocks,
     tile_matmul(Q8Int8{values, scales, n_blocks, n_rows}, packed, n_groups, out);
 }
 
+// The bf16 dense matmul on AMX-BF16. fp32 activations are exactly the sum of three bf16 parts
+// (8 significand bits each: x1 = x truncated, x2 = (x - x1) truncated, x3 = the rest), so three
+// tile multiplies per 32 weights give the fp32 products, accumulated in fp32 by the matrix unit
+// over the whole row: C tiles 0-3 = 64 rows x 16 tokens, A 4 = 16 weight rows x 32 bf16 read in
+// place from the matrix, B 5-7 = the three parts of 16 tokens' 32 activations.
+namespace {
+constexpr int kDenseRowGroup = 4 * kRowsPerTile;
+constexpr int64_t kDenseStepBytes = 3 * 16 * 64;  // one step of 32 K: three B tiles
+}  // namespace
+
+int64_t bf16_tile_bytes(int64_t K) { return K / 32 * kDenseStepBytes; }
+
+void bf16_tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed) {
+    std::memset(packed, 0, size_t(bf16_tile_bytes(K)));
+    const __m512i high_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                                31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i pair_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(16));  // dword index of pair row j, token 0
+    const __m512i top = _mm512_set1_epi32(int(0xFFFF0000u));
+    for (int t = 0; t < n_tok; ++t)
+        for (int64_t s = 0; s < K / 32; ++s) {
+            __m512 rest[2] = {_mm512_loadu_ps(x[t] + 32 * s), _mm512_loadu_ps(x[t] + 32 * s + 16)};
+            for (int part = 0; part < 3; ++part) {
+                __m512 bf[2];
+                for (int h = 0; h < 2; ++h) {
+                    bf[h] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(rest[h]), top));
+                    rest[h] = _mm512_sub_ps(rest[h], bf[h]);  // exact: the low bits of the same float
+                }
+                // The high halves of 32 floats are their bf16 values, element pairs in dword order.
+                const __m512i words = _mm512_permutex2var_epi16(_mm512_castps_si512(bf[0]), high_words,
+                                                                _mm512_castps_si512(bf[1]));
+                _mm512_i32scatter_epi32(packed + s * kDenseStepBytes + part * 1024 + 4 * t, pair_rows, words, 4);
+            }
+        }
+}
+
+void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out) {
+    static const TileConfig kConfig(64, 16);  // every tile 16 rows x 64 bytes
+    _tile_loadconfig(&kConfig);
+    const int64_t stride = K * 2, steps = K / 32;
+    alignas(64) float c[4][kCTileFloats];
+    for (int64_t g = 0; g < n_groups; ++g)
+        for (int64_t r0 = 0; r0 < n_rows; r0 += kDenseRowGroup) {
+            const uint16_t* rows = w + r0 * K;
+            const int8_t* pg = packed + g * bf16_tile_bytes(K);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t s = 0; s < steps; ++s) {
+                const int8_t* ps = pg + s * kDenseStepBytes;
+                _tile_loadd(5, ps, 64);
+                _tile_loadd(6, ps + 1024, 64);
+                _tile_loadd(7, ps + 2048, 64);
+#define MOEMESH_DENSE_ROW_TILE(C)                                                      \
+    _tile_loadd(4, rows + (C) * kRowsPerTile * K + 32 * s, stride);                      \
+    _tile_dpbf16ps(C, 4, 5);                                                             \
+    _tile_dpbf16ps(C, 4, 6);                                                             \
+    _tile_dpbf16ps(C, 4, 7);
+                MOEMESH_DENSE_ROW_TILE(0)
+                MOEMESH_DENSE_ROW_TILE(1)
+                MOEMESH_DENSE_ROW_TILE(2)
+                MOEMESH_DENSE_ROW_TILE(3)
+#undef MOEMESH_DENSE_ROW_TILE
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+            float* o = out + (g * n_rows + r0) * kTileTokens;
+            std::memcpy(o, c, sizeof c);
+        }
+    _tile_release();
+}
+
 }  // namespace amx
 }  // namespace moemesh

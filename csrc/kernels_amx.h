@@ -16,5 +16,9 @@ void mxfp4_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_bloc
 void q8_tile_q16(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
                  const int8_t* packed, int64_t n_groups, float* out);
 
+int64_t bf16_tile_bytes(int64_t K);
+void bf16_tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed);
+void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out);
+
 }  // namespace amx
 }  // namespace moemesh

@@ -305,7 +305,8 @@ const KernelTable kAvx512Kernels =
 const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
                                        bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, bf16_activation_layout,
                                        amx::tile_group_bytes,
-                                       amx::tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16};
+                                       amx::tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16,
+                                       amx::bf16_tile_bytes, amx::bf16_tile_pack, amx::bf16_tile_f32};
 #endif
 
 }  // namespace moemesh

@@ -248,20 +248,55 @@ int bf16_tokens_per_pass(int64_t K) {
 
 void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
                  int64_t N, const uint16_t* bias, float* y) {
+    auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
+    // Matrix tiles take groups of 16 tokens over the rows in whole groups of 64 (prefill).
+    int64_t tiled_tokens = 0, tiled_rows = 0;
+    if (kt.bf16_tile_f32 && K % 32 == 0 && N >= kBf16TileRows) {
+        const int64_t groups = T / kTileTokens + (T % kTileTokens >= kTileMinTokens ? 1 : 0);
+        tiled_tokens = std::min(T, groups * kTileTokens);
+        tiled_rows = N / kBf16TileRows * kBf16TileRows;
+        if (groups > 0) {
+            thread_local std::vector<int8_t> packed_storage;
+            const int64_t group_bytes = kt.bf16_tile_bytes(K);
+            packed_storage.resize(size_t(groups * group_bytes + 63));
+            int8_t* packed = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed_storage.data()) + 63) & ~uintptr_t(63));
+            global_pool().parallel_for(groups, [&](int64_t g) {
+                const float* xs[kTileTokens];
+                const int cnt = int(std::min<int64_t>(kTileTokens, tiled_tokens - g * kTileTokens));
+                for (int i = 0; i < cnt; ++i) xs[i] = x + (g * kTileTokens + i) * K;
+                kt.bf16_tile_pack(xs, cnt, K, packed + g * group_bytes);
+            });
+            global_pool().parallel_for((tiled_rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+                const int64_t r0 = task * kRowsPerTask, rows = std::min(tiled_rows, r0 + kRowsPerTask) - r0;
+                thread_local std::vector<float> res;
+                res.resize(size_t(groups * rows * kTileTokens));
+                kt.bf16_tile_f32(w + r0 * K, K, rows, packed, groups, res.data());
+                for (int64_t t = 0; t < tiled_tokens; ++t) {
+                    const float* rt = res.data() + (t / kTileTokens * rows) * kTileTokens + t % kTileTokens;
+                    for (int64_t r = 0; r < rows; ++r) y[t * N + r0 + r] = rt[r * kTileTokens] + bias_of(r0 + r);
+                }
+            });
+        }
+    }
     thread_local std::vector<float> laid_out;
     if (kt.bf16_layout) {
         laid_out.assign(x, x + T * K);
         for (int64_t t = 0; t < T; ++t) kt.bf16_layout(laid_out.data() + t * K, K);
         x = laid_out.data();
     }
-    for_rows_and_token_passes(N, T, [&](int64_t r, int64_t t0, int cnt) {
-        const float* xs[kMaxTokens];
-        float res[kMaxTokens];
-        for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
-        kt.bf16_dot_f32(w + r * K, K, xs, cnt, res);
-        const float b = bias ? bf16_to_f32(bias[r]) : 0.f;
-        for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j] + b;
-    }, bf16_tokens_per_pass(K));
+    // Rows [r_begin, N) x tokens [t_begin, t_end) on the vector kernels.
+    auto vector_part = [&](int64_t r_begin, int64_t t_begin, int64_t t_end) {
+        for_rows_and_token_passes(N - r_begin, t_end - t_begin, [&](int64_t i, int64_t i0, int cnt) {
+            const int64_t r = r_begin + i, t0 = t_begin + i0;
+            const float* xs[kMaxTokens];
+            float res[kMaxTokens];
+            for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
+            kt.bf16_dot_f32(w + r * K, K, xs, cnt, res);
+            for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j] + bias_of(r);
+        }, bf16_tokens_per_pass(K));
+    };
+    vector_part(0, tiled_tokens, T);
+    if (tiled_tokens > 0 && tiled_rows < N) vector_part(tiled_rows, 0, tiled_tokens);
 }
 
 void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {

@@ -63,7 +63,7 @@ def test_largest_scale_bytes(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("T,K,N", [(1, 2880 // 20, 67), (5, 100, 33), (4, 64, 1)])
+@pytest.mark.parametrize("T,K,N", [(1, 2880 // 20, 67), (5, 100, 33), (4, 64, 1), (40, 320, 130)])
 def test_bf16_matmul_matches_reference(isa, T, K, N):
     rng = np.random.default_rng(K)
     w = f32_to_bf16(rng.standard_normal((N, K)).astype(np.float32))

@@ -112,6 +112,15 @@ int main() {
         bf16_matmul(scalar, in.x.data(), T, K, w.data(), N, nullptr, ref.data());
         bf16_matmul(*kt, in.x.data(), T, K, w.data(), N, nullptr, got.data());
         expect_close("bf16_matmul (K tail)", kt->name, got, ref, 2e-5f);
+        {  // 40 tokens x 130 rows, K = 608: matrix tiles (where the CPU has them) and the vector rest
+            const int64_t TB = 40, NB = 130, KB = 608;
+            std::vector<uint16_t> wb(size_t(NB * KB));
+            for (size_t i = 0; i < wb.size(); ++i) wb[i] = uint16_t(0x3C00 + (i * 2654435761u) % 0x0800) ^ (i & 1 ? 0x8000 : 0);
+            std::vector<float> ref_b(size_t(TB * NB)), got_b(ref_b.size());
+            bf16_matmul(scalar, many.x.data(), TB, KB, wb.data(), NB, nullptr, ref_b.data());
+            bf16_matmul(*kt, many.x.data(), TB, KB, wb.data(), NB, nullptr, got_b.data());
+            expect_close("bf16_matmul T=40 N=130", kt->name, got_b, ref_b, 2e-5f);
+        }
 
         const int64_t KQ = 608;  // 19 blocks: a 16-block chunk and a tail, each copy in its ISA's layout
         std::vector<int8_t> ref_values(size_t(N * KQ)), values(ref_values.size());
