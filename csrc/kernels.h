@@ -3,6 +3,7 @@
 // rows, accumulating every token in the same fixed order whatever the grouping, so a result never
 // depends on how tokens or rows were split across threads or requests.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -83,6 +84,14 @@ struct KernelTable {
 
 // Rows per step of bf16_tile_f32.
 constexpr int64_t kBf16TileRows = 64;
+
+// n elements of v's storage from a 64-byte boundary: a tile row that straddles two cache lines
+// loads at half speed.
+template <typename T>
+T* cache_aligned(std::vector<T>& v, std::size_t n) {
+    v.resize(n + 64 / sizeof(T));
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 

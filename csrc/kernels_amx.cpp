@@ -345,8 +345,7 @@ void tile_matmul(const Format& rows, const int8_t* packed, int64_t n_groups, flo
     thread_local std::vector<uint8_t> a;
     thread_local std::vector<float> row_scales;
     const int64_t a_blocks = streaming ? DecodedRows<Format>::kRingBlocks : (nb + 3) / 4 * 4;
-    a.resize(size_t(a_blocks * Format::kABlockBytes + 63));  // tile rows must not straddle cache lines
-    uint8_t* a_tiles = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(a.data()) + 63) & ~uintptr_t(63));
+    uint8_t* a_tiles = cache_aligned(a, size_t(a_blocks * Format::kABlockBytes));
     row_scales.resize(size_t(nb * kRowGroup));
     _tile_loadconfig(&kConfig);
     for (int64_t r0 = 0; r0 < n_rows; r0 += kRowGroup) {

@@ -120,6 +120,24 @@ struct TiledRows {
     int64_t n = 0;
 };
 
+// Fewest tokens worth a tile group of kTileTokens (the rest take 4-token passes).
+constexpr int64_t kTileMinTokens = 8;
+
+// Tile groups for n tokens: whole groups, and a last one when enough tokens are left for it.
+int64_t tile_groups_for(int64_t n) { return n / kTileTokens + (n % kTileTokens >= kTileMinTokens ? 1 : 0); }
+
+// Tile results res[(g * rows + r) * kTileTokens + t] for tokens i = g * kTileTokens + t < n_tok ->
+// y[out_row(i) * ldy + r0 + r] = result + bias_of(r0 + r).
+template <typename OutRow, typename Bias>
+void store_tile_results(const float* res, int64_t n_tok, int64_t r0, int64_t rows, const OutRow& out_row,
+                        int64_t ldy, const Bias& bias_of, float* y) {
+    for (int64_t i = 0; i < n_tok; ++i) {
+        const float* ri = res + (i / kTileTokens * rows) * kTileTokens + i % kTileTokens;
+        float* yi = y + out_row(i) * ldy + r0;
+        for (int64_t r = 0; r < rows; ++r) yi[r] = ri[r * kTileTokens] + bias_of(r0 + r);
+    }
+}
+
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
 // activation rows: the tiled ones a group at a time, the rest kMaxTokens at a time over all rows.
 void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
@@ -133,10 +151,7 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
         res.resize(size_t(n_groups * rows * kTileTokens));
         kt.mxfp4_tile_q16(blocks + r0 * nb * Mxfp4::kBlockBytes, scales + r0 * nb, nb, rows, tiled.groups, n_groups,
                           res.data());
-        for (int64_t i = 0; i < tiled.n; ++i) {
-            const float* ri = res.data() + (i / kTileTokens * rows) * kTileTokens + i % kTileTokens;
-            for (int64_t r = r0; r < r1; ++r) y[out_rows[i] * ldy + r] = ri[(r - r0) * kTileTokens] + bias_of(r);
-        }
+        store_tile_results(res.data(), tiled.n, r0, rows, [&](int64_t i) { return out_rows[i]; }, ldy, bias_of, y);
     }
     for (int64_t i0 = tiled.n; i0 < n; i0 += kMaxTokens) {
         const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
@@ -158,9 +173,6 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
     }
 }
 
-// Fewest tokens of an expert worth a tile group of kTileTokens (the rest take 4-token passes).
-constexpr int64_t kTileMinTokens = 8;
-
 // Lists of activation rows (one per expert, or one for a dense matmul), each packed for the matrix
 // unit kTileTokens at a time; none when `enabled` is false (no matrix unit, or exact precision).
 class TileGroups {
@@ -175,14 +187,12 @@ public:
         std::vector<std::pair<size_t, int64_t>> jobs;  // (expert, first row of the group)
         for (size_t e = 0; e < E; ++e) {
             const int64_t n = int64_t(rows_by_expert[e].size());
-            const int64_t groups = n / kTileTokens + (n % kTileTokens >= kTileMinTokens ? 1 : 0);
+            const int64_t groups = tile_groups_for(n);
             first_group_[e] = int64_t(jobs.size());
             n_tiled_[e] = std::min(n, groups * kTileTokens);
             for (int64_t g = 0; g < groups; ++g) jobs.push_back({e, g * kTileTokens});
         }
-        // 64-byte aligned: a tile row straddling two cache lines loads at half speed.
-        storage.resize(size_t(int64_t(jobs.size()) * group_bytes_ + 63));
-        groups_ = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+        groups_ = cache_aligned(storage, size_t(int64_t(jobs.size()) * group_bytes_));
         global_pool().parallel_for(int64_t(jobs.size()), [&](int64_t j) {
             const auto [e, i0] = jobs[size_t(j)];
             const int cnt = int(std::min<int64_t>(kTileTokens, n_tiled_[e] - i0));
@@ -246,36 +256,42 @@ int bf16_tokens_per_pass(int64_t K) {
     return int(std::clamp<int64_t>(l1_bytes * 3 / 4 / (K * int64_t(sizeof(float))), 1, kMaxTokens));
 }
 
+// Matrix tiles over rows [0, rows) in tasks of kRowsPerTask: tile(r0, n, res) fills res for rows
+// [r0, r0 + n) and every tiled token, which then go to y[t * ldy + r] (+ bias_of(r)).
+template <typename Tile, typename Bias>
+void dense_tile_rows(int64_t rows, int64_t n_tok, const Tile& tile, const Bias& bias_of, int64_t ldy, float* y) {
+    const int64_t n_groups = (n_tok + kTileTokens - 1) / kTileTokens;
+    global_pool().parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+        const int64_t r0 = task * kRowsPerTask, n = std::min(rows, r0 + kRowsPerTask) - r0;
+        thread_local std::vector<float> res;
+        res.resize(size_t(n_groups * n * kTileTokens));
+        tile(r0, n, res.data());
+        store_tile_results(res.data(), n_tok, r0, n, [](int64_t i) { return i; }, ldy, bias_of, y);
+    });
+}
+
 void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
                  int64_t N, const uint16_t* bias, float* y) {
     auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
     // Matrix tiles take groups of 16 tokens over the rows in whole groups of 64 (prefill).
     int64_t tiled_tokens = 0, tiled_rows = 0;
     if (kt.bf16_tile_f32 && K % 32 == 0 && N >= kBf16TileRows) {
-        const int64_t groups = T / kTileTokens + (T % kTileTokens >= kTileMinTokens ? 1 : 0);
+        const int64_t groups = tile_groups_for(T);
         tiled_tokens = std::min(T, groups * kTileTokens);
         tiled_rows = N / kBf16TileRows * kBf16TileRows;
         if (groups > 0) {
-            thread_local std::vector<int8_t> packed_storage;
+            thread_local std::vector<int8_t> storage;
             const int64_t group_bytes = kt.bf16_tile_bytes(K);
-            packed_storage.resize(size_t(groups * group_bytes + 63));
-            int8_t* packed = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed_storage.data()) + 63) & ~uintptr_t(63));
+            int8_t* packed = cache_aligned(storage, size_t(groups * group_bytes));
             global_pool().parallel_for(groups, [&](int64_t g) {
                 const float* xs[kTileTokens];
                 const int cnt = int(std::min<int64_t>(kTileTokens, tiled_tokens - g * kTileTokens));
                 for (int i = 0; i < cnt; ++i) xs[i] = x + (g * kTileTokens + i) * K;
                 kt.bf16_tile_pack(xs, cnt, K, packed + g * group_bytes);
             });
-            global_pool().parallel_for((tiled_rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-                const int64_t r0 = task * kRowsPerTask, rows = std::min(tiled_rows, r0 + kRowsPerTask) - r0;
-                thread_local std::vector<float> res;
-                res.resize(size_t(groups * rows * kTileTokens));
-                kt.bf16_tile_f32(w + r0 * K, K, rows, packed, groups, res.data());
-                for (int64_t t = 0; t < tiled_tokens; ++t) {
-                    const float* rt = res.data() + (t / kTileTokens * rows) * kTileTokens + t % kTileTokens;
-                    for (int64_t r = 0; r < rows; ++r) y[t * N + r0 + r] = rt[r * kTileTokens] + bias_of(r0 + r);
-                }
-            });
+            dense_tile_rows(tiled_rows, tiled_tokens, [&](int64_t r0, int64_t n, float* res) {
+                kt.bf16_tile_f32(w + r0 * K, K, n, packed, groups, res);
+            }, bias_of, N, y);
         }
     }
     thread_local std::vector<float> laid_out;
@@ -331,16 +347,9 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     const TiledRows tiled = tiles.of(0);
     if (tiled.n > 0) {
         const int64_t n_groups = (tiled.n + kTileTokens - 1) / kTileTokens;
-        global_pool().parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-            const int64_t r0 = task * kRowsPerTask, rows = std::min(N, r0 + kRowsPerTask) - r0;
-            thread_local std::vector<float> res;
-            res.resize(size_t(n_groups * rows * kTileTokens));
-            kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, rows, tiled.groups, n_groups, res.data());
-            for (int64_t t = 0; t < tiled.n; ++t) {
-                const float* rt = res.data() + (t / kTileTokens * rows) * kTileTokens + t % kTileTokens;
-                for (int64_t r = 0; r < rows; ++r) y[t * N + r0 + r] = rt[r * kTileTokens];
-            }
-        });
+        dense_tile_rows(N, tiled.n, [&](int64_t r0, int64_t n, float* res) {
+            kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, n, tiled.groups, n_groups, res);
+        }, [](int64_t) { return 0.f; }, N, y);
     }
     const int64_t t_rest = tiled.n;
     for_rows_and_token_passes(N, T - t_rest, [&](int64_t r, int64_t i0, int cnt) {
