@@ -74,6 +74,14 @@ inline __m256i plane_order(const int8_t* row, int bytes_per_element, int64_t n_b
                                   planes, 4);
 }
 
+// A tiles 4-5 (two row tiles of a decoded block, rows of a_bytes) and B tiles 6-7 (a packed block).
+inline void load_tiles(const uint8_t* a_block, int a_bytes, const int8_t* pb, int b_tile_bytes) {
+    _tile_loadd(4, a_block, a_bytes);
+    _tile_loadd(5, a_block + kRowsPerTile * a_bytes, a_bytes);
+    _tile_loadd(6, pb, 64);
+    _tile_loadd(7, pb + b_tile_bytes, 64);
+}
+
 // MXFP4 on AMX-BF16. C tiles 0-1 take even blocks and 2-3 odd ones, so zeroing a block's C tiles
 // need not wait for the previous block's stores. (Measured: tile and vector work did not overlap
 // on this Sapphire Rapids guest whatever the order; the tiles' time plus the vector epilogue's is
@@ -140,10 +148,7 @@ struct Mxfp4Bf16 {
             _tile_zero(2);
             _tile_zero(3);
         }
-        _tile_loadd(4, a_block, kABytes);
-        _tile_loadd(5, a_block + kRowsPerTile * kABytes, kABytes);
-        _tile_loadd(6, pb, 64);
-        _tile_loadd(7, pb + kBTileBytes, 64);
+        load_tiles(a_block, kABytes, pb, kBTileBytes);
         if (b % 2 == 0) {
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(0, 4, 7);
@@ -227,10 +232,7 @@ struct Q8Int8 {
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        _tile_loadd(4, a_block, kABytes);
-        _tile_loadd(5, a_block + kRowsPerTile * kABytes, kABytes);
-        _tile_loadd(6, pb, 64);
-        _tile_loadd(7, pb + kBTileBytes, 64);
+        load_tiles(a_block, kABytes, pb, kBTileBytes);
         _tile_dpbusd(0, 4, 6);
         _tile_dpbusd(1, 4, 7);
         _tile_dpbusd(2, 5, 6);
