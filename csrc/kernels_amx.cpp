@@ -37,7 +37,7 @@ bool amx_usable() {
         const bool amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
         if (!amx_bf16 || !amx_tile || !amx_int8) return false;
         // Linux hands a process the 8 KB tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
-        // for XFEATURE_XTILEDATA); threads started later inherit it.
+        // for XFEATURE_XTILEDATA), for the whole process: the pool's workers use it too.
         constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
         return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
     }();
