@@ -192,6 +192,20 @@ float max_abs(const float* x, int64_t n) {
 // one bytes object, made and read here in one pass. A hop's Python work runs right after the
 // kernels streamed tens of MB through the caches, when each numpy call costs ~10x its warm time
 // (decoding a token's activations: 137 us through numpy, 16 us for the native part alone).
+py::array_t<float> py_q16_round(const py::array& x) {
+    q16_scales_shape(x, "x");
+    const float* xp = in_ptr<float>(x, "x", shape_of(x));
+    const int64_t n = int64_t(x.size());
+    check_finite(xp, size_t(n), "x");
+    py::array_t<float> out(shape_of(x));
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        q16_round_parallel(xp, n, op);
+    }
+    return out;
+}
+
 py::bytes py_q16_encode(const py::array& x) {
     q16_scales_shape(x, "x");
     const float* xp = in_ptr<float>(x, "x", shape_of(x));
@@ -341,6 +355,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("q16_quantize", &py_q16_quantize, py::arg("x"),
           "Activations float32 [..., n] -> (int16 codes [..., n], float32 scales [..., n/32]); numpy's bits.");
     m.def("q16_dequantize", &py_q16_dequantize, py::arg("q"), py::arg("d"), "The inverse of q16_quantize.");
+    m.def("q16_round", &py_q16_round, py::arg("x"), "q16_dequantize(*q16_quantize(x)) in one pass, the same bits.");
     m.def("q16_encode", &py_q16_encode, py::arg("x"), "float32 [..., n] -> q16 wire bytes (codes, then scales).");
     m.def("q16_decode", &py_q16_decode, py::arg("data"), py::arg("rows"), py::arg("cols"),
           "q16 wire bytes -> (float32 [rows, cols], largest |value| or inf).");

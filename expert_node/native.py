@@ -21,6 +21,7 @@ try:
         q16_dequantize,
         q16_encode,
         q16_quantize,
+        q16_round,
         q8_matmul,
         q8_quantize,
         set_threads,

@@ -42,8 +42,12 @@ def test_native_q16_is_the_numpy_reference_bit_for_bit():
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(d, d_ref)
     np.testing.assert_array_equal(native.q16_dequantize(q, d), q16_dequantize(q_ref, d_ref))
-    with pytest.raises(ValueError, match="multiple of 32"):
-        native.q16_quantize(np.zeros((2, 30), np.float32))
+    np.testing.assert_array_equal(native.q16_round(a), q16_dequantize(q_ref, d_ref))
+    for fn in (native.q16_quantize, native.q16_round):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            fn(np.zeros((2, 30), np.float32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        native.q16_round(np.full((1, 32), np.nan, np.float32))
 
 
 @pytest.mark.parametrize("dtype", ["f32", "q16"])
