@@ -1,12 +1,14 @@
-// AMX tiles for the fast path's matmuls over many tokens (Sapphire Rapids and later): MXFP4
-// experts and the Q8 dense copy. One tile multiply gives a block's sums for 16 weight rows x 16
-// tokens; VNNI needs 8 vpdpbusd per row and token pass of 4 for the same, and decodes MXFP4
-// weights again for every pass. Weights are decoded once per group of 32 rows for all token groups.
+// AMX tiles for matmuls over many tokens (Sapphire Rapids and later): the fast path's MXFP4
+// experts and Q8 dense copy, and (at the end of the file) the bf16 dense matrices in prefill. One
+// tile multiply gives a block's sums for 16 weight rows x 16 tokens; VNNI needs 8 vpdpbusd per row
+// and token pass of 4 for the same, and decodes MXFP4 weights again for every pass. Here a 32-row
+// group's weights are decoded once for all its token groups, or just ahead of use for one or two
+// (DecodedRows).
 //
-// The results are bit-identical to the AVX-512 VNNI kernels (mxfp4_dot_q16, q8_dot_q16), so a
-// token may take either path: the same sum per block, the same float operations on it,
-// accumulated into 16 lanes per output with block b in lane b % 16 in the same order, folded by
-// the same tree. Only the order of the products inside a block differs, and exact sums do not care.
+// The fast path's results are bit-identical to the AVX-512 VNNI kernels' (mxfp4_dot_q16,
+// q8_dot_q16), so a token may take either path: the same sum per block, the same float operations
+// on it, accumulated into 16 lanes per output with block b in lane b % 16 in the same order, folded
+// by the same tree. Only the order of the products inside a block differs; exact sums do not care.
 //
 // MXFP4 (AMX-BF16): doubled weights and the codes' hi bytes times 256 and lo bytes are integers
 // bf16 holds exactly, and every partial sum of a block stays below 2^24, so TDPBF16PS's fp32
