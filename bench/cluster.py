@@ -119,7 +119,7 @@ def main() -> None:
         serve_echo()
         return
     folder = Path(args.model) if args.model else default_model()
-    machine = f"{platform.machine()} isa={native.active_isa()}{'+amx' if native.matrix_tiles() else ''} threads={native.get_threads()}"
+    machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
 
     single = Engine.load(folder, precision=args.precision)
     single.warm(progress=False)

@@ -75,7 +75,7 @@ def main() -> None:
     s = gen.stats
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     ckpt_gb = sum(f.stat().st_size for f in engine.checkpoint.folder.glob("*.safetensors")) / 1e9
-    machine = f"{platform.machine()} isa={native.active_isa()}{'+amx' if native.matrix_tiles() else ''} threads={native.get_threads()}"
+    machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
     print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}")
     print(f"read bandwidth of the mapped checkpoint: {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prompt_seconds:.2f} s = {s.prefill_tps:.2f} tok/s")

@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     min_time = 0.3 if args.quick else 1.0
     rng = np.random.default_rng(0)
-    machine = f"{platform.machine()} {platform.processor() or ''} isa={native.active_isa()}{'+amx' if native.matrix_tiles() else ''}".strip()
+    machine = f"{platform.machine()} {platform.processor() or ''} isa={native.kernel_path()}".strip()
     print(f"machine: {machine}, threads available: {native.get_threads()}")
 
     stream_buf = huge_array((1 << 30,), np.uint8, rng)

@@ -109,7 +109,7 @@ extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512VbmiKernels;  // the same path with VBMI byte permutes
 #if defined(MOEMESH_AMX)
 extern const KernelTable kAvx512AmxKernels;   // the VBMI build plus AMX tiles for many tokens
-bool amx_usable();                            // the CPU has AMX-INT8 and Linux granted its tile state
+bool amx_usable();                            // the CPU has AMX-INT8/BF16 and Linux granted the tile state
 #endif
 #endif
 #if defined(__aarch64__)

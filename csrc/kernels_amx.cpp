@@ -258,17 +258,13 @@ struct Q8Int8 {
 
     // B row j holds plane j's 4 bytes of each token: [hi tile | lo tile | scales | code sums].
     static void pack(const Q16Row* x, int n_tok, int64_t nb, int8_t* packed) {
+        const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(16));
         for (int t = 0; t < n_tok; ++t) {
             const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
             for (int64_t b = 0; b < nb; ++b) {
-                const int64_t g0 = b / avx512::kChunk * avx512::kChunk;
-                const int n = int(std::min<int64_t>(avx512::kChunk, nb - g0)), k = int(b - g0);
-                const int8_t* chunk = codes + g0 * 32 * 2;
                 int8_t* pb = packed + b * kPackedBlockBytes;
-                for (int j = 0; j < 8; ++j) {
-                    std::memcpy(pb + j * 64 + 4 * t, chunk + avx512::plane_byte(j, n, k, 0), 4);
-                    std::memcpy(pb + kBTileBytes + j * 64 + 4 * t, chunk + avx512::plane_byte(8 + j, n, k, 0), 4);
-                }
+                _mm256_i32scatter_epi32(pb + 4 * t, rows, plane_order(codes, 2, nb, b, 0), 4);
+                _mm256_i32scatter_epi32(pb + kBTileBytes + 4 * t, rows, plane_order(codes, 2, nb, b, 8), 4);
                 float* d = reinterpret_cast<float*>(pb + 2 * kBTileBytes);
                 d[t] = x[t].d[b];
                 d[kTileTokens + t] = float(x[t].s[b]);
@@ -402,8 +398,9 @@ void q8_tile_q16(const int8_t* values, const uint16_t* scales, int64_t n_blocks,
 // over the whole row: C tiles 0-3 = 64 rows x 16 tokens, A 4 = 16 weight rows x 32 bf16 read in
 // place from the matrix, B 5-7 = the three parts of 16 tokens' 32 activations.
 namespace {
-constexpr int kDenseRowGroup = 4 * kRowsPerTile;
-constexpr int64_t kDenseStepBytes = 3 * 16 * 64;  // one step of 32 K: three B tiles
+static_assert(kBf16TileRows == 4 * kRowsPerTile, "four C tiles of rows per step");
+constexpr int kDenseTileBytes = 16 * 64;                  // every tile: 16 rows x 64 bytes
+constexpr int64_t kDenseStepBytes = 3 * kDenseTileBytes;  // one step of 32 K: three B tiles
 }  // namespace
 
 int64_t bf16_tile_bytes(int64_t K) { return K / 32 * kDenseStepBytes; }
@@ -427,7 +424,7 @@ void bf16_tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed)
                 // The high halves of 32 floats are their bf16 values, element pairs in dword order.
                 const __m512i words = _mm512_permutex2var_epi16(_mm512_castps_si512(bf[0]), high_words,
                                                                 _mm512_castps_si512(bf[1]));
-                _mm512_i32scatter_epi32(packed + s * kDenseStepBytes + part * 1024 + 4 * t, pair_rows, words, 4);
+                _mm512_i32scatter_epi32(packed + s * kDenseStepBytes + part * kDenseTileBytes + 4 * t, pair_rows, words, 4);
             }
         }
 }
@@ -437,10 +434,10 @@ void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* p
     _tile_loadconfig(&kConfig);
     const int64_t stride = K * 2, steps = K / 32;
     alignas(64) float c[4][kCTileFloats];
-    for (int64_t g = 0; g < n_groups; ++g)
-        for (int64_t r0 = 0; r0 < n_rows; r0 += kDenseRowGroup) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int8_t* pg = packed + g * bf16_tile_bytes(K);
+        for (int64_t r0 = 0; r0 < n_rows; r0 += kBf16TileRows) {
             const uint16_t* rows = w + r0 * K;
-            const int8_t* pg = packed + g * bf16_tile_bytes(K);
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
@@ -448,8 +445,8 @@ void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* p
             for (int64_t s = 0; s < steps; ++s) {
                 const int8_t* ps = pg + s * kDenseStepBytes;
                 _tile_loadd(5, ps, 64);
-                _tile_loadd(6, ps + 1024, 64);
-                _tile_loadd(7, ps + 2048, 64);
+                _tile_loadd(6, ps + kDenseTileBytes, 64);
+                _tile_loadd(7, ps + 2 * kDenseTileBytes, 64);
 #define MOEMESH_DENSE_ROW_TILE(C)                                                      \
     _tile_loadd(4, rows + (C) * kRowsPerTile * K + 32 * s, stride);                      \
     _tile_dpbf16ps(C, 4, 5);                                                             \
@@ -465,9 +462,9 @@ void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* p
             _tile_stored(1, c[1], 64);
             _tile_stored(2, c[2], 64);
             _tile_stored(3, c[3], 64);
-            float* o = out + (g * n_rows + r0) * kTileTokens;
-            std::memcpy(o, c, sizeof c);
+            std::memcpy(out + (g * n_rows + r0) * kTileTokens, c, sizeof c);
         }
+    }
     _tile_release();
 }
 

@@ -8,9 +8,9 @@
 #include <type_traits>
 #include <utility>
 
+#include "avx512_layout.h"
 #include "formats.h"
 #include "kernels.h"
-#include "avx512_layout.h"
 #include "kernels_amx.h"
 #include "x86_common.h"
 
@@ -223,23 +223,26 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
 }
 
-// A runtime token count -> the instantiation for it.
-template <typename Row, int... NT>
-void dot_q16(const Row& row, int64_t n_blocks, const Q16Row* x, int n_tok, float* out,
-             std::integer_sequence<int, NT...>) {
-    using Fn = void (*)(const Row&, int64_t, const Q16Row*, float*);
-    static constexpr Fn kVariants[] = {dot_q16_n<NT + 1, Row>...};
-    kVariants[n_tok - 1](row, n_blocks, x, out);
+// Calls fn(std::integral_constant<int, n_tok>{}): a runtime token count -> the instantiation for it.
+template <typename Fn, int... N>
+void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
+    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
+}
+template <typename Fn>
+void with_token_count(int n_tok, const Fn& fn) {
+    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
-    dot_q16(Mxfp4Row(blocks, scales), n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
+    const Mxfp4Row row(blocks, scales);
+    with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
 void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
                 float* out) {
-    dot_q16(Q8Row{w, scales}, n_blocks, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
+    const Q8Row row{w, scales};
+    with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
 // Weights 32 at a time: one load of 32 bf16, whose even elements become fp32 with a shift and odd
@@ -279,16 +282,8 @@ void bf16_activation_layout(float* x, int64_t n) {
     }
 }
 
-template <int... NT>
-void bf16_dot(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out,
-              std::integer_sequence<int, NT...>) {
-    using Fn = void (*)(const uint16_t*, int64_t, const float* const*, float*);
-    static constexpr Fn kVariants[] = {bf16_dot_n<NT + 1>...};
-    kVariants[n_tok - 1](w, n, x, out);
-}
-
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
-    bf16_dot(w, n, x, n_tok, out, std::make_integer_sequence<int, kMaxTokens>{});
+    with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
 }
 
 }  // namespace

@@ -151,11 +151,18 @@ std::vector<py::ssize_t> q16_scales_shape(const py::array& a, const char* name) 
     return shape;
 }
 
+// Activations for q16 [..., n]: n a multiple of 32, float32, contiguous, finite.
+const float* q16_input(const py::array& x) {
+    q16_scales_shape(x, "x");
+    const float* xp = in_ptr<float>(x, "x", shape_of(x));
+    check_finite(xp, size_t(x.size()), "x");
+    return xp;
+}
+
 py::tuple py_q16_quantize(const py::array& x) {
     const std::vector<py::ssize_t> dshape = q16_scales_shape(x, "x");
-    const float* xp = in_ptr<float>(x, "x", shape_of(x));
+    const float* xp = q16_input(x);
     const int64_t n = int64_t(x.size());
-    check_finite(xp, size_t(n), "x");
     py::array_t<int16_t> q(shape_of(x));
     py::array_t<float> d(dshape);
     int16_t* qp = q.mutable_data();
@@ -178,6 +185,18 @@ py::array_t<float> py_q16_dequantize(const py::array& q, const py::array& d) {
     return out;
 }
 
+py::array_t<float> py_q16_round(const py::array& x) {
+    const float* xp = q16_input(x);
+    const int64_t n = int64_t(x.size());
+    py::array_t<float> out(shape_of(x));
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        q16_round_parallel(xp, n, op);
+    }
+    return out;
+}
+
 // Largest |value|, inf when any value is NaN or infinite.
 float max_abs(const float* x, int64_t n) {
     float peak = 0.f;
@@ -192,25 +211,9 @@ float max_abs(const float* x, int64_t n) {
 // one bytes object, made and read here in one pass. A hop's Python work runs right after the
 // kernels streamed tens of MB through the caches, when each numpy call costs ~10x its warm time
 // (decoding a token's activations: 137 us through numpy, 16 us for the native part alone).
-py::array_t<float> py_q16_round(const py::array& x) {
-    q16_scales_shape(x, "x");
-    const float* xp = in_ptr<float>(x, "x", shape_of(x));
-    const int64_t n = int64_t(x.size());
-    check_finite(xp, size_t(n), "x");
-    py::array_t<float> out(shape_of(x));
-    float* op = out.mutable_data();
-    {
-        py::gil_scoped_release nogil;
-        q16_round_parallel(xp, n, op);
-    }
-    return out;
-}
-
 py::bytes py_q16_encode(const py::array& x) {
-    q16_scales_shape(x, "x");
-    const float* xp = in_ptr<float>(x, "x", shape_of(x));
+    const float* xp = q16_input(x);
     const int64_t n = int64_t(x.size());
-    check_finite(xp, size_t(n), "x");
     const int64_t code_bytes = n * int64_t(sizeof(int16_t));
     PyObject* obj = PyBytes_FromStringAndSize(nullptr, py::ssize_t(code_bytes + n / Q16Block::kBlock * 4));
     if (!obj) throw py::error_already_set();

@@ -34,6 +34,18 @@ void for_q16_block_ranges(int64_t n, const Fn& fn) {
         fn(g0, std::min(nb, g0 + kQ16BlocksPerTask) - g0);
     });
 }
+
+// A block's scale (block max / kMax) and what its values are multiplied by before rounding.
+struct Q16Scale {
+    float d, inv;
+};
+inline Q16Scale q16_block_scale(const float* xb) {
+    float amax[4] = {0.f, 0.f, 0.f, 0.f};  // a max is exact in any order; four chains vectorize
+    for (int i = 0; i < Q16Block::kBlock; i += 4)
+        for (int j = 0; j < 4; ++j) amax[j] = std::max(amax[j], std::fabs(xb[i + j]));
+    const float d = std::max(std::max(amax[0], amax[1]), std::max(amax[2], amax[3])) / Q16Block::kMax;
+    return {d, d > 0.f ? 1.f / d : 0.f};
+}
 }  // namespace
 
 // Symmetric per-32 int16 quantization, round half to even: numpy's q16_quantize, operation for
@@ -41,12 +53,9 @@ void for_q16_block_ranges(int64_t n, const Fn& fn) {
 void q16_quantize(const float* x, int64_t n, int16_t* q, float* d) {
     for (int64_t g = 0; g < n / Q16Block::kBlock; ++g) {
         const float* xb = x + g * Q16Block::kBlock;
-        float amax = 0.f;
-        for (int i = 0; i < Q16Block::kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        const float dd = amax / Q16Block::kMax;
-        const float id = dd > 0.f ? 1.f / dd : 0.f;
-        for (int i = 0; i < Q16Block::kBlock; ++i) q[g * Q16Block::kBlock + i] = int16_t(round_half_even(xb[i] * id));
-        d[g] = dd;
+        const Q16Scale sc = q16_block_scale(xb);
+        for (int i = 0; i < Q16Block::kBlock; ++i) q[g * Q16Block::kBlock + i] = int16_t(round_half_even(xb[i] * sc.inv));
+        d[g] = sc.d;
     }
 }
 
@@ -60,13 +69,8 @@ void q16_round_parallel(const float* x, int64_t n, float* out) {
     for_q16_block_ranges(n, [&](int64_t g0, int64_t count) {
         for (int64_t g = g0; g < g0 + count; ++g) {
             const float* xb = x + g * Q16Block::kBlock;
-            float* ob = out + g * Q16Block::kBlock;
-            float amax[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int i = 0; i < Q16Block::kBlock; i += 4)
-                for (int j = 0; j < 4; ++j) amax[j] = std::max(amax[j], std::fabs(xb[i + j]));
-            const float dd = std::max(std::max(amax[0], amax[1]), std::max(amax[2], amax[3])) / Q16Block::kMax;
-            const float id = dd > 0.f ? 1.f / dd : 0.f;
-            for (int i = 0; i < Q16Block::kBlock; ++i) ob[i] = round_half_even(xb[i] * id) * dd;
+            const Q16Scale sc = q16_block_scale(xb);
+            for (int i = 0; i < Q16Block::kBlock; ++i) out[g * Q16Block::kBlock + i] = round_half_even(xb[i] * sc.inv) * sc.d;
         }
     });
 }
@@ -135,6 +139,7 @@ struct Activations {
 struct TiledRows {
     const int8_t* groups = nullptr;
     int64_t n = 0;
+    int64_t n_groups() const { return (n + kTileTokens - 1) / kTileTokens; }
 };
 
 // Fewest tokens worth a tile group of kTileTokens (the rest take 4-token passes).
@@ -163,11 +168,11 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
                 int64_t ldy) {
     auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
     if (tiled.n > 0) {
-        const int64_t n_groups = (tiled.n + kTileTokens - 1) / kTileTokens, rows = r1 - r0;
+        const int64_t rows = r1 - r0;
         thread_local std::vector<float> res;
-        res.resize(size_t(n_groups * rows * kTileTokens));
-        kt.mxfp4_tile_q16(blocks + r0 * nb * Mxfp4::kBlockBytes, scales + r0 * nb, nb, rows, tiled.groups, n_groups,
-                          res.data());
+        res.resize(size_t(tiled.n_groups() * rows * kTileTokens));
+        kt.mxfp4_tile_q16(blocks + r0 * nb * Mxfp4::kBlockBytes, scales + r0 * nb, nb, rows, tiled.groups,
+                          tiled.n_groups(), res.data());
         store_tile_results(res.data(), tiled.n, r0, rows, [&](int64_t i) { return out_rows[i]; }, ldy, bias_of, y);
     }
     for (int64_t i0 = tiled.n; i0 < n; i0 += kMaxTokens) {
@@ -276,14 +281,14 @@ int bf16_tokens_per_pass(int64_t K) {
 // Matrix tiles over rows [0, rows) in tasks of kRowsPerTask: tile(r0, n, res) fills res for rows
 // [r0, r0 + n) and every tiled token, which then go to y[t * ldy + r] (+ bias_of(r)).
 template <typename Tile, typename Bias>
-void dense_tile_rows(int64_t rows, int64_t n_tok, const Tile& tile, const Bias& bias_of, int64_t ldy, float* y) {
-    const int64_t n_groups = (n_tok + kTileTokens - 1) / kTileTokens;
+void dense_tile_rows(int64_t rows, const TiledRows& tiled, const Tile& tile, const Bias& bias_of, int64_t ldy,
+                     float* y) {
     global_pool().parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
         const int64_t r0 = task * kRowsPerTask, n = std::min(rows, r0 + kRowsPerTask) - r0;
         thread_local std::vector<float> res;
-        res.resize(size_t(n_groups * n * kTileTokens));
+        res.resize(size_t(tiled.n_groups() * n * kTileTokens));
         tile(r0, n, res.data());
-        store_tile_results(res.data(), n_tok, r0, n, [](int64_t i) { return i; }, ldy, bias_of, y);
+        store_tile_results(res.data(), tiled.n, r0, n, [](int64_t i) { return i; }, ldy, bias_of, y);
     });
 }
 
@@ -306,7 +311,7 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
                 for (int i = 0; i < cnt; ++i) xs[i] = x + (g * kTileTokens + i) * K;
                 kt.bf16_tile_pack(xs, cnt, K, packed + g * group_bytes);
             });
-            dense_tile_rows(tiled_rows, tiled_tokens, [&](int64_t r0, int64_t n, float* res) {
+            dense_tile_rows(tiled_rows, TiledRows{packed, tiled_tokens}, [&](int64_t r0, int64_t n, float* res) {
                 kt.bf16_tile_f32(w + r0 * K, K, n, packed, groups, res);
             }, bias_of, N, y);
         }
@@ -362,12 +367,10 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     for (int64_t t = 0; t < T; ++t) all_rows[0][size_t(t)] = t;
     const TileGroups tiles(kt, TileFormat::Q8, kt.q8_tile_q16 != nullptr, act, nb, all_rows, tile_storage);
     const TiledRows tiled = tiles.of(0);
-    if (tiled.n > 0) {
-        const int64_t n_groups = (tiled.n + kTileTokens - 1) / kTileTokens;
-        dense_tile_rows(N, tiled.n, [&](int64_t r0, int64_t n, float* res) {
-            kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, n, tiled.groups, n_groups, res);
+    if (tiled.n > 0)
+        dense_tile_rows(N, tiled, [&](int64_t r0, int64_t n, float* res) {
+            kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, n, tiled.groups, tiled.n_groups(), res);
         }, [](int64_t) { return 0.f; }, N, y);
-    }
     const int64_t t_rest = tiled.n;
     for_rows_and_token_passes(N, T - t_rest, [&](int64_t r, int64_t i0, int cnt) {
         Q16Row xs[kMaxTokens];
@@ -474,9 +477,9 @@ inline float exp_nonpositive(float x) {
 
 void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
                        const int64_t* k_pos, int64_t window, float sqrt_d) {
-    constexpr int64_t kRowsPerTask = 64;
-    global_pool().parallel_for((H * T + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-        for (int64_t row = task * kRowsPerTask; row < std::min(H * T, (task + 1) * kRowsPerTask); ++row) {
+    constexpr int64_t kSoftmaxRowsPerTask = 64;
+    global_pool().parallel_for((H * T + kSoftmaxRowsPerTask - 1) / kSoftmaxRowsPerTask, [&](int64_t task) {
+        for (int64_t row = task * kSoftmaxRowsPerTask; row < std::min(H * T, (task + 1) * kSoftmaxRowsPerTask); ++row) {
             float* s = scores + row * S;
             const int64_t qp = q_pos[row % T];
             const float sink = sinks[row / T];

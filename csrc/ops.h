@@ -17,8 +17,8 @@ void q16_dequantize(const int16_t* q, const float* d, int64_t n, float* out);
 // The same over a whole buffer on the thread pool (not from inside a parallel_for).
 void q16_quantize_parallel(const float* x, int64_t n, int16_t* q, float* d);
 void q16_dequantize_parallel(const int16_t* q, const float* d, int64_t n, float* out);
-// q16_dequantize(q16_quantize(x)) in one pass, the codes kept in cache-sized pieces (what crossing
-// the expert boundary does to activations).
+// q16_dequantize(q16_quantize(x)) in one pass without the codes (what crossing the expert boundary
+// does to activations).
 void q16_round_parallel(const float* x, int64_t n, float* out);
 
 // out[r, :] = dequantized MXFP4 row r (rows x n_blocks*32).

@@ -29,3 +29,8 @@ try:
     )
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError(f"moemesh native kernels are not built ({e}); run `pip install .` in the repository") from e
+
+
+def kernel_path() -> str:
+    """The kernels this process runs, as benchmarks print it: the ISA, '+amx' with matrix tiles."""
+    return active_isa() + ("+amx" if matrix_tiles() else "")
