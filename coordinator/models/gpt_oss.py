@@ -139,14 +139,24 @@ def rope_yarn(cfg: GptOssConfig) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), concentration
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, concentration: float) -> np.ndarray:
-    """Half-split rotation of x [T, heads, d]: element i pairs with i + d/2; cos and sin carry C."""
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, concentration: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [T, 1, d/2] of the rotation angles at `positions`, both carrying C. Every layer
+    rotates by the same angles, so a forward pass makes them once."""
     angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, d/2]
-    cos = (np.cos(angles) * np.float32(concentration))[:, None, :]
-    sin = (np.sin(angles) * np.float32(concentration))[:, None, :]
+    return ((np.cos(angles) * np.float32(concentration))[:, None, :],
+            (np.sin(angles) * np.float32(concentration))[:, None, :])
+
+
+def rotate_half_split(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Half-split rotation of x [T, heads, d]: element i pairs with i + d/2."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, concentration: float) -> np.ndarray:
+    """RoPE with YaRN scaling on x [T, heads, d] at absolute positions (§2.4)."""
+    return rotate_half_split(x, *rope_tables(positions, inv_freq, concentration))
 
 
 ATTENTION_QUERY_CHUNK = 128  # queries per score matrix: bounds its memory on long prompts
@@ -190,6 +200,8 @@ def attention_with_sinks(
             keys = slice(np.searchsorted(k_pos, lo, side="right"), np.searchsorted(k_pos, q_pos[b - 1], side="right"))
         else:
             keys = (k_pos > lo) & (k_pos <= q_pos[b - 1])
+            if keys.all():
+                keys = slice(None)  # a decoded token sees its whole ring: no copy
         out[a:b] = attend_chunk(q[a:b], k[keys], v[keys], sinks, q_pos[a:b], k_pos[keys], window, softmax)
     return out
 
@@ -271,6 +283,8 @@ class KVCache:
 
     def extend(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
         """Store new entries; return the keys, values and positions the new queries attend to."""
+        if self.cfg.is_sliding(layer) and len(pos) == 1:
+            return self._ring_step(layer, k, v, int(pos[0]))
         if self.cfg.is_sliding(layer):
             filled = self.pos[layer] >= 0
             keys = np.concatenate([self.k[layer][filled], k])
@@ -293,6 +307,15 @@ class KVCache:
         end = n + len(pos)
         self.k[layer][n:end], self.v[layer][n:end], self.pos[layer][n:end] = k, v, pos
         return self.k[layer][:end], self.v[layer][:end], self.pos[layer][:end]
+
+    def _ring_step(self, layer: int, k: np.ndarray, v: np.ndarray, p: int):
+        """A decoded token in a sliding layer takes the slot of the entry a window behind it, which
+        no query from now on sees; the ring's filled slots (positions 0.. fill slots 0.., so a
+        prefix) are then exactly its keys, returned as views in ring order (no copies)."""
+        slot = p % self._cap[layer]
+        self.k[layer][slot], self.v[layer][slot], self.pos[layer][slot] = k[0], v[0], p
+        n = min(p + 1, self._cap[layer])
+        return self.k[layer][:n], self.v[layer][:n], self.pos[layer][:n]
 
 
 @dataclass(frozen=True)
@@ -356,15 +379,16 @@ class GptOssModel:
             arrays += list(vars(w).values())
         return arrays
 
-    def attention(self, i: int, x: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
+    def attention(self, i: int, x: np.ndarray, cache: KVCache, pos: np.ndarray,
+                  rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """rope: rope_tables at pos."""
         cfg, w = self.cfg, self.layers[i]
         xn = rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
         T, d = x.shape[0], cfg.head_dim
         q = self.linear(xn, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, d)
         k = self.linear(xn, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, d)
         v = self.linear(xn, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, d)
-        q = apply_rope(q, pos, self.inv_freq, self.concentration)
-        k = apply_rope(k, pos, self.inv_freq, self.concentration)
+        q, k = rotate_half_split(q, *rope), rotate_half_split(k, *rope)
         keys, vals, kpos = cache.extend(i, k, v, pos)
         window = cfg.sliding_window if cfg.is_sliding(i) else None
         o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window, self.softmax)
@@ -390,9 +414,10 @@ class GptOssModel:
         tr = self.tracer
         with tr.span("embed", tokens=int(ids.size)):
             x = bf16_to_f32(self.embed[ids])
+        rope = rope_tables(pos, self.inv_freq, self.concentration)
         for i in range(cfg.num_hidden_layers):
             with tr.span("attention", layer=i):
-                x = x + self.attention(i, x, cache, pos)
+                x = x + self.attention(i, x, cache, pos, rope)
             with tr.span("router", layer=i):
                 xn = rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
                 expert_ids, weights = self.route(i, xn)
