@@ -141,6 +141,17 @@ void py_attention_softmax(py::array& scores, const py::array& sinks, const py::a
     attention_softmax(sp, H, T, S, hp, qp, kp, window, sqrt_d);
 }
 
+void py_rmsnorm(const py::array& x, const py::array& w, float eps, py::array& out) {
+    if (x.ndim() != 2) fail("x: expected shape (T, H), got " + shape_str(x));
+    const int64_t T = x.shape(0), H = x.shape(1);
+    const float* xp = in_ptr<float>(x, "x", {T, H});
+    const float* wp = in_ptr<float>(w, "w", {H});
+    float* op = out_ptr<float>(out, "out", {T, H});
+    if (!(eps >= 0.f) || !std::isfinite(eps)) fail("eps: must be a finite number >= 0");
+    py::gil_scoped_release nogil;
+    rmsnorm(xp, T, H, wp, eps, op);
+}
+
 // An activation array [..., n] (n a multiple of 32, as the q16 functions need) -> the shape of
 // its per-block scales [..., n/32].
 std::vector<py::ssize_t> q16_scales_shape(const py::array& a, const char* name) {
@@ -355,6 +366,8 @@ PYBIND11_MODULE(_native, m) {
           py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"),
           "Raw scores [H, T, S] -> attention weights in place: /sqrt_d, causal (and window > 0) mask, "
           "softmax with each head's sink logit in the denominator.");
+    m.def("rmsnorm", &py_rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
+          "out[T, H] = x / sqrt(mean(x^2, axis=-1) + eps) * w, float32 (squares summed in double).");
     m.def("q16_quantize", &py_q16_quantize, py::arg("x"),
           "Activations float32 [..., n] -> (int16 codes [..., n], float32 scales [..., n/32]); numpy's bits.");
     m.def("q16_dequantize", &py_q16_dequantize, py::arg("q"), py::arg("d"), "The inverse of q16_quantize.");

@@ -501,6 +501,24 @@ void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const flo
     });
 }
 
+void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* out) {
+    constexpr int64_t kRmsRowsPerTask = 16;
+    global_pool().parallel_for((T + kRmsRowsPerTask - 1) / kRmsRowsPerTask, [&](int64_t task) {
+        for (int64_t t = task * kRmsRowsPerTask; t < std::min(T, (task + 1) * kRmsRowsPerTask); ++t) {
+            const float* xr = x + t * H;
+            double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // fixed-order partial sums, vectorizable
+            int64_t i = 0;
+            for (; i + 8 <= H; i += 8)
+                for (int j = 0; j < 8; ++j) part[j] += double(xr[i + j]) * double(xr[i + j]);
+            for (; i < H; ++i) part[0] += double(xr[i]) * double(xr[i]);
+            const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            const float denom = std::sqrt(float(sum / double(H)) + eps);
+            float* o = out + t * H;
+            for (int64_t k = 0; k < H; ++k) o[k] = xr[k] / denom * w[k];
+        }
+    });
+}
+
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
     constexpr int64_t kChunk = 1 << 20;
     const int64_t n_chunks = (n_bytes + kChunk - 1) / kChunk;

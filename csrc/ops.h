@@ -64,6 +64,10 @@ namespace moemesh {
 void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
                        const int64_t* k_pos, int64_t window, float sqrt_d);
 
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w for rows t of x [T, H] (the reference's rmsnorm,
+// with the squares summed in double in a fixed order: within an ulp of numpy's float32 mean).
+void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* out);
+
 // Reads every byte of buf once with all threads (a STREAM-like read for benchmarks); returns an
 // xor checksum so the reads cannot be optimised away.
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes);

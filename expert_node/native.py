@@ -24,6 +24,7 @@ try:
         q16_round,
         q8_matmul,
         q8_quantize,
+        rmsnorm,
         set_threads,
         stream_read,
     )

@@ -271,6 +271,31 @@ def test_attention_softmax_matches_the_reference(window):
     assert (got[:, :, k_pos > q_pos[-1]] == 0).all()
 
 
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_rmsnorm_matches_the_reference(T):
+    """The engine's native rmsnorm against the numpy spec: one row (decode), odd and many rows,
+    magnitudes from tiny to large, a zero row (eps keeps it finite)."""
+    from coordinator.engine import native_rmsnorm
+    from coordinator.models.gpt_oss import rmsnorm
+
+    rng = np.random.default_rng(T)
+    H = 2880
+    x = (rng.standard_normal((T, H)) * np.logspace(-3, 3, T)[:, None]).astype(np.float32)
+    x[T // 2] = 0
+    w = rng.standard_normal(H).astype(np.float32)
+    np.testing.assert_allclose(native_rmsnorm(x, w, 1e-5), rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-7)
+
+
+def test_rmsnorm_refuses_bad_arguments():
+    good = dict(x=np.zeros((2, 8), np.float32), w=np.zeros(8, np.float32), eps=1e-5, out=np.zeros((2, 8), np.float32))
+    for name, bad, match in [("x", np.zeros(8, np.float32), "x: expected shape"),
+                             ("w", np.zeros(7, np.float32), "w: expected shape"),
+                             ("out", np.zeros((2, 8), np.float64), "out: expected dtype"),
+                             ("eps", float("nan"), "eps")]:
+        with pytest.raises(ValueError, match=match):
+            native.rmsnorm(**{**good, name: bad})
+
+
 def test_attention_softmax_refuses_bad_arguments():
     good = dict(scores=np.zeros((2, 3, 4), np.float32), sinks=np.zeros(2, np.float32),
                 q_pos=np.arange(3, dtype=np.int64), k_pos=np.arange(4, dtype=np.int64), window=0, sqrt_d=8.0)

@@ -341,7 +341,8 @@ class GptOssModel:
     def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend):
         self.cfg = cfg = GptOssConfig.from_dict(ckpt.config)
         self.linear, self.experts = linear, experts
-        self.softmax = softmax_with_sinks  # attention weights; the engine swaps in the native twin
+        # The engine swaps in native twins of these two (same results within float rounding).
+        self.softmax, self.rmsnorm = softmax_with_sinks, rmsnorm
         self.tracer = NULL_TRACER
         H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
         qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -383,7 +384,7 @@ class GptOssModel:
                   rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """rope: rope_tables at pos."""
         cfg, w = self.cfg, self.layers[i]
-        xn = rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
+        xn = self.rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
         T, d = x.shape[0], cfg.head_dim
         q = self.linear(xn, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, d)
         k = self.linear(xn, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, d)
@@ -419,7 +420,7 @@ class GptOssModel:
             with tr.span("attention", layer=i):
                 x = x + self.attention(i, x, cache, pos, rope)
             with tr.span("router", layer=i):
-                xn = rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
+                xn = self.rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
                 expert_ids, weights = self.route(i, xn)
             if router_log is not None:
                 router_log.append((i, expert_ids))
@@ -429,7 +430,7 @@ class GptOssModel:
                 x = x + combine_experts(outputs, weights)
         cache.length += ids.size
         with tr.span("unembed"):
-            h = rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
+            h = self.rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
             return self.linear(h, self.lm_head, None)
 
 
