@@ -17,7 +17,7 @@ from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExp
 
 from .generation import ContextLimitError, ConversationCache, Generation
 from .models import family_of
-from .models.gpt_oss import reference_linear
+from .models.gpt_oss import LayerOps, reference_linear
 from .sampling import SamplingParams
 
 PRECISIONS = ("reference", "exact", "fast")
@@ -54,6 +54,19 @@ def native_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
     native.rmsnorm(x, np.ascontiguousarray(w, np.float32), float(eps), out)
     return out
+
+
+def native_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """rotate_half_split in place on x (a fresh projection), the same float ops."""
+    from expert_node import native
+
+    x = np.ascontiguousarray(x, np.float32)
+    native.rope_rotate(x, np.ascontiguousarray(cos.reshape(cos.shape[0], -1), np.float32),
+                       np.ascontiguousarray(sin.reshape(sin.shape[0], -1), np.float32))
+    return x
+
+
+NATIVE_OPS = LayerOps(native_softmax, native_rmsnorm, native_rotate)
 
 
 class Q8DenseLinear:
@@ -122,7 +135,7 @@ class Engine:
             ckpt.advise_hugepages()
         model = family.build_model(ckpt, linear, experts)
         if precision != "reference":
-            model.softmax, model.rmsnorm = native_softmax, native_rmsnorm
+            model.ops = NATIVE_OPS
         if dense == "q8":
             matrices = model.matmul_weights()
             model.linear = Q8DenseLinear(matrices)

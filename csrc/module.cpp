@@ -152,6 +152,16 @@ void py_rmsnorm(const py::array& x, const py::array& w, float eps, py::array& ou
     rmsnorm(xp, T, H, wp, eps, op);
 }
 
+void py_rope_rotate(py::array& x, const py::array& cos, const py::array& sin) {
+    if (x.ndim() != 3 || x.shape(2) % 2) fail("x: expected shape (T, heads, d) with d even, got " + shape_str(x));
+    const int64_t T = x.shape(0), heads = x.shape(1), d = x.shape(2);
+    float* xp = out_ptr<float>(x, "x", {T, heads, d});
+    const float* cp = in_ptr<float>(cos, "cos", {T, d / 2});
+    const float* sp = in_ptr<float>(sin, "sin", {T, d / 2});
+    py::gil_scoped_release nogil;
+    rope_rotate(xp, T, heads, d, cp, sp);
+}
+
 // An activation array [..., n] (n a multiple of 32, as the q16 functions need) -> the shape of
 // its per-block scales [..., n/32].
 std::vector<py::ssize_t> q16_scales_shape(const py::array& a, const char* name) {
@@ -368,6 +378,8 @@ PYBIND11_MODULE(_native, m) {
           "softmax with each head's sink logit in the denominator.");
     m.def("rmsnorm", &py_rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
           "out[T, H] = x / sqrt(mean(x^2, axis=-1) + eps) * w, float32 (squares summed in double).");
+    m.def("rope_rotate", &py_rope_rotate, py::arg("x"), py::arg("cos"), py::arg("sin"),
+          "RoPE's half-split rotation of x [T, heads, d] in place by cos, sin [T, d/2].");
     m.def("q16_quantize", &py_q16_quantize, py::arg("x"),
           "Activations float32 [..., n] -> (int16 codes [..., n], float32 scales [..., n/32]); numpy's bits.");
     m.def("q16_dequantize", &py_q16_dequantize, py::arg("q"), py::arg("d"), "The inverse of q16_quantize.");

@@ -519,6 +519,23 @@ void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, fl
     });
 }
 
+void rope_rotate(float* x, int64_t T, int64_t heads, int64_t d, const float* cos, const float* sin) {
+    const int64_t half = d / 2;
+    for (int64_t t = 0; t < T; ++t) {
+        const float* c = cos + t * half;
+        const float* s = sin + t * half;
+        for (int64_t h = 0; h < heads; ++h) {
+            float* x1 = x + (t * heads + h) * d;
+            float* x2 = x1 + half;
+            for (int64_t i = 0; i < half; ++i) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
     constexpr int64_t kChunk = 1 << 20;
     const int64_t n_chunks = (n_bytes + kChunk - 1) / kChunk;

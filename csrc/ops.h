@@ -68,6 +68,10 @@ void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const flo
 // with the squares summed in double in a fixed order: within an ulp of numpy's float32 mean).
 void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* out);
 
+// RoPE's half-split rotation in place on x [T, heads, d]: element i pairs with i + d/2,
+// (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with cos, sin [T, d/2] (the reference's float ops).
+void rope_rotate(float* x, int64_t T, int64_t heads, int64_t d, const float* cos, const float* sin);
+
 // Reads every byte of buf once with all threads (a STREAM-like read for benchmarks); returns an
 // xor checksum so the reads cannot be optimised away.
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes);

@@ -25,6 +25,7 @@ try:
         q8_matmul,
         q8_quantize,
         rmsnorm,
+        rope_rotate,
         set_threads,
         stream_read,
     )

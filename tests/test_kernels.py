@@ -286,6 +286,26 @@ def test_rmsnorm_matches_the_reference(T):
     np.testing.assert_allclose(native_rmsnorm(x, w, 1e-5), rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_rope_rotation_matches_the_reference_bit_for_bit(T):
+    from coordinator.engine import native_rotate
+    from coordinator.models.gpt_oss import rope_tables, rotate_half_split
+
+    rng = np.random.default_rng(T)
+    x = (rng.standard_normal((T, 6, 64)) * 30).astype(np.float32)
+    cos, sin = rope_tables(np.arange(1000, 1000 + T), rng.random(32).astype(np.float32), 1.35)
+    np.testing.assert_array_equal(native_rotate(x.copy(), cos, sin), rotate_half_split(x, cos, sin))
+
+
+def test_rope_rotate_refuses_bad_arguments():
+    good = dict(x=np.zeros((2, 3, 8), np.float32), cos=np.zeros((2, 4), np.float32), sin=np.zeros((2, 4), np.float32))
+    for name, bad, match in [("x", np.zeros((2, 3, 7), np.float32), "x: expected shape"),
+                             ("cos", np.zeros((2, 3), np.float32), "cos: expected shape"),
+                             ("sin", np.zeros((2, 4), np.float64), "sin: expected dtype")]:
+        with pytest.raises(ValueError, match=match):
+            native.rope_rotate(**{**good, name: bad})
+
+
 def test_rmsnorm_refuses_bad_arguments():
     good = dict(x=np.zeros((2, 8), np.float32), w=np.zeros(8, np.float32), eps=1e-5, out=np.zeros((2, 8), np.float32))
     for name, bad, match in [("x", np.zeros(8, np.float32), "x: expected shape"),

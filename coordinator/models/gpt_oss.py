@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -244,6 +244,15 @@ def reference_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.n
     return out if b is None else out + b
 
 
+class LayerOps(NamedTuple):
+    """The model's steps besides matmuls and experts, the reference ones by default. The engine
+    swaps in native twins (coordinator.engine.NATIVE_OPS) with the same signatures and results
+    within float rounding: on a decoded token numpy's per-call cost, not arithmetic, is their time."""
+    softmax: Callable = softmax_with_sinks
+    rmsnorm: Callable = rmsnorm
+    rotate: Callable = rotate_half_split
+
+
 # ---------------------------------------------------------------------------------------------
 # The model.
 
@@ -341,8 +350,7 @@ class GptOssModel:
     def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend):
         self.cfg = cfg = GptOssConfig.from_dict(ckpt.config)
         self.linear, self.experts = linear, experts
-        # The engine swaps in native twins of these two (same results within float rounding).
-        self.softmax, self.rmsnorm = softmax_with_sinks, rmsnorm
+        self.ops = LayerOps()
         self.tracer = NULL_TRACER
         H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
         qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -384,15 +392,15 @@ class GptOssModel:
                   rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """rope: rope_tables at pos."""
         cfg, w = self.cfg, self.layers[i]
-        xn = self.rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
+        xn = self.ops.rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
         T, d = x.shape[0], cfg.head_dim
         q = self.linear(xn, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, d)
         k = self.linear(xn, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, d)
         v = self.linear(xn, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, d)
-        q, k = rotate_half_split(q, *rope), rotate_half_split(k, *rope)
+        q, k = self.ops.rotate(q, *rope), self.ops.rotate(k, *rope)
         keys, vals, kpos = cache.extend(i, k, v, pos)
         window = cfg.sliding_window if cfg.is_sliding(i) else None
-        o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window, self.softmax)
+        o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window, self.ops.softmax)
         return self.linear(o, w.o, w.o_bias)
 
     def route(self, i: int, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -420,7 +428,7 @@ class GptOssModel:
             with tr.span("attention", layer=i):
                 x = x + self.attention(i, x, cache, pos, rope)
             with tr.span("router", layer=i):
-                xn = self.rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
+                xn = self.ops.rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
                 expert_ids, weights = self.route(i, xn)
             if router_log is not None:
                 router_log.append((i, expert_ids))
@@ -430,7 +438,7 @@ class GptOssModel:
                 x = x + combine_experts(outputs, weights)
         cache.length += ids.size
         with tr.span("unembed"):
-            h = self.rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
+            h = self.ops.rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
             return self.linear(h, self.lm_head, None)
 
 
