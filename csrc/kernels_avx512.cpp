@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "attention.h"
 #include "avx512_layout.h"
 #include "formats.h"
 #include "kernels.h"
@@ -286,6 +287,109 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
 }
 
+// attention::attend_group (attention.h) 16 lanes at a time: the same float operations in the same
+// order, so the same bits as the portable code.
+template <int D>
+inline float dot16(const float* q, const __m512* k) {
+    __m512 part = _mm512_setzero_ps();
+    for (int r = 0; r < D / 16; ++r) part = _mm512_add_ps(part, _mm512_mul_ps(_mm512_loadu_ps(q + 16 * r), k[r]));
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(part),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(part), 1)));
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));  // (b0 + b2), (b1 + b3)
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+inline __m512 exp_nonpositive16(__m512 x) {
+    auto k = [](float v) { return _mm512_set1_ps(v); };
+    const __m512 xc = _mm512_max_ps(k(-87.f), x);  // NaN stays NaN, as std::max(x, -87.f)
+    const __m512 magic = k(12582912.f);              // round_half_even
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, k(1.44269504f)), magic), magic);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(xc, _mm512_mul_ps(n, k(0.693145752f))), _mm512_mul_ps(n, k(1.42860677e-6f)));
+    __m512 p = k(1.38888889e-3f);
+    for (float c : {8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.f, 1.f}) p = _mm512_add_ps(_mm512_mul_ps(p, r), k(c));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, k(-87.3f), _CMP_LT_OQ);
+    return _mm512_maskz_mul_ps(__mmask16(~under), p, _mm512_castsi512_ps(bits));
+}
+
+void softmax_row(float* s, int64_t S, float sink, float m) {
+    __m256 part = _mm256_setzero_ps();  // partial sum i takes elements j with j % 8 == i
+    const __m512 mv = _mm512_set1_ps(m);
+    int64_t j = 0;
+    for (; j + 8 <= S; j += 8) {
+        const bool two = j + 16 <= S;
+        const __mmask16 lanes = two ? __mmask16(0xFFFF) : __mmask16(0xFF);
+        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), mv));
+        _mm512_mask_storeu_ps(s + j, lanes, e);
+        part = _mm256_add_ps(part, _mm512_castps512_ps256(e));
+        if (two) {
+            part = _mm256_add_ps(part, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+            j += 8;
+        }
+    }
+    alignas(32) float parts[8];
+    _mm256_store_ps(parts, part);
+    for (; j < S; ++j) parts[0] += s[j] = attention::exp_nonpositive(s[j] - m);
+    const __m512 z = _mm512_set1_ps(attention::softmax_denominator(parts, sink, m));
+    for (int64_t i = 0; i < S; i += 16) {
+        const __mmask16 lanes = S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1u);
+        _mm512_mask_storeu_ps(s + i, lanes, _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, s + i), z));
+    }
+}
+
+// Keys (and values) fetched ahead: a kv head's rows are a stride apart, which the hardware
+// prefetchers do not follow.
+constexpr int64_t kKeysAhead = 8;
+
+template <int D>
+void attend_group_n(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride,
+                    const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
+                    float* scores, float* out) {
+    constexpr int R = D / 16;
+    float m[attention::kMaxGroup];
+    for (int h = 0; h < group; ++h) m[h] = sinks[h];
+    for (int64_t j = 0; j < S; ++j) {
+        if (!attention::key_visible(k_pos[j], q_pos, window)) {
+            for (int h = 0; h < group; ++h) scores[h * S + j] = -INFINITY, m[h] = std::max(m[h], -INFINITY);
+            continue;
+        }
+        __m512 kj[R];
+        for (int r = 0; r < R; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(k + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
+            kj[r] = _mm512_loadu_ps(k + j * stride + 16 * r);
+        }
+        for (int h = 0; h < group; ++h) {
+            scores[h * S + j] = dot16<D>(q + h * D, kj) / sqrt_d;
+            m[h] = std::max(m[h], scores[h * S + j]);
+        }
+    }
+    for (int h = 0; h < group; ++h) softmax_row(scores + h * S, S, sinks[h], m[h]);
+    std::fill(out, out + group * D, 0.f);
+    for (int64_t j = 0; j < S; ++j) {
+        if (!attention::key_visible(k_pos[j], q_pos, window)) continue;
+        __m512 vj[R];
+        for (int r = 0; r < R; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(v + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
+            vj[r] = _mm512_loadu_ps(v + j * stride + 16 * r);
+        }
+        for (int h = 0; h < group; ++h) {
+            const __m512 p = _mm512_set1_ps(scores[h * S + j]);
+            float* o = out + h * D;
+            for (int r = 0; r < R; ++r)
+                _mm512_storeu_ps(o + 16 * r, _mm512_add_ps(_mm512_loadu_ps(o + 16 * r), _mm512_mul_ps(p, vj[r])));
+        }
+    }
+}
+
+void attend_group(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride, int64_t d,
+                  const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
+                  float* scores, float* out) {
+    attention::with_head_dim(d, [&](auto D) {
+        attend_group_n<D()>(q, group, k, v, S, stride, sinks, k_pos, q_pos, window, sqrt_d, scores, out);
+    });
+}
+
 }  // namespace
 
 #if defined(MOEMESH_VBMI)
@@ -294,12 +398,12 @@ const KernelTable kAvx512VbmiKernels =
 const KernelTable kAvx512Kernels =
 #endif
     {"avx512",   mxfp4_dot_f32, mxfp4_dot_q16,   activation_layout,
-     bf16_dot_f32, q8_dot_q16,  q8_weight_layout, bf16_activation_layout};
+     bf16_dot_f32, q8_dot_q16,  q8_weight_layout, bf16_activation_layout, softmax_row, attend_group};
 
 #if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
 const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
                                        bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, bf16_activation_layout,
-                                       amx::tile_group_bytes,
+                                       softmax_row,      attend_group,        amx::tile_group_bytes,
                                        amx::tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16,
                                        amx::bf16_tile_bytes, amx::bf16_tile_pack, amx::bf16_tile_f32};
 #endif

@@ -15,6 +15,7 @@
 
 #include "formats.h"
 #include "kernels.h"
+#include "attention.h"
 #include "ops.h"
 #include "threadpool.h"
 
@@ -128,7 +129,7 @@ void py_bf16_matmul(const py::array& x, const py::array& w, const std::optional<
 }
 
 void py_attention_softmax(py::array& scores, const py::array& sinks, const py::array& q_pos, const py::array& k_pos,
-                          int64_t window, float sqrt_d) {
+                          int64_t window, float sqrt_d, const std::optional<std::string>& isa) {
     if (scores.ndim() != 3) fail("scores: expected shape (H, T, S), got " + shape_str(scores));
     const int64_t H = scores.shape(0), T = scores.shape(1), S = scores.shape(2);
     float* sp = out_ptr<float>(scores, "scores", {H, T, S});
@@ -137,8 +138,34 @@ void py_attention_softmax(py::array& scores, const py::array& sinks, const py::a
     const int64_t* kp = in_ptr<int64_t>(k_pos, "k_pos", {S});
     if (!(sqrt_d > 0.f) || !std::isfinite(sqrt_d)) fail("sqrt_d: must be a positive finite number");
     check_finite(hp, size_t(H), "sinks");
+    const KernelTable& kt = resolve_kernels(isa);
     py::gil_scoped_release nogil;
-    attention_softmax(sp, H, T, S, hp, qp, kp, window, sqrt_d);
+    attention_softmax(kt, sp, H, T, S, hp, qp, kp, window, sqrt_d);
+}
+
+void py_attention_decode(const py::array& q, const py::array& k, const py::array& v, const py::array& sinks,
+                         const py::array& k_pos, int64_t q_pos, int64_t window, float sqrt_d, py::array& out,
+                         const std::optional<std::string>& isa) {
+    if (q.ndim() != 2) fail("q: expected shape (nq, d), got " + shape_str(q));
+    if (k.ndim() != 3) fail("k: expected shape (S, nkv, d), got " + shape_str(k));
+    const int64_t nq = q.shape(0), d = q.shape(1), S = k.shape(0), nkv = k.shape(1);
+    if (nkv < 1 || nq % nkv) fail("k: kv heads must divide the " + std::to_string(nq) + " query heads, got " + shape_str(k));
+    if (!attention::with_head_dim(d, [](auto) {}))
+        fail("q: head dimension must be a multiple of 16 up to " + std::to_string(attention::kMaxHeadDim) + ", got " +
+             shape_str(q));
+    if (nq / nkv > attention::kMaxGroup)
+        fail("k: at most " + std::to_string(attention::kMaxGroup) + " query heads per kv head, got " + std::to_string(nq / nkv));
+    const float* qp = in_ptr<float>(q, "q", {nq, d});
+    const float* kp = in_ptr<float>(k, "k", {S, nkv, d});
+    const float* vp = in_ptr<float>(v, "v", {S, nkv, d});
+    const float* hp = in_ptr<float>(sinks, "sinks", {nq});
+    const int64_t* pp = in_ptr<int64_t>(k_pos, "k_pos", {S});
+    float* op = out_ptr<float>(out, "out", {nq, d});
+    if (!(sqrt_d > 0.f) || !std::isfinite(sqrt_d)) fail("sqrt_d: must be a positive finite number");
+    check_finite(hp, size_t(nq), "sinks");
+    const KernelTable& kt = resolve_kernels(isa);
+    py::gil_scoped_release nogil;
+    attention_decode(kt, qp, nq, d, kp, vp, S, nkv, hp, pp, q_pos, window, sqrt_d, op);
 }
 
 void py_rmsnorm(const py::array& x, const py::array& w, float eps, py::array& out) {
@@ -373,9 +400,13 @@ PYBIND11_MODULE(_native, m) {
     m.def("bf16_matmul", &py_bf16_matmul, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
           py::arg("isa") = py::none(), "out[T, N] = x[T, K] @ w[N, K]^T + bias (w, bias bf16 as uint16).");
     m.def("attention_softmax", &py_attention_softmax, py::arg("scores"), py::arg("sinks"), py::arg("q_pos"),
-          py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"),
+          py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"), py::arg("isa") = py::none(),
           "Raw scores [H, T, S] -> attention weights in place: /sqrt_d, causal (and window > 0) mask, "
           "softmax with each head's sink logit in the denominator.");
+    m.def("attention_decode", &py_attention_decode, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("sinks"),
+          py::arg("k_pos"), py::arg("q_pos"), py::arg("window"), py::arg("sqrt_d"), py::arg("out"),
+          py::arg("isa") = py::none(), "One decoded token's attention: q [nq, d] over k, v [S, nkv, d] at k_pos, masked as "
+          "attention_softmax masks, sinks in the denominator -> out [nq, d].");
     m.def("rmsnorm", &py_rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
           "out[T, H] = x / sqrt(mean(x^2, axis=-1) + eps) * w, float32 (squares summed in double).");
     m.def("rope_rotate", &py_rope_rotate, py::arg("x"), py::arg("cos"), py::arg("sin"),

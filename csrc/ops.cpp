@@ -8,20 +8,13 @@
 
 #include <unistd.h>
 
+#include "attention.h"
 #include "formats.h"
 #include "threadpool.h"
 
 namespace moemesh {
 
 namespace {
-// Round half to even without a libm call (the baseline x86 build has no rounding instruction, and
-// nearbyintf per value made quantizing a prefill chunk cost 16 ms): adding and subtracting
-// 1.5 * 2^23 leaves the nearest integer under the default rounding mode, exact for |v| < 2^22.
-inline float round_half_even(float v) {
-    constexpr float kMagic = 12582912.f;
-    return (v + kMagic) - kMagic;
-}
-
 // Blocks per task when a whole buffer is (de)quantized at once.
 constexpr int64_t kQ16BlocksPerTask = 1024;
 
@@ -454,50 +447,49 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
 
 namespace moemesh {
 namespace {
-// e^x for x <= 0 within a few ulp, as a plain loop body the compiler vectorizes (a libm call per
-// key does not): 2^n from the exponent bits times a degree-6 polynomial on a Cody-Waite
-// reduced argument. Arguments below -87.3 (e^x under the smallest normal float) give 0.
-inline float exp_nonpositive(float x) {
-    const float xc = std::max(x, -87.f);
-    const float n = round_half_even(xc * 1.44269504f);
-    const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
-    float p = 1.38888889e-3f;  // 1/720
-    p = p * r + 8.33333333e-3f;
-    p = p * r + 4.16666667e-2f;
-    p = p * r + 1.66666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = (int32_t(n) + 127) << 23;
-    float two_n;
-    std::memcpy(&two_n, &bits, 4);
-    return x < -87.3f ? 0.f : p * two_n;
-}
+// Rows of about this many scores per task: long rows each their own task, short ones grouped.
+constexpr int64_t kSoftmaxScoresPerTask = 8192;
 }  // namespace
 
-void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
+void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
                        const int64_t* k_pos, int64_t window, float sqrt_d) {
-    constexpr int64_t kSoftmaxRowsPerTask = 64;
-    global_pool().parallel_for((H * T + kSoftmaxRowsPerTask - 1) / kSoftmaxRowsPerTask, [&](int64_t task) {
-        for (int64_t row = task * kSoftmaxRowsPerTask; row < std::min(H * T, (task + 1) * kSoftmaxRowsPerTask); ++row) {
+    const int64_t rows_per_task = std::max<int64_t>(1, kSoftmaxScoresPerTask / std::max<int64_t>(S, 1));
+    const auto softmax_row = kt.softmax_row ? kt.softmax_row : attention::softmax_row;
+    global_pool().parallel_for((H * T + rows_per_task - 1) / rows_per_task, [&](int64_t task) {
+        for (int64_t row = task * rows_per_task; row < std::min(H * T, (task + 1) * rows_per_task); ++row) {
             float* s = scores + row * S;
             const int64_t qp = q_pos[row % T];
             const float sink = sinks[row / T];
             float m = sink;
             for (int64_t j = 0; j < S; ++j) {
-                const bool visible = k_pos[j] <= qp && (window <= 0 || k_pos[j] > qp - window);
-                s[j] = visible ? s[j] / sqrt_d : -INFINITY;
+                s[j] = attention::key_visible(k_pos[j], qp, window) ? s[j] / sqrt_d : -INFINITY;
                 m = std::max(m, s[j]);
             }
-            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // fixed-order partial sums, vectorizable
-            int64_t j = 0;
-            for (; j + 8 <= S; j += 8)
-                for (int i = 0; i < 8; ++i) part[i] += s[j + i] = exp_nonpositive(s[j + i] - m);
-            for (; j < S; ++j) part[0] += s[j] = exp_nonpositive(s[j] - m);
-            const float z = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) +
-                            exp_nonpositive(sink - m);
-            for (int64_t i = 0; i < S; ++i) s[i] /= z;
+            softmax_row(s, S, sink, m);
         }
+    });
+}
+
+namespace {
+void portable_attend_group(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride,
+                           int64_t d, const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window,
+                           float sqrt_d, float* scores, float* out) {
+    attention::with_head_dim(d, [&](auto D) {
+        attention::attend_group<D()>(q, group, k, v, S, stride, sinks, k_pos, q_pos, window, sqrt_d, scores, out);
+    });
+}
+}  // namespace
+
+void attention_decode(const KernelTable& kt, const float* q, int64_t nq, int64_t d, const float* k, const float* v,
+                      int64_t S, int64_t nkv, const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window,
+                      float sqrt_d, float* out) {
+    const int group = int(nq / nkv);
+    const auto attend_group = kt.attend_group ? kt.attend_group : portable_attend_group;
+    global_pool().parallel_for(nkv, [&](int64_t g) {
+        thread_local std::vector<float> scores;
+        scores.resize(size_t(group * std::max<int64_t>(S, 1)));
+        attend_group(q + g * group * d, group, k + g * d, v + g * d, S, nkv * d, d, sinks + g * group, k_pos, q_pos,
+                     window, sqrt_d, scores.data(), out + g * group * d);
     });
 }
 

@@ -61,8 +61,15 @@ namespace moemesh {
 // divided by sqrt_d, keys a query cannot see dropped (k_pos > q_pos, or, with window > 0,
 // k_pos <= q_pos - window), then softmax over the visible keys and the head's sink logit, which
 // joins only the denominator (the numpy reference's softmax_with_sinks, with a polynomial exp).
-void attention_softmax(float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
+void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
                        const int64_t* k_pos, int64_t window, float sqrt_d);
+
+// Attention of one decoded token: q [nq, d] against keys and values [S, nkv, d] (query head h
+// reads kv head h / (nq / nkv)) at positions k_pos, masked as attention_softmax masks, with each
+// head's sink in the softmax denominator -> out [nq, d] (d a multiple of 16 up to 256). One kv head's query heads per task.
+void attention_decode(const KernelTable& kt, const float* q, int64_t nq, int64_t d, const float* k, const float* v, int64_t S, int64_t nkv,
+                      const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
+                      float* out);
 
 // out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w for rows t of x [T, H] (the reference's rmsnorm,
 // with the squares summed in double in a fixed order: within an ulp of numpy's float32 mean).

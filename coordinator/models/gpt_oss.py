@@ -248,7 +248,7 @@ class LayerOps(NamedTuple):
     """The model's steps besides matmuls and experts, the reference ones by default. The engine
     swaps in native twins (coordinator.engine.NATIVE_OPS) with the same signatures and results
     within float rounding: on a decoded token numpy's per-call cost, not arithmetic, is their time."""
-    softmax: Callable = softmax_with_sinks
+    attend: Callable = attention_with_sinks
     rmsnorm: Callable = rmsnorm
     rotate: Callable = rotate_half_split
 
@@ -400,7 +400,7 @@ class GptOssModel:
         q, k = self.ops.rotate(q, *rope), self.ops.rotate(k, *rope)
         keys, vals, kpos = cache.extend(i, k, v, pos)
         window = cfg.sliding_window if cfg.is_sliding(i) else None
-        o = attention_with_sinks(q, keys, vals, w.sinks, pos, kpos, window, self.ops.softmax)
+        o = self.ops.attend(q, keys, vals, w.sinks, pos, kpos, window)
         return self.linear(o, w.o, w.o_bias)
 
     def route(self, i: int, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
