@@ -347,11 +347,9 @@ void attend_group_n(const float* q, int group, const float* k, const float* v, i
                     const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
                     float* scores, float* out) {
     constexpr int R = D / 16;
-    float m[attention::kMaxGroup];
-    for (int h = 0; h < group; ++h) m[h] = sinks[h];
     for (int64_t j = 0; j < S; ++j) {
         if (!attention::key_visible(k_pos[j], q_pos, window)) {
-            for (int h = 0; h < group; ++h) scores[h * S + j] = -INFINITY, m[h] = std::max(m[h], -INFINITY);
+            for (int h = 0; h < group; ++h) scores[h * S + j] = -INFINITY;
             continue;
         }
         __m512 kj[R];
@@ -359,12 +357,22 @@ void attend_group_n(const float* q, int group, const float* k, const float* v, i
             _mm_prefetch(reinterpret_cast<const char*>(k + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
             kj[r] = _mm512_loadu_ps(k + j * stride + 16 * r);
         }
-        for (int h = 0; h < group; ++h) {
-            scores[h * S + j] = dot16<D>(q + h * D, kj) / sqrt_d;
-            m[h] = std::max(m[h], scores[h * S + j]);
-        }
+        for (int h = 0; h < group; ++h) scores[h * S + j] = dot16<D>(q + h * D, kj);
     }
-    for (int h = 0; h < group; ++h) softmax_row(scores + h * S, S, sinks[h], m[h]);
+    // Then per head, 16 scores at a time: / sqrt_d (-inf stays -inf) and the max with the sink
+    // (exact whatever the order; a NaN score is passed over, as std::max passes it).
+    const __m512 root = _mm512_set1_ps(sqrt_d), minus_inf = _mm512_set1_ps(-INFINITY);
+    for (int h = 0; h < group; ++h) {
+        float* sh = scores + h * S;
+        __m512 mv = _mm512_set1_ps(sinks[h]);
+        for (int64_t i = 0; i < S; i += 16) {
+            const __mmask16 lanes = S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1u);
+            const __m512 sv = _mm512_div_ps(_mm512_mask_loadu_ps(minus_inf, lanes, sh + i), root);
+            _mm512_mask_storeu_ps(sh + i, lanes, sv);
+            mv = _mm512_max_ps(sv, mv);
+        }
+        softmax_row(sh, S, sinks[h], _mm512_reduce_max_ps(mv));
+    }
     std::fill(out, out + group * D, 0.f);
     for (int64_t j = 0; j < S; ++j) {
         if (!attention::key_visible(k_pos[j], q_pos, window)) continue;

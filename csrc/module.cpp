@@ -143,29 +143,30 @@ void py_attention_softmax(py::array& scores, const py::array& sinks, const py::a
     attention_softmax(kt, sp, H, T, S, hp, qp, kp, window, sqrt_d);
 }
 
-void py_attention_decode(const py::array& q, const py::array& k, const py::array& v, const py::array& sinks,
-                         const py::array& k_pos, int64_t q_pos, int64_t window, float sqrt_d, py::array& out,
-                         const std::optional<std::string>& isa) {
-    if (q.ndim() != 2) fail("q: expected shape (nq, d), got " + shape_str(q));
+void py_attend(const py::array& q, const py::array& k, const py::array& v, const py::array& sinks,
+               const py::array& q_pos, const py::array& k_pos, int64_t window, float sqrt_d, py::array& out,
+               const std::optional<std::string>& isa) {
+    if (q.ndim() != 3) fail("q: expected shape (T, nq, d), got " + shape_str(q));
     if (k.ndim() != 3) fail("k: expected shape (S, nkv, d), got " + shape_str(k));
-    const int64_t nq = q.shape(0), d = q.shape(1), S = k.shape(0), nkv = k.shape(1);
+    const int64_t T = q.shape(0), nq = q.shape(1), d = q.shape(2), S = k.shape(0), nkv = k.shape(1);
     if (nkv < 1 || nq % nkv) fail("k: kv heads must divide the " + std::to_string(nq) + " query heads, got " + shape_str(k));
+    if (nq / nkv > attention::kMaxGroup)
+        fail("k: at most " + std::to_string(attention::kMaxGroup) + " query heads per kv head, got " + std::to_string(nq / nkv));
     if (!attention::with_head_dim(d, [](auto) {}))
         fail("q: head dimension must be a multiple of 16 up to " + std::to_string(attention::kMaxHeadDim) + ", got " +
              shape_str(q));
-    if (nq / nkv > attention::kMaxGroup)
-        fail("k: at most " + std::to_string(attention::kMaxGroup) + " query heads per kv head, got " + std::to_string(nq / nkv));
-    const float* qp = in_ptr<float>(q, "q", {nq, d});
+    const float* qp = in_ptr<float>(q, "q", {T, nq, d});
     const float* kp = in_ptr<float>(k, "k", {S, nkv, d});
     const float* vp = in_ptr<float>(v, "v", {S, nkv, d});
     const float* hp = in_ptr<float>(sinks, "sinks", {nq});
-    const int64_t* pp = in_ptr<int64_t>(k_pos, "k_pos", {S});
-    float* op = out_ptr<float>(out, "out", {nq, d});
+    const int64_t* qpos = in_ptr<int64_t>(q_pos, "q_pos", {T});
+    const int64_t* kpos = in_ptr<int64_t>(k_pos, "k_pos", {S});
+    float* op = out_ptr<float>(out, "out", {T, nq, d});
     if (!(sqrt_d > 0.f) || !std::isfinite(sqrt_d)) fail("sqrt_d: must be a positive finite number");
     check_finite(hp, size_t(nq), "sinks");
     const KernelTable& kt = resolve_kernels(isa);
     py::gil_scoped_release nogil;
-    attention_decode(kt, qp, nq, d, kp, vp, S, nkv, hp, pp, q_pos, window, sqrt_d, op);
+    attend(kt, qp, T, nq, d, kp, vp, S, nkv, hp, qpos, kpos, window, sqrt_d, op);
 }
 
 void py_rmsnorm(const py::array& x, const py::array& w, float eps, py::array& out) {
@@ -403,10 +404,10 @@ PYBIND11_MODULE(_native, m) {
           py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"), py::arg("isa") = py::none(),
           "Raw scores [H, T, S] -> attention weights in place: /sqrt_d, causal (and window > 0) mask, "
           "softmax with each head's sink logit in the denominator.");
-    m.def("attention_decode", &py_attention_decode, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("sinks"),
-          py::arg("k_pos"), py::arg("q_pos"), py::arg("window"), py::arg("sqrt_d"), py::arg("out"),
-          py::arg("isa") = py::none(), "One decoded token's attention: q [nq, d] over k, v [S, nkv, d] at k_pos, masked as "
-          "attention_softmax masks, sinks in the denominator -> out [nq, d].");
+    m.def("attend", &py_attend, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("sinks"), py::arg("q_pos"),
+          py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"), py::arg("out"), py::arg("isa") = py::none(),
+          "Attention of q [T, nq, d] at q_pos over k, v [S, nkv, d] at k_pos, masked as attention_softmax "
+          "masks, sinks in the denominator -> out [T, nq, d].");
     m.def("rmsnorm", &py_rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
           "out[T, H] = x / sqrt(mean(x^2, axis=-1) + eps) * w, float32 (squares summed in double).");
     m.def("rope_rotate", &py_rope_rotate, py::arg("x"), py::arg("cos"), py::arg("sin"),

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -480,16 +481,25 @@ void portable_attend_group(const float* q, int group, const float* k, const floa
 }
 }  // namespace
 
-void attention_decode(const KernelTable& kt, const float* q, int64_t nq, int64_t d, const float* k, const float* v,
-                      int64_t S, int64_t nkv, const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window,
-                      float sqrt_d, float* out) {
+void attend(const KernelTable& kt, const float* q, int64_t T, int64_t nq, int64_t d, const float* k, const float* v,
+            int64_t S, int64_t nkv, const float* sinks, const int64_t* q_pos, const int64_t* k_pos, int64_t window,
+            float sqrt_d, float* out) {
     const int group = int(nq / nkv);
     const auto attend_group = kt.attend_group ? kt.attend_group : portable_attend_group;
-    global_pool().parallel_for(nkv, [&](int64_t g) {
+    // Keys in increasing positions (a full layer's cache, a prompt's first chunk): each query scans
+    // only the keys it sees, not the causal future or what left the window.
+    const bool in_order = std::adjacent_find(k_pos, k_pos + S, std::greater_equal<int64_t>()) == k_pos + S;
+    global_pool().parallel_for(T * nkv, [&](int64_t task) {
+        const int64_t t = task / nkv, g = task % nkv, first = t * nq + g * group;
+        int64_t lo = 0, hi = S;
+        if (in_order) {
+            hi = std::upper_bound(k_pos, k_pos + S, q_pos[t]) - k_pos;
+            if (window > 0) lo = std::upper_bound(k_pos, k_pos + hi, q_pos[t] - window) - k_pos;
+        }
         thread_local std::vector<float> scores;
-        scores.resize(size_t(group * std::max<int64_t>(S, 1)));
-        attend_group(q + g * group * d, group, k + g * d, v + g * d, S, nkv * d, d, sinks + g * group, k_pos, q_pos,
-                     window, sqrt_d, scores.data(), out + g * group * d);
+        scores.resize(size_t(group * std::max<int64_t>(hi - lo, 1)));
+        attend_group(q + first * d, group, k + lo * nkv * d + g * d, v + lo * nkv * d + g * d, hi - lo, nkv * d, d,
+                     sinks + g * group, k_pos + lo, q_pos[t], window, sqrt_d, scores.data(), out + first * d);
     });
 }
 

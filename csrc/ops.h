@@ -64,12 +64,13 @@ namespace moemesh {
 void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
                        const int64_t* k_pos, int64_t window, float sqrt_d);
 
-// Attention of one decoded token: q [nq, d] against keys and values [S, nkv, d] (query head h
-// reads kv head h / (nq / nkv)) at positions k_pos, masked as attention_softmax masks, with each
-// head's sink in the softmax denominator -> out [nq, d] (d a multiple of 16 up to 256). One kv head's query heads per task.
-void attention_decode(const KernelTable& kt, const float* q, int64_t nq, int64_t d, const float* k, const float* v, int64_t S, int64_t nkv,
-                      const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
-                      float* out);
+// Attention of T queries q [T, nq, d] at positions q_pos against keys and values [S, nkv, d] at
+// positions k_pos (query head h reads kv head h / (nq / nkv)), masked as attention_softmax masks,
+// each head's sink in the softmax denominator -> out [T, nq, d] (d a multiple of 16 up to 256).
+// One task per query and kv head.
+void attend(const KernelTable& kt, const float* q, int64_t T, int64_t nq, int64_t d, const float* k, const float* v,
+            int64_t S, int64_t nkv, const float* sinks, const int64_t* q_pos, const int64_t* k_pos, int64_t window,
+            float sqrt_d, float* out);
 
 // out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w for rows t of x [T, H] (the reference's rmsnorm,
 // with the squares summed in double in a fixed order: within an ulp of numpy's float32 mean).

@@ -8,7 +8,7 @@ from __future__ import annotations
 try:
     from ._native import (  # noqa: F401  (re-exports)
         active_isa,
-        attention_decode,
+        attend,
         attention_softmax,
         available_isas,
         bf16_matmul,

@@ -316,34 +316,36 @@ def test_rmsnorm_refuses_bad_arguments():
             native.rmsnorm(**{**good, name: bad})
 
 
-@pytest.mark.parametrize("S, window, ring", [(1, None, False), (37, None, False), (300, None, False),
-                                              (16, 16, True), (16, 8, True)])
-def test_decode_attention_matches_the_reference(S, window, ring):
-    """A decoded token's native attention against attention_with_sinks: a full layer's keys in
-    order, a sliding layer's ring (keys in slot order, some outside a narrower window), grouped
-    query heads, sinks large and small."""
+@pytest.mark.parametrize("T, S, window, ring", [(1, 1, None, False), (1, 37, None, False), (1, 300, None, False),
+                                                 (1, 16, 16, True), (1, 16, 8, True), (7, 40, None, False),
+                                                 (7, 40, 5, False), (16, 16, 16, False)])
+def test_native_attention_matches_the_reference(T, S, window, ring):
+    """The engine's native attention against attention_with_sinks: a decoded token over a full
+    layer's keys in order and over a sliding layer's ring (keys in slot order, some outside a
+    narrower window); prompt chunks of queries, causal and windowed; grouped query heads, sinks
+    large and small."""
     from coordinator.engine import native_attend
     from coordinator.models.gpt_oss import attention_with_sinks
 
-    rng = np.random.default_rng(S)
+    rng = np.random.default_rng(S + T)
     nq, nkv, d = 8, 2, 64
-    q = (rng.standard_normal((1, nq, d)) * 3).astype(np.float32)
+    q = (rng.standard_normal((T, nq, d)) * 3).astype(np.float32)
     k, v = (rng.standard_normal((S, nkv, d)).astype(np.float32) for _ in range(2))
     sinks = np.array([-1e9, -3, 0, 2, 8, 30, 1, -1], np.float32)
     k_pos = np.arange(100, 100 + S, dtype=np.int64)
     if ring:
         k_pos = np.roll(k_pos, 5)
-    q_pos = np.array([k_pos.max()], np.int64)
+    q_pos = np.arange(k_pos.max() - T + 1, k_pos.max() + 1, dtype=np.int64)
     ref = attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window)
     np.testing.assert_allclose(native_attend(q, k, v, sinks, q_pos, k_pos, window), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("S, window", [(1, 0), (37, 0), (300, 100)])
 def test_attention_kernels_give_the_same_bits_on_every_isa(S, window):
-    """The vector softmax and decode attention redo attention.h's float operations in its order:
-    every ISA path returns the portable code's bits (keys in ring order, a window, 8-head groups)."""
+    """The vector softmax and attention redo attention.h's float operations in its order: every ISA
+    path returns the portable code's bits (keys in ring order, a window, 8-head groups, 5 queries)."""
     rng = np.random.default_rng(S)
-    q = (rng.standard_normal((16, 64)) * 3).astype(np.float32)
+    q = (rng.standard_normal((5, 16, 64)) * 3).astype(np.float32)
     k, v = (rng.standard_normal((S, 2, 64)).astype(np.float32) for _ in range(2))
     sinks = rng.standard_normal(16).astype(np.float32)
     k_pos = np.roll(np.arange(S, dtype=np.int64), 3)
@@ -351,8 +353,8 @@ def test_attention_kernels_give_the_same_bits_on_every_isa(S, window):
     q_pos = np.arange(S - 5, S, dtype=np.int64)
     decoded, weights = {}, {}
     for isa in native.available_isas():
-        decoded[isa] = np.empty((16, 64), np.float32)
-        native.attention_decode(q, k, v, sinks, k_pos, S - 1, window, 8.0, decoded[isa], isa=isa)
+        decoded[isa] = np.empty((5, 16, 64), np.float32)
+        native.attend(q, k, v, sinks, q_pos, k_pos, window, 8.0, decoded[isa], isa=isa)
         weights[isa] = scores.copy()
         native.attention_softmax(weights[isa], sinks, q_pos, k_pos, window, 8.0, isa=isa)
     for isa in decoded:
@@ -360,20 +362,21 @@ def test_attention_kernels_give_the_same_bits_on_every_isa(S, window):
         np.testing.assert_array_equal(weights[isa], weights["scalar"], err_msg=isa)
 
 
-def test_decode_attention_refuses_bad_arguments():
-    good = dict(q=np.zeros((4, 64), np.float32), k=np.zeros((3, 2, 64), np.float32),
-                v=np.zeros((3, 2, 64), np.float32), sinks=np.zeros(4, np.float32), k_pos=np.arange(3, dtype=np.int64),
-                q_pos=2, window=0, sqrt_d=8.0, out=np.zeros((4, 64), np.float32))
-    native.attention_decode(**good)
+def test_native_attention_refuses_bad_arguments():
+    good = dict(q=np.zeros((1, 4, 64), np.float32), k=np.zeros((3, 2, 64), np.float32),
+                v=np.zeros((3, 2, 64), np.float32), sinks=np.zeros(4, np.float32), q_pos=np.array([2]),
+                k_pos=np.arange(3, dtype=np.int64), window=0, sqrt_d=8.0, out=np.zeros((1, 4, 64), np.float32))
+    native.attend(**good)
     for name, bad, match in [("k", np.zeros((3, 3, 64), np.float32), "kv heads must divide"),
                              ("v", np.zeros((3, 2, 4), np.float32), "v: expected shape"),
                              ("k_pos", np.arange(2, dtype=np.int64), "k_pos: expected shape"),
-                             ("out", np.zeros((4, 64), np.float64), "out: expected dtype"),
+                             ("out", np.zeros((1, 4, 64), np.float64), "out: expected dtype"),
+                             ("q_pos", np.array([2], np.int32), "q_pos: expected dtype"),
                              ("sqrt_d", -1.0, "sqrt_d"),
-                             ("q", np.zeros((4, 6), np.float32), "head dimension must be a multiple of 16"),
+                             ("q", np.zeros((1, 4, 6), np.float32), "head dimension must be a multiple of 16"),
                              ("sinks", np.array([0, 0, np.inf, 0], np.float32), "sinks: contains")]:
         with pytest.raises(ValueError, match=match):
-            native.attention_decode(**{**good, name: bad})
+            native.attend(**{**good, name: bad})
 
 
 def test_attention_softmax_refuses_bad_arguments():
