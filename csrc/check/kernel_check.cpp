@@ -1,6 +1,6 @@
 // Every ISA path this build and CPU support, against the portable scalar kernels, on random
 // inputs: the full MoE expert FFN (fp32 and int16 activations), the bf16 matmul, the Q8 copy and
-// its matmul. Fast results must not change when a batch is run token by token (which moves tokens
+// its matmul, attention (bit for bit: every path redoes attention.h's operations). Fast results must not change when a batch is run token by token (which moves tokens
 // between matrix tiles and vector kernels) nor between the builds of one path (VBMI, AMX).
 // Prints one line per check and "N passed, M failed"; exit code 1 on any failure.
 #include <cmath>
@@ -141,6 +141,25 @@ int main() {
             const auto seen = fast_by_path.find(key);
             if (seen == fast_by_path.end()) fast_by_path.emplace(key, got_q);
             else expect(seen->second == got_q, kt->name, ("q8 variants bit-identical T=" + std::to_string(TQ)).c_str());
+        }
+        {  // attention: 6 queries, 16 heads over 2 kv heads, 45 keys in ring order, with and without a window
+            const int64_t TA = 6, NQ = 16, NKV = 2, D = 64, S = 45;
+            std::vector<float> q(static_cast<size_t>(TA * NQ * D)), kv(static_cast<size_t>(2 * S * NKV * D)),
+                sinks(static_cast<size_t>(NQ));
+            std::normal_distribution<float> normal(0.f, 2.f);
+            for (std::vector<float>* vec : {&q, &kv, &sinks})
+                for (auto& v : *vec) v = normal(rng);
+            std::vector<int64_t> k_pos(static_cast<size_t>(S)), q_pos(static_cast<size_t>(TA));
+            for (int64_t j = 0; j < S; ++j) k_pos[size_t(j)] = 100 + (j + 7) % S;
+            for (int64_t t = 0; t < TA; ++t) q_pos[size_t(t)] = 100 + S - TA + t;
+            for (const int64_t window : {int64_t(0), int64_t(20)}) {
+                std::vector<float> ref_a(q.size()), got_a(q.size());
+                attend(scalar, q.data(), TA, NQ, D, kv.data(), kv.data() + S * NKV * D, S, NKV, sinks.data(),
+                       q_pos.data(), k_pos.data(), window, 8.f, ref_a.data());
+                attend(*kt, q.data(), TA, NQ, D, kv.data(), kv.data() + S * NKV * D, S, NKV, sinks.data(),
+                       q_pos.data(), k_pos.data(), window, 8.f, got_a.data());
+                expect(got_a == ref_a, kt->name, ("attend bit-identical window=" + std::to_string(window)).c_str());
+            }
         }
     }
     std::printf("%d passed, %d failed\n", passed, failed);
