@@ -1,5 +1,5 @@
-// Attention's float math, portable and header-only: the softmax with a sink and a decoded token's
-// query heads of one kv head (attend_group), which the AVX-512 kernels reproduce operation for operation
+// Attention's float math, portable and header-only: the softmax with a sink and one query's heads
+// that share a kv head (attend_group), which the AVX-512 kernels reproduce operation for operation
 // (kernels_avx512.cpp), so every path gives the same bits. No fused multiply-adds anywhere (the
 // build disables contraction): each product is rounded before it is added, as here.
 #pragma once
@@ -89,7 +89,7 @@ inline float dot16(const float* q, const float* k) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// The query heads q[group][D] of a decoded token that share one kv head, over S keys and values
+// One query's heads q[group][D] that share a kv head, over S keys and values
 // `stride` floats apart (each key read once for the whole group): per head, scores q.k / sqrt_d
 // (masked keys -inf) into scores[h][S], softmax with its sink, out[h] = sum_j p_j v_j in key order.
 template <int D>

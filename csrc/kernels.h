@@ -62,8 +62,9 @@ struct KernelTable {
     // Optional (nullptr: attention.h's portable one): scaled scores with their max m -> attention
     // weights in place; the same bits as attention::softmax_row.
     void (*softmax_row)(float* s, int64_t S, float sink, float m);
-    // Optional (nullptr: attention.h's portable one): a decoded token's query heads of one kv head,
-    // d a multiple of 16 up to attention::kMaxHeadDim, keys and values `stride` floats apart; the same bits as attention::attend_group.
+    // Optional (nullptr: attention.h's portable one): one query's heads that share a kv head, d a
+    // multiple of 16 up to attention::kMaxHeadDim, keys and values `stride` floats apart; the same
+    // bits as attention::attend_group.
     void (*attend_group)(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride,
                          int64_t d, const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window,
                          float sqrt_d, float* scores, float* out);

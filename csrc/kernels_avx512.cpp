@@ -305,9 +305,11 @@ inline __m512 exp_nonpositive16(__m512 x) {
     const __m512 xc = _mm512_max_ps(k(-87.f), x);  // NaN stays NaN, as std::max(x, -87.f)
     const __m512 magic = k(12582912.f);              // round_half_even
     const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, k(1.44269504f)), magic), magic);
-    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(xc, _mm512_mul_ps(n, k(0.693145752f))), _mm512_mul_ps(n, k(1.42860677e-6f)));
+    const __m512 r =
+        _mm512_sub_ps(_mm512_sub_ps(xc, _mm512_mul_ps(n, k(0.693145752f))), _mm512_mul_ps(n, k(1.42860677e-6f)));
     __m512 p = k(1.38888889e-3f);
-    for (float c : {8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.f, 1.f}) p = _mm512_add_ps(_mm512_mul_ps(p, r), k(c));
+    for (float c : {8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.f, 1.f})
+        p = _mm512_add_ps(_mm512_mul_ps(p, r), k(c));
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
     const __mmask16 under = _mm512_cmp_ps_mask(x, k(-87.3f), _CMP_LT_OQ);
     return _mm512_maskz_mul_ps(__mmask16(~under), p, _mm512_castsi512_ps(bits));
@@ -354,7 +356,8 @@ void attend_group_n(const float* q, int group, const float* k, const float* v, i
         }
         __m512 kj[R];
         for (int r = 0; r < R; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(k + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
+            if (j + kKeysAhead < S)
+                _mm_prefetch(reinterpret_cast<const char*>(k + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
             kj[r] = _mm512_loadu_ps(k + j * stride + 16 * r);
         }
         for (int h = 0; h < group; ++h) scores[h * S + j] = dot16<D>(q + h * D, kj);
@@ -378,7 +381,8 @@ void attend_group_n(const float* q, int group, const float* k, const float* v, i
         if (!attention::key_visible(k_pos[j], q_pos, window)) continue;
         __m512 vj[R];
         for (int r = 0; r < R; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(v + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
+            if (j + kKeysAhead < S)
+                _mm_prefetch(reinterpret_cast<const char*>(v + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
             vj[r] = _mm512_loadu_ps(v + j * stride + 16 * r);
         }
         for (int h = 0; h < group; ++h) {

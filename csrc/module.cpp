@@ -13,9 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "formats.h"
 #include "kernels.h"
-#include "attention.h"
 #include "ops.h"
 #include "threadpool.h"
 
@@ -149,9 +149,11 @@ void py_attend(const py::array& q, const py::array& k, const py::array& v, const
     if (q.ndim() != 3) fail("q: expected shape (T, nq, d), got " + shape_str(q));
     if (k.ndim() != 3) fail("k: expected shape (S, nkv, d), got " + shape_str(k));
     const int64_t T = q.shape(0), nq = q.shape(1), d = q.shape(2), S = k.shape(0), nkv = k.shape(1);
-    if (nkv < 1 || nq % nkv) fail("k: kv heads must divide the " + std::to_string(nq) + " query heads, got " + shape_str(k));
+    if (nkv < 1 || nq % nkv)
+        fail("k: kv heads must divide the " + std::to_string(nq) + " query heads, got " + shape_str(k));
     if (nq / nkv > attention::kMaxGroup)
-        fail("k: at most " + std::to_string(attention::kMaxGroup) + " query heads per kv head, got " + std::to_string(nq / nkv));
+        fail("k: at most " + std::to_string(attention::kMaxGroup) + " query heads per kv head, got " +
+             std::to_string(nq / nkv));
     if (!attention::with_head_dim(d, [](auto) {}))
         fail("q: head dimension must be a multiple of 16 up to " + std::to_string(attention::kMaxHeadDim) + ", got " +
              shape_str(q));
@@ -162,6 +164,9 @@ void py_attend(const py::array& q, const py::array& k, const py::array& v, const
     const int64_t* qpos = in_ptr<int64_t>(q_pos, "q_pos", {T});
     const int64_t* kpos = in_ptr<int64_t>(k_pos, "k_pos", {S});
     float* op = out_ptr<float>(out, "out", {T, nq, d});
+    check_no_overlap(out, q, "out", "q");
+    check_no_overlap(out, k, "out", "k");
+    check_no_overlap(out, v, "out", "v");
     if (!(sqrt_d > 0.f) || !std::isfinite(sqrt_d)) fail("sqrt_d: must be a positive finite number");
     check_finite(hp, size_t(nq), "sinks");
     const KernelTable& kt = resolve_kernels(isa);
@@ -175,6 +180,7 @@ void py_rmsnorm(const py::array& x, const py::array& w, float eps, py::array& ou
     const float* xp = in_ptr<float>(x, "x", {T, H});
     const float* wp = in_ptr<float>(w, "w", {H});
     float* op = out_ptr<float>(out, "out", {T, H});
+    check_no_overlap(out, x, "out", "x");
     if (!(eps >= 0.f) || !std::isfinite(eps)) fail("eps: must be a finite number >= 0");
     py::gil_scoped_release nogil;
     rmsnorm(xp, T, H, wp, eps, op);

@@ -452,8 +452,8 @@ namespace {
 constexpr int64_t kSoftmaxScoresPerTask = 8192;
 }  // namespace
 
-void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
-                       const int64_t* k_pos, int64_t window, float sqrt_d) {
+void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks,
+                       const int64_t* q_pos, const int64_t* k_pos, int64_t window, float sqrt_d) {
     const int64_t rows_per_task = std::max<int64_t>(1, kSoftmaxScoresPerTask / std::max<int64_t>(S, 1));
     const auto softmax_row = kt.softmax_row ? kt.softmax_row : attention::softmax_row;
     global_pool().parallel_for((H * T + rows_per_task - 1) / rows_per_task, [&](int64_t task) {
@@ -513,7 +513,8 @@ void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, fl
             for (; i + 8 <= H; i += 8)
                 for (int j = 0; j < 8; ++j) part[j] += double(xr[i + j]) * double(xr[i + j]);
             for (; i < H; ++i) part[0] += double(xr[i]) * double(xr[i]);
-            const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            const double sum =
+                ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
             const float denom = std::sqrt(float(sum / double(H)) + eps);
             float* o = out + t * H;
             for (int64_t k = 0; k < H; ++k) o[k] = xr[k] / denom * w[k];

@@ -61,8 +61,8 @@ namespace moemesh {
 // divided by sqrt_d, keys a query cannot see dropped (k_pos > q_pos, or, with window > 0,
 // k_pos <= q_pos - window), then softmax over the visible keys and the head's sink logit, which
 // joins only the denominator (the numpy reference's softmax_with_sinks, with a polynomial exp).
-void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks, const int64_t* q_pos,
-                       const int64_t* k_pos, int64_t window, float sqrt_d);
+void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t T, int64_t S, const float* sinks,
+                       const int64_t* q_pos, const int64_t* k_pos, int64_t window, float sqrt_d);
 
 // Attention of T queries q [T, nq, d] at positions q_pos against keys and values [S, nkv, d] at
 // positions k_pos (query head h reads kv head h / (nq / nkv)), masked as attention_softmax masks,

@@ -314,6 +314,8 @@ def test_rmsnorm_refuses_bad_arguments():
                              ("eps", float("nan"), "eps")]:
         with pytest.raises(ValueError, match=match):
             native.rmsnorm(**{**good, name: bad})
+    with pytest.raises(ValueError, match="out: must not overlap x"):
+        native.rmsnorm(**{**good, "out": good["x"]})
 
 
 @pytest.mark.parametrize("T, S, window, ring", [(1, 1, None, False), (1, 37, None, False), (1, 300, None, False),
@@ -377,6 +379,8 @@ def test_native_attention_refuses_bad_arguments():
                              ("sinks", np.array([0, 0, np.inf, 0], np.float32), "sinks: contains")]:
         with pytest.raises(ValueError, match=match):
             native.attend(**{**good, name: bad})
+    with pytest.raises(ValueError, match="out: must not overlap q"):
+        native.attend(**{**good, "out": good["q"]})
 
 
 def test_attention_softmax_refuses_bad_arguments():

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from coordinator import Engine, synth
-from coordinator.models.gpt_oss import (GptOssConfig, apply_rope, attention_with_sinks, combine_experts,
-                                        rope_yarn, router_topk)
+from coordinator.models.gpt_oss import (GptOssConfig, attention_with_sinks, combine_experts, rope_tables,
+                                        rope_yarn, rotate_half_split, router_topk)
 from expert_node.reference import swiglu_clamped
 
 
@@ -33,7 +33,7 @@ def test_rope_pairs_i_with_i_plus_half_and_scales_by_c():
     x = np.zeros((1, 1, 8), np.float32)
     x[0, 0, 0] = 1.0
     inv = np.array([np.pi / 2, 0, 0, 0], np.float32)
-    out = apply_rope(x, np.array([1]), inv, 2.0)
+    out = rotate_half_split(x, *rope_tables(np.array([1]), inv, 2.0))
     np.testing.assert_allclose(out[0, 0], [0, 0, 0, 0, 2.0, 0, 0, 0], atol=1e-6)
 
 

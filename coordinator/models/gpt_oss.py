@@ -154,18 +154,14 @@ def rotate_half_split(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.nda
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, concentration: float) -> np.ndarray:
-    """RoPE with YaRN scaling on x [T, heads, d] at absolute positions (§2.4)."""
-    return rotate_half_split(x, *rope_tables(positions, inv_freq, concentration))
-
-
 ATTENTION_QUERY_CHUNK = 128  # queries per score matrix: bounds its memory on long prompts
 
 
 def softmax_with_sinks(scores, sinks, q_pos, k_pos, window, d) -> np.ndarray:
     """Raw scores q.k [heads, T, S] of head dimension d -> attention weights: / sqrt(d), keys a
     query cannot see masked, softmax over the rest and the head's sink logit, which joins only the
-    denominator. (The engine runs native.attention_softmax: the same, in place, on the kernel threads.)"""
+    denominator. (The engine runs the whole attention natively, native.attend; this softmax's native
+    twin, native.attention_softmax, only for head dimensions that kernel lacks.)"""
     scores = scores / np.float32(math.sqrt(d))
     masked = k_pos[None, :] > q_pos[:, None]
     if window is not None:

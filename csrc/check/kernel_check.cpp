@@ -1,7 +1,8 @@
 // Every ISA path this build and CPU support, against the portable scalar kernels, on random
 // inputs: the full MoE expert FFN (fp32 and int16 activations), the bf16 matmul, the Q8 copy and
-// its matmul, attention (bit for bit: every path redoes attention.h's operations). Fast results must not change when a batch is run token by token (which moves tokens
-// between matrix tiles and vector kernels) nor between the builds of one path (VBMI, AMX).
+// its matmul, attention (bit for bit: every path redoes attention.h's operations). Fast results
+// must not change when a batch is run token by token (which moves tokens between matrix tiles and
+// vector kernels) nor between the builds of one path (VBMI, AMX).
 // Prints one line per check and "N passed, M failed"; exit code 1 on any failure.
 #include <cmath>
 #include <cstdio>
