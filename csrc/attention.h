@@ -75,18 +75,13 @@ inline void softmax_row(float* s, int64_t S, float sink, float m) {
     for (int64_t i = 0; i < S; ++i) s[i] /= z;
 }
 
-// q . k over D floats: lane l of 16 sums elements l, l + 16, ... in order; lanes fold by halves
-// (l + 8, then l + 4) and the last four as (0 + 2) + (1 + 3).
+// q . k over D floats, summed in order (what a vector kernel computes for 16 keys at once, one per
+// lane).
 template <int D>
-inline float dot16(const float* q, const float* k) {
-    static_assert(D % 16 == 0, "whole 16-lane steps");
-    float part[16] = {};
-    for (int i = 0; i < D; i += 16)
-        for (int l = 0; l < 16; ++l) part[l] += q[i + l] * k[i + l];
-    float a[8], b[4];
-    for (int l = 0; l < 8; ++l) a[l] = part[l] + part[l + 8];
-    for (int l = 0; l < 4; ++l) b[l] = a[l] + a[l + 4];
-    return (b[0] + b[2]) + (b[1] + b[3]);
+inline float dot(const float* q, const float* k) {
+    float s = 0.f;
+    for (int i = 0; i < D; ++i) s += q[i] * k[i];
+    return s;
 }
 
 // One query's heads q[group][D] that share a kv head, over S keys and values
@@ -100,7 +95,7 @@ void attend_group(const float* q, int group, const float* k, const float* v, int
         float m = sinks[h];
         float* sh = scores + h * S;
         for (int64_t j = 0; j < S; ++j) {
-            sh[j] = key_visible(k_pos[j], q_pos, window) ? dot16<D>(q + h * D, k + j * stride) / sqrt_d : -INFINITY;
+            sh[j] = key_visible(k_pos[j], q_pos, window) ? dot<D>(q + h * D, k + j * stride) / sqrt_d : -INFINITY;
             m = std::max(m, sh[j]);
         }
         softmax_row(sh, S, sinks[h], m);

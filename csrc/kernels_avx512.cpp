@@ -287,17 +287,33 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
 }
 
-// attention::attend_group (attention.h) 16 lanes at a time: the same float operations in the same
-// order, so the same bits as the portable code.
-template <int D>
-inline float dot16(const float* q, const __m512* k) {
-    __m512 part = _mm512_setzero_ps();
-    for (int r = 0; r < D / 16; ++r) part = _mm512_add_ps(part, _mm512_mul_ps(_mm512_loadu_ps(q + 16 * r), k[r]));
-    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(part),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(part), 1)));
-    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));  // (b0 + b2), (b1 + b3)
-    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+// attention.h's attention with 16 lanes: the same float operations in the same order, so the same
+// bits as the portable code.
+
+// rows r[i] lane j = M[i][j] -> r[j] lane i = M[i][j].
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i]), pd(t[i + 2])));
+        u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i]), pd(t[i + 2])));
+        u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i + 1]), pd(t[i + 3])));
+        u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i + 1]), pd(t[i + 3])));
+    }
+    // u[4b + c], 128-bit lane L: rows 4b .. 4b + 3 of column 4L + c.
+    for (int c = 0; c < 4; ++c) {
+        const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
+                     f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xDD);
+        r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xDD);
+    }
 }
 
 inline __m512 exp_nonpositive16(__m512 x) {
@@ -342,25 +358,75 @@ void softmax_row(float* s, int64_t S, float sink, float m) {
 
 // Keys (and values) fetched ahead: a kv head's rows are a stride apart, which the hardware
 // prefetchers do not follow.
-constexpr int64_t kKeysAhead = 8;
+constexpr int64_t kKeysAhead = 16;
+
+inline void prefetch_row(const float* row) {
+    _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
+}
+
+// Raw scores q_h . k_j of keys [j0, j0 + 16) (fewer at the end) for every head: the keys' rows are
+// transposed 16 floats at a time, so lane j of a head's sum adds q[d] k_j[d] over d in order.
+template <int D>
+void score_block(const float* q, int group, const float* k, int64_t j0, int n, int64_t S, int64_t stride,
+                 uint32_t visible, float* scores) {
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    const __mmask16 lanes = __mmask16((1u << n) - 1u);
+    if (!visible) {
+        for (int h = 0; h < group; ++h) _mm512_mask_storeu_ps(scores + h * S + j0, lanes, minus_inf);
+        return;
+    }
+    alignas(64) float sums[attention::kMaxGroup][16] = {};
+    for (int r = 0; r < D / 16; ++r) {
+        __m512 kt[16];
+        for (int j = 0; j < 16; ++j) {
+            if (j0 + kKeysAhead + j < S) prefetch_row(k + (j0 + kKeysAhead + j) * stride + 16 * r);
+            kt[j] = j < n ? _mm512_loadu_ps(k + (j0 + j) * stride + 16 * r) : _mm512_setzero_ps();
+        }
+        transpose16(kt);  // kt[i] lane j = k_{j0 + j}[16 r + i]
+        for (int h = 0; h < group; ++h) {
+            const float* qh = q + h * D + 16 * r;
+            __m512 acc = _mm512_load_ps(sums[h]);
+            for (int i = 0; i < 16; ++i) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(qh[i]), kt[i]));
+            _mm512_store_ps(sums[h], acc);
+        }
+    }
+    for (int h = 0; h < group; ++h)
+        _mm512_mask_storeu_ps(scores + h * S + j0, lanes,
+                              _mm512_mask_blend_ps(__mmask16(visible), minus_inf, _mm512_load_ps(sums[h])));
+}
+
+// out[h] += p_hj v_j over the visible keys in order, for HN heads whose accumulators stay in registers.
+template <int D, int HN>
+void weigh_values(const float* v, int64_t S, int64_t stride, const int64_t* k_pos, int64_t q_pos, int64_t window,
+                  const float* scores, float* out) {
+    constexpr int R = D / 16;
+    __m512 acc[HN * R];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) {
+        if (!attention::key_visible(k_pos[j], q_pos, window)) continue;
+        __m512 vj[R];
+        for (int r = 0; r < R; ++r) {
+            if (j + kKeysAhead < S) prefetch_row(v + (j + kKeysAhead) * stride + 16 * r);
+            vj[r] = _mm512_loadu_ps(v + j * stride + 16 * r);
+        }
+        for (int h = 0; h < HN; ++h) {
+            const __m512 p = _mm512_set1_ps(scores[h * S + j]);
+            for (int r = 0; r < R; ++r) acc[h * R + r] = _mm512_add_ps(acc[h * R + r], _mm512_mul_ps(p, vj[r]));
+        }
+    }
+    for (int h = 0; h < HN; ++h)
+        for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + h * D + 16 * r, acc[h * R + r]);
+}
 
 template <int D>
 void attend_group_n(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride,
                     const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
                     float* scores, float* out) {
-    constexpr int R = D / 16;
-    for (int64_t j = 0; j < S; ++j) {
-        if (!attention::key_visible(k_pos[j], q_pos, window)) {
-            for (int h = 0; h < group; ++h) scores[h * S + j] = -INFINITY;
-            continue;
-        }
-        __m512 kj[R];
-        for (int r = 0; r < R; ++r) {
-            if (j + kKeysAhead < S)
-                _mm_prefetch(reinterpret_cast<const char*>(k + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
-            kj[r] = _mm512_loadu_ps(k + j * stride + 16 * r);
-        }
-        for (int h = 0; h < group; ++h) scores[h * S + j] = dot16<D>(q + h * D, kj);
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        const int n = int(std::min<int64_t>(16, S - j0));
+        uint32_t visible = 0;
+        for (int j = 0; j < n; ++j) visible |= uint32_t(attention::key_visible(k_pos[j0 + j], q_pos, window)) << j;
+        score_block<D>(q, group, k, j0, n, S, stride, visible, scores);
     }
     // Then per head, 16 scores at a time: / sqrt_d (-inf stays -inf) and the max with the sink
     // (exact whatever the order; a NaN score is passed over, as std::max passes it).
@@ -376,22 +442,12 @@ void attend_group_n(const float* q, int group, const float* k, const float* v, i
         }
         softmax_row(sh, S, sinks[h], _mm512_reduce_max_ps(mv));
     }
-    std::fill(out, out + group * D, 0.f);
-    for (int64_t j = 0; j < S; ++j) {
-        if (!attention::key_visible(k_pos[j], q_pos, window)) continue;
-        __m512 vj[R];
-        for (int r = 0; r < R; ++r) {
-            if (j + kKeysAhead < S)
-                _mm_prefetch(reinterpret_cast<const char*>(v + (j + kKeysAhead) * stride + 16 * r), _MM_HINT_T0);
-            vj[r] = _mm512_loadu_ps(v + j * stride + 16 * r);
-        }
-        for (int h = 0; h < group; ++h) {
-            const __m512 p = _mm512_set1_ps(scores[h * S + j]);
-            float* o = out + h * D;
-            for (int r = 0; r < R; ++r)
-                _mm512_storeu_ps(o + 16 * r, _mm512_add_ps(_mm512_loadu_ps(o + 16 * r), _mm512_mul_ps(p, vj[r])));
-        }
-    }
+    // Accumulators for as many heads as 16 registers hold.
+    constexpr int kHeads = D >= 256 ? 1 : 256 / D;
+    int h = 0;
+    for (; h + kHeads <= group; h += kHeads)
+        weigh_values<D, kHeads>(v, S, stride, k_pos, q_pos, window, scores + h * S, out + h * D);
+    for (; h < group; ++h) weigh_values<D, 1>(v, S, stride, k_pos, q_pos, window, scores + h * S, out + h * D);
 }
 
 void attend_group(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride, int64_t d,
