@@ -84,7 +84,24 @@ def native_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray
     return x
 
 
-NATIVE_OPS = LayerOps(native_attend, native_rmsnorm, native_rotate)
+def native_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """router_topk in one native call (its exp is libm's: weights within an ulp of numpy's)."""
+    from expert_node import native
+
+    return native.router_topk(np.ascontiguousarray(logits, np.float32), k)
+
+
+def native_add_experts(x: np.ndarray, outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """add_experts in one native call: the same float operations, the same bits."""
+    from expert_node import native
+
+    out = np.empty(x.shape, np.float32)
+    native.add_experts(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(outputs, np.float32),
+                       np.ascontiguousarray(weights, np.float32), out)
+    return out
+
+
+NATIVE_OPS = LayerOps(native_attend, native_rmsnorm, native_rotate, native_topk, native_add_experts)
 
 
 class Q8DenseLinear:

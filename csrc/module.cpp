@@ -174,6 +174,36 @@ void py_attend(const py::array& q, const py::array& k, const py::array& v, const
     attend(kt, qp, T, nq, d, kp, vp, S, nkv, hp, qpos, kpos, window, sqrt_d, op);
 }
 
+py::tuple py_router_topk(const py::array& logits, int64_t k) {
+    if (logits.ndim() != 2) fail("logits: expected shape (T, E), got " + shape_str(logits));
+    const int64_t T = logits.shape(0), E = logits.shape(1);
+    if (k < 1 || k > E) fail("k: must be in [1, " + std::to_string(E) + "], got " + std::to_string(k));
+    const float* lp = in_ptr<float>(logits, "logits", {T, E});
+    check_finite(lp, size_t(T * E), "logits");
+    py::array_t<int32_t> ids({T, k});
+    py::array_t<float> weights({T, k});
+    int32_t* ip = ids.mutable_data();
+    float* wp = weights.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        router_topk(lp, T, E, k, ip, wp);
+    }
+    return py::make_tuple(ids, weights);
+}
+
+void py_add_experts(const py::array& x, const py::array& outputs, const py::array& weights, py::array& out) {
+    if (outputs.ndim() != 3) fail("outputs: expected shape (T, k, H), got " + shape_str(outputs));
+    const int64_t T = outputs.shape(0), k = outputs.shape(1), H = outputs.shape(2);
+    const float* xp = in_ptr<float>(x, "x", {T, H});
+    const float* op = in_ptr<float>(outputs, "outputs", {T, k, H});
+    const float* wp = in_ptr<float>(weights, "weights", {T, k});
+    float* rp = out_ptr<float>(out, "out", {T, H});
+    check_no_overlap(out, outputs, "out", "outputs");
+    check_no_overlap(out, weights, "out", "weights");
+    py::gil_scoped_release nogil;
+    add_experts(xp, op, wp, T, k, H, rp);
+}
+
 void py_rmsnorm(const py::array& x, const py::array& w, float eps, py::array& out) {
     if (x.ndim() != 2) fail("x: expected shape (T, H), got " + shape_str(x));
     const int64_t T = x.shape(0), H = x.shape(1);
@@ -414,6 +444,10 @@ PYBIND11_MODULE(_native, m) {
           py::arg("k_pos"), py::arg("window"), py::arg("sqrt_d"), py::arg("out"), py::arg("isa") = py::none(),
           "Attention of q [T, nq, d] at q_pos over k, v [S, nkv, d] at k_pos, masked as attention_softmax "
           "masks, sinks in the denominator -> out [T, nq, d].");
+    m.def("router_topk", &py_router_topk, py::arg("logits"), py::arg("k"),
+          "Router logits [T, E] -> (ids int32 [T, k]: the k largest, ties to the lower id; their softmax [T, k]).");
+    m.def("add_experts", &py_add_experts, py::arg("x"), py::arg("outputs"), py::arg("weights"), py::arg("out"),
+          "out[T, H] = x + sum over slots in order of outputs[T, k, H] * weights[T, k].");
     m.def("rmsnorm", &py_rmsnorm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
           "out[T, H] = x / sqrt(mean(x^2, axis=-1) + eps) * w, float32 (squares summed in double).");
     m.def("rope_rotate", &py_rope_rotate, py::arg("x"), py::arg("cos"), py::arg("sin"),

@@ -539,6 +539,37 @@ void rope_rotate(float* x, int64_t T, int64_t heads, int64_t d, const float* cos
     }
 }
 
+void router_topk(const float* logits, int64_t T, int64_t E, int64_t k, int32_t* ids, float* weights) {
+    std::vector<char> taken(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+        const float* l = logits + t * E;
+        int32_t* id = ids + t * k;
+        float* w = weights + t * k;
+        std::fill(taken.begin(), taken.end(), 0);
+        for (int64_t s = 0; s < k; ++s) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)  // strictly greater: on a tie the lower id stays
+                if (!taken[size_t(e)] && (best < 0 || l[e] > l[best])) best = e;
+            taken[size_t(best)] = 1;
+            id[s] = int32_t(best);
+        }
+        float sum = 0.f;
+        for (int64_t s = 0; s < k; ++s) sum += w[s] = std::exp(l[id[s]] - l[id[0]]);
+        for (int64_t s = 0; s < k; ++s) w[s] /= sum;
+    }
+}
+
+void add_experts(const float* x, const float* outputs, const float* weights, int64_t T, int64_t k, int64_t H,
+                 float* out) {
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < H; ++i) {
+            const float* o = outputs + t * k * H + i;
+            float acc = o[0] * weights[t * k];
+            for (int64_t s = 1; s < k; ++s) acc = acc + o[s * H] * weights[t * k + s];
+            out[t * H + i] = x[t * H + i] + acc;
+        }
+}
+
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
     constexpr int64_t kChunk = 1 << 20;
     const int64_t n_chunks = (n_bytes + kChunk - 1) / kChunk;

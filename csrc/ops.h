@@ -80,6 +80,15 @@ void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, fl
 // (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with cos, sin [T, d/2] (the reference's float ops).
 void rope_rotate(float* x, int64_t T, int64_t heads, int64_t d, const float* cos, const float* sin);
 
+// The router's choice for rows t of logits [T, E]: ids[t] the k largest (ties: lower id first),
+// weights[t] their softmax (the reference's router_topk; exp from libm).
+void router_topk(const float* logits, int64_t T, int64_t E, int64_t k, int32_t* ids, float* weights);
+
+// out[t] = x[t] + sum over slots s in order of outputs[t, s] * weights[t, s] (the reference's
+// x + combine_experts: the same float operations, the same bits).
+void add_experts(const float* x, const float* outputs, const float* weights, int64_t T, int64_t k, int64_t H,
+                 float* out);
+
 // Reads every byte of buf once with all threads (a STREAM-like read for benchmarks); returns an
 // xor checksum so the reads cannot be optimised away.
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes);

@@ -8,6 +8,7 @@ from __future__ import annotations
 try:
     from ._native import (  # noqa: F401  (re-exports)
         active_isa,
+        add_experts,
         attend,
         attention_softmax,
         available_isas,
@@ -27,6 +28,7 @@ try:
         q8_quantize,
         rmsnorm,
         rope_rotate,
+        router_topk,
         set_threads,
         stream_read,
     )

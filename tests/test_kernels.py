@@ -306,6 +306,34 @@ def test_rope_rotate_refuses_bad_arguments():
             native.rope_rotate(**{**good, name: bad})
 
 
+def test_router_and_expert_sum_match_the_reference():
+    """The engine's native router (ties go to the lower id, softmax over the top k) and the
+    residual add of the weighted expert outputs (the same float operations: the same bits)."""
+    from coordinator.engine import native_add_experts, native_topk
+    from coordinator.models.gpt_oss import add_experts, router_topk
+
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((9, 32)).astype(np.float32)
+    logits[0, [3, 17, 30]] = 4.0  # a three-way tie at the top
+    ids, weights = native_topk(logits, 4)
+    ref_ids, ref_weights = router_topk(logits, 4)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
+    x = rng.standard_normal((9, 64)).astype(np.float32)
+    outputs = rng.standard_normal((9, 4, 64)).astype(np.float32)
+    np.testing.assert_array_equal(native_add_experts(x, outputs, weights), add_experts(x, outputs, weights))
+
+
+def test_router_and_expert_sum_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="logits: contains NaN"):
+        native.router_topk(np.array([[0, np.nan, 1]], np.float32), 2)
+    with pytest.raises(ValueError, match="k: must be in"):
+        native.router_topk(np.zeros((1, 3), np.float32), 4)
+    with pytest.raises(ValueError, match="weights: expected shape"):
+        native.add_experts(np.zeros((2, 8), np.float32), np.zeros((2, 4, 8), np.float32), np.zeros((2, 3), np.float32),
+                           np.zeros((2, 8), np.float32))
+
+
 def test_rmsnorm_refuses_bad_arguments():
     good = dict(x=np.zeros((2, 8), np.float32), w=np.zeros(8, np.float32), eps=1e-5, out=np.zeros((2, 8), np.float32))
     for name, bad, match in [("x", np.zeros(8, np.float32), "x: expected shape"),

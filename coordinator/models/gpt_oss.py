@@ -232,6 +232,11 @@ def combine_experts(outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return acc
 
 
+def add_experts(x: np.ndarray, outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The residual stream after a layer's experts: x + their weighted sum."""
+    return x + combine_experts(outputs, weights)
+
+
 def reference_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """x [T, K] @ w[N, K]^T (+ b), w bf16-as-uint16 widened a chunk of rows at a time."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
@@ -247,6 +252,8 @@ class LayerOps(NamedTuple):
     attend: Callable = attention_with_sinks
     rmsnorm: Callable = rmsnorm
     rotate: Callable = rotate_half_split
+    topk: Callable = router_topk
+    add_experts: Callable = add_experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +408,7 @@ class GptOssModel:
 
     def route(self, i: int, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         w = self.layers[i]
-        return router_topk(self.linear(xn, w.router, w.router_bias), self.cfg.num_experts_per_tok)
+        return self.ops.topk(self.linear(xn, w.router, w.router_bias), self.cfg.num_experts_per_tok)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True,
                 router_log: list | None = None) -> np.ndarray:
@@ -431,7 +438,7 @@ class GptOssModel:
             with tr.span("experts", layer=i):
                 outputs = self.experts.run(i, xn, expert_ids)
             with tr.span("combine", layer=i):
-                x = x + combine_experts(outputs, weights)
+                x = self.ops.add_experts(x, outputs, weights)
         cache.length += ids.size
         with tr.span("unembed"):
             h = self.ops.rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
