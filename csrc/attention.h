@@ -15,9 +15,9 @@
 namespace moemesh {
 namespace attention {
 
-// e^x for x <= 0 within a few ulp, as a plain loop body the compiler vectorizes (a libm call per
-// key does not): 2^n from the exponent bits times a degree-6 polynomial on a Cody-Waite
-// reduced argument. Arguments below -87.3 (e^x under the smallest normal float) give 0.
+// e^x for x <= 0 within a few ulp, in plain float operations a vector kernel can repeat lane by
+// lane (a libm call cannot be): 2^n from the exponent bits times a degree-6 polynomial on a
+// Cody-Waite reduced argument. Arguments below -87.3 (e^x under the smallest normal float) give 0.
 inline float exp_nonpositive(float x) {
     const float xc = std::max(x, -87.f);
     const float n = round_half_even(xc * 1.44269504f);
