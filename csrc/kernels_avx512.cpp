@@ -59,6 +59,8 @@ using avx512::plane_byte;
 
 // The first `bytes` of 64 (all of them at 64).
 inline __mmask64 bytes_mask(int bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
+// The first n of 16 lanes (all of them from 16 on).
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 // A short chunk's n lanes of 4 bytes.
 inline __mmask64 lanes_mask(int n) { return bytes_mask(4 * n); }
 
@@ -172,7 +174,7 @@ struct Q8Row {
     const uint16_t* scales;
 
     __m512 scales16(int n, int64_t g0) const {
-        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), scales + g0));
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), scales + g0));
     }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m512i w[8]) const {
@@ -207,7 +209,7 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     auto step = [&](auto full, int64_t g0, int n) {
         constexpr bool kFull = decltype(full)::value;
-        const __mmask16 m = __mmask16((1u << n) - 1u);
+        const __mmask16 m = first_lanes(n);
         const __m512 ws = row.scales16(n, g0);
         __m512i w[8];
         row.template chunk<kFull>(g0, n, w);
@@ -351,7 +353,7 @@ void softmax_row(float* s, int64_t S, float sink, float m) {
     for (; j < S; ++j) parts[0] += s[j] = attention::exp_nonpositive(s[j] - m);
     const __m512 z = _mm512_set1_ps(attention::softmax_denominator(parts, sink, m));
     for (int64_t i = 0; i < S; i += 16) {
-        const __mmask16 lanes = S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1u);
+        const __mmask16 lanes = first_lanes(S - i);
         _mm512_mask_storeu_ps(s + i, lanes, _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, s + i), z));
     }
 }
@@ -370,7 +372,7 @@ template <int D>
 void score_block(const float* q, int group, const float* k, int64_t j0, int n, int64_t S, int64_t stride,
                  uint32_t visible, float* scores) {
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-    const __mmask16 lanes = __mmask16((1u << n) - 1u);
+    const __mmask16 lanes = first_lanes(n);
     if (!visible) {
         for (int h = 0; h < group; ++h) _mm512_mask_storeu_ps(scores + h * S + j0, lanes, minus_inf);
         return;
@@ -435,7 +437,7 @@ void attend_group_n(const float* q, int group, const float* k, const float* v, i
         float* sh = scores + h * S;
         __m512 mv = _mm512_set1_ps(sinks[h]);
         for (int64_t i = 0; i < S; i += 16) {
-            const __mmask16 lanes = S - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (S - i)) - 1u);
+            const __mmask16 lanes = first_lanes(S - i);
             const __m512 sv = _mm512_div_ps(_mm512_mask_loadu_ps(minus_inf, lanes, sh + i), root);
             _mm512_mask_storeu_ps(sh + i, lanes, sv);
             mv = _mm512_max_ps(sv, mv);

@@ -16,18 +16,16 @@
 namespace moemesh {
 
 namespace {
-// Blocks per task when a whole buffer is (de)quantized at once.
-constexpr int64_t kQ16BlocksPerTask = 1024;
-
-// Calls fn(first block, block count) over a whole buffer's q16 blocks on the thread pool.
+// Calls fn(begin, end) on the thread pool for [0, n) cut into ranges of per_task (the last shorter).
 template <typename Fn>
-void for_q16_block_ranges(int64_t n, const Fn& fn) {
-    const int64_t nb = n / Q16Block::kBlock;
-    global_pool().parallel_for((nb + kQ16BlocksPerTask - 1) / kQ16BlocksPerTask, [&](int64_t task) {
-        const int64_t g0 = task * kQ16BlocksPerTask;
-        fn(g0, std::min(nb, g0 + kQ16BlocksPerTask) - g0);
+void for_ranges(int64_t n, int64_t per_task, const Fn& fn) {
+    global_pool().parallel_for((n + per_task - 1) / per_task, [&](int64_t task) {
+        fn(task * per_task, std::min(n, (task + 1) * per_task));
     });
 }
+
+// Blocks per task when a whole buffer is (de)quantized at once.
+constexpr int64_t kQ16BlocksPerTask = 1024;
 
 // A block's scale (block max / kMax) and what its values are multiplied by before rounding.
 struct Q16Scale {
@@ -60,8 +58,8 @@ void q16_dequantize(const int16_t* q, const float* d, int64_t n, float* out) {
 void q16_round_parallel(const float* x, int64_t n, float* out) {
     // The rounded code times the scale without the int16 in between (the code is an integer the
     // float holds exactly): the same bits as q16_dequantize(q16_quantize(x)), in loops that vectorize.
-    for_q16_block_ranges(n, [&](int64_t g0, int64_t count) {
-        for (int64_t g = g0; g < g0 + count; ++g) {
+    for_ranges(n / Q16Block::kBlock, kQ16BlocksPerTask, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
             const float* xb = x + g * Q16Block::kBlock;
             const Q16Scale sc = q16_block_scale(xb);
             for (int i = 0; i < Q16Block::kBlock; ++i) out[g * Q16Block::kBlock + i] = round_half_even(xb[i] * sc.inv) * sc.d;
@@ -70,14 +68,14 @@ void q16_round_parallel(const float* x, int64_t n, float* out) {
 }
 
 void q16_quantize_parallel(const float* x, int64_t n, int16_t* q, float* d) {
-    for_q16_block_ranges(n, [&](int64_t g0, int64_t count) {
-        q16_quantize(x + g0 * Q16Block::kBlock, count * Q16Block::kBlock, q + g0 * Q16Block::kBlock, d + g0);
+    for_ranges(n / Q16Block::kBlock, kQ16BlocksPerTask, [&](int64_t g0, int64_t g1) {
+        q16_quantize(x + g0 * Q16Block::kBlock, (g1 - g0) * Q16Block::kBlock, q + g0 * Q16Block::kBlock, d + g0);
     });
 }
 
 void q16_dequantize_parallel(const int16_t* q, const float* d, int64_t n, float* out) {
-    for_q16_block_ranges(n, [&](int64_t g0, int64_t count) {
-        q16_dequantize(q + g0 * Q16Block::kBlock, d + g0, count * Q16Block::kBlock, out + g0 * Q16Block::kBlock);
+    for_ranges(n / Q16Block::kBlock, kQ16BlocksPerTask, [&](int64_t g0, int64_t g1) {
+        q16_dequantize(q + g0 * Q16Block::kBlock, d + g0, (g1 - g0) * Q16Block::kBlock, out + g0 * Q16Block::kBlock);
     });
 }
 
@@ -253,9 +251,7 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
 // activations stay in L1. Each (row, pass) is one call, so results do not depend on the grouping.
 template <typename Dot>
 void for_rows_and_token_passes(int64_t N, int64_t T, const Dot& dot, int pass = kMaxTokens) {
-    const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-    global_pool().parallel_for(n_tasks, [&](int64_t task) {
-        const int64_t r0 = task * kRowsPerTask, r1 = std::min(N, r0 + kRowsPerTask);
+    for_ranges(N, kRowsPerTask, [&](int64_t r0, int64_t r1) {
         for (int64_t t0 = 0; t0 < T; t0 += pass)
             for (int64_t r = r0; r < r1; ++r) dot(r, t0, int(std::min<int64_t>(pass, T - t0)));
     });
@@ -277,8 +273,8 @@ int bf16_tokens_per_pass(int64_t K) {
 template <typename Tile, typename Bias>
 void dense_tile_rows(int64_t rows, const TiledRows& tiled, const Tile& tile, const Bias& bias_of, int64_t ldy,
                      float* y) {
-    global_pool().parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-        const int64_t r0 = task * kRowsPerTask, n = std::min(rows, r0 + kRowsPerTask) - r0;
+    for_ranges(rows, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+        const int64_t n = r1 - r0;
         thread_local std::vector<float> res;
         res.resize(size_t(tiled.n_groups() * n * kTileTokens));
         tile(r0, n, res.data());
@@ -456,8 +452,8 @@ void attention_softmax(const KernelTable& kt, float* scores, int64_t H, int64_t 
                        const int64_t* q_pos, const int64_t* k_pos, int64_t window, float sqrt_d) {
     const int64_t rows_per_task = std::max<int64_t>(1, kSoftmaxScoresPerTask / std::max<int64_t>(S, 1));
     const auto softmax_row = kt.softmax_row ? kt.softmax_row : attention::softmax_row;
-    global_pool().parallel_for((H * T + rows_per_task - 1) / rows_per_task, [&](int64_t task) {
-        for (int64_t row = task * rows_per_task; row < std::min(H * T, (task + 1) * rows_per_task); ++row) {
+    for_ranges(H * T, rows_per_task, [&](int64_t row0, int64_t row1) {
+        for (int64_t row = row0; row < row1; ++row) {
             float* s = scores + row * S;
             const int64_t qp = q_pos[row % T];
             const float sink = sinks[row / T];
@@ -505,8 +501,8 @@ void attend(const KernelTable& kt, const float* q, int64_t T, int64_t nq, int64_
 
 void rmsnorm(const float* x, int64_t T, int64_t H, const float* w, float eps, float* out) {
     constexpr int64_t kRmsRowsPerTask = 16;
-    global_pool().parallel_for((T + kRmsRowsPerTask - 1) / kRmsRowsPerTask, [&](int64_t task) {
-        for (int64_t t = task * kRmsRowsPerTask; t < std::min(T, (task + 1) * kRmsRowsPerTask); ++t) {
+    for_ranges(T, kRmsRowsPerTask, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
             const float* xr = x + t * H;
             double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // fixed-order partial sums, vectorizable
             int64_t i = 0;
