@@ -2,14 +2,18 @@
 
     moemesh synth --preset gpt-oss-20b -o /path/gpt-oss-20b
     python bench/e2e.py -m /path/gpt-oss-20b [--precision fast|exact] [--dense bf16|q8] [--prompt 512] [--decode 128]
+                        [--llama-bench /path/llama-bench --gguf /path/gpt-oss-20b.gguf]
 
 Prints prefill tok/s, decode tok/s, time to first token and peak RSS, next to the roofline: the
 bytes one decoded token must read (dense weights or their 8-bit copies, the unembedding, 4 experts
-per layer) divided by the read bandwidth of the mapped checkpoint measured in the same run. Last line: one JSON object.
+per layer) divided by the read bandwidth of the mapped checkpoint measured in the same run, and, given a
+llama-bench binary and the same checkpoint converted to GGUF (bench/llamacpp_baseline.py says how),
+llama.cpp's prefill and decode measured right after. Last line: one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -20,6 +24,7 @@ import numpy as np
 from coordinator import Engine
 from coordinator.sampling import SamplingParams
 from expert_node import native
+from llamacpp_baseline import llama_bench
 
 
 def bytes_per_decoded_token(engine: Engine) -> int:
@@ -61,7 +66,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
     ap.add_argument("--dense", default="bf16", choices=("bf16", "q8"), help="q8: 8-bit copy of the dense matrices")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary: measure it too, on --gguf")
+    ap.add_argument("--gguf", help="the same checkpoint converted to GGUF, for --llama-bench")
     args = ap.parse_args()
+    if bool(args.llama_bench) != bool(args.gguf):
+        ap.error("--llama-bench and --gguf go together")
 
     engine = Engine.load(args.model, precision=args.precision, dense=args.dense)
     engine.warm()
@@ -83,12 +92,25 @@ def main() -> None:
           f"(roofline {roofline:.2f} tok/s, ratio {s.decode_tps / roofline:.2f})")
     print(f"time to first token: {s.time_to_first_token:.2f} s; peak RSS {peak_rss_gb:.2f} GB "
           f"(checkpoint {ckpt_gb:.2f} GB)")
-    print(json.dumps({
+    result = {
         "machine": machine, "precision": args.precision, "dense": args.dense, "prompt_tokens": s.prompt_tokens,
         "decode_tps": s.decode_tps, "prefill_tps": s.prefill_tps, "ttft_s": s.time_to_first_token,
         "roofline_decode_tps": roofline, "decode_ratio_to_roofline": s.decode_tps / roofline,
         "bandwidth_gbps": bw, "bytes_per_token": per_token, "peak_rss_gb": peak_rss_gb, "checkpoint_gb": ckpt_gb,
-    }))
+    }
+    if args.llama_bench:
+        del engine, gen  # llama.cpp's mapping and repacked experts need the memory
+        gc.collect()
+        native.park_workers()
+        llama = llama_bench(args.llama_bench, args.gguf, args.prompt, args.decode, native.get_threads())
+        print(f"llama.cpp {llama['build']}, same run: prefill {llama['prefill_tps']:.2f} tok/s, "
+              f"decode {llama['decode_tps']:.2f} tok/s (from an empty context)")
+        print(f"moemesh / llama.cpp: prefill {s.prefill_tps / llama['prefill_tps']:.2f}x, "
+              f"decode {s.decode_tps / llama['decode_tps']:.2f}x")
+        result.update(llamacpp_prefill_tps=llama["prefill_tps"], llamacpp_decode_tps=llama["decode_tps"],
+                      prefill_ratio_to_llamacpp=s.prefill_tps / llama["prefill_tps"],
+                      decode_ratio_to_llamacpp=s.decode_tps / llama["decode_tps"])
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
