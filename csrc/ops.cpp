@@ -24,6 +24,22 @@ void for_ranges(int64_t n, int64_t per_task, const Fn& fn) {
     });
 }
 
+// Runs step(i, j) for j in [0, length(i)) of every task i in [0, n), two tasks per pool task in
+// alternation: step j of task i, then step j of task i + n/2. Where each step reads one weight
+// row, a core then keeps two hardware prefetch streams going besides its software prefetches,
+// which a KVM guest's core cannot keep enough of in flight (2-thread expert decode +3-6%).
+template <typename Length, typename Step>
+void in_two_streams(int64_t n, const Length& length, const Step& step) {
+    const int64_t half = (n + 1) / 2;
+    global_pool().parallel_for(half, [&](int64_t i) {
+        const int64_t len_a = length(i), len_b = i + half < n ? length(i + half) : 0;
+        for (int64_t j = 0; j < std::max(len_a, len_b); ++j) {
+            if (j < len_a) step(i, j);
+            if (j < len_b) step(i + half, j);
+        }
+    });
+}
+
 // Blocks per task when a whole buffer is (de)quantized at once.
 constexpr int64_t kQ16BlocksPerTask = 1024;
 
@@ -395,29 +411,18 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
         return tasks;
     };
     // Runs run(task, r0, r1) over every task's rows. When each expert has at most one pass of
-    // tokens (decoding), rows go two streams at a time: task i's row j, then task i + n/2's row j
-    // (another expert's, or a far part of the matrix), so each core keeps two hardware prefetch
-    // streams going besides its software prefetches, which a KVM guest's core cannot keep enough
-    // of in flight (2-thread expert decode +3-6%). Rows are independent dot products, so the order
-    // changes no result. Matrix-unit tiles want whole row ranges, and several token passes want
-    // a task's rows to stay in L2 between passes: then tasks run whole.
+    // tokens (decoding), a row at a time in_two_streams (rows are independent dot products: the
+    // order changes no result). Matrix-unit tiles want whole row ranges, and several token passes
+    // want a task's rows to stay in L2 between passes: then tasks run whole.
     const bool one_pass = std::all_of(by_expert.begin(), by_expert.end(),
                                       [](const std::vector<int64_t>& as) { return as.size() <= size_t(kMaxTokens); });
     auto run_tasks = [&](const std::vector<Task>& tasks, bool no_tiles, const auto& run) {
-        const int64_t n = int64_t(tasks.size());
-        if (!one_pass || !no_tiles || n < 2) {
-            global_pool().parallel_for(n, [&](int64_t i) { run(tasks[size_t(i)], tasks[size_t(i)].r0, tasks[size_t(i)].r1); });
-            return;
-        }
-        const int64_t half = (n + 1) / 2;
-        global_pool().parallel_for(half, [&](int64_t i) {
-            const Task& a = tasks[size_t(i)];
-            const Task* b = i + half < n ? &tasks[size_t(i + half)] : nullptr;
-            for (int64_t j = 0; a.r0 + j < a.r1 || (b && b->r0 + j < b->r1); ++j) {
-                if (a.r0 + j < a.r1) run(a, a.r0 + j, a.r0 + j + 1);
-                if (b && b->r0 + j < b->r1) run(*b, b->r0 + j, b->r0 + j + 1);
-            }
-        });
+        auto task = [&](int64_t i) -> const Task& { return tasks[size_t(i)]; };
+        if (one_pass && no_tiles)
+            in_two_streams(int64_t(tasks.size()), [&](int64_t i) { return task(i).r1 - task(i).r0; },
+                           [&](int64_t i, int64_t j) { run(task(i), task(i).r0 + j, task(i).r0 + j + 1); });
+        else
+            global_pool().parallel_for(int64_t(tasks.size()), [&](int64_t i) { run(task(i), task(i).r0, task(i).r1); });
     };
     // Gathered token lists: phase 1 reads x[t], phase 2 reads act[a]; both write row a.
     std::vector<std::vector<int64_t>> tokens_by_expert(static_cast<size_t>(E));
