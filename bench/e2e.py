@@ -1,12 +1,13 @@
 """End-to-end single-device benchmark (issue 4); run by hand on a full-size checkpoint:
 
     moemesh synth --preset gpt-oss-20b -o /path/gpt-oss-20b
-    python bench/e2e.py -m /path/gpt-oss-20b [--precision fast|exact] [--dense bf16|q8] [--prompt 512] [--decode 128]
+    python bench/e2e.py -m /path/gpt-oss-20b [--precision fast|exact] [--dense bf16|q8] [--no-mmap] [--prompt 512] [--decode 128]
                         [--llama-bench /path/llama-bench --gguf /path/gpt-oss-20b.gguf]
 
 Prints prefill tok/s, decode tok/s, time to first token and peak RSS, next to the roofline: the
 bytes one decoded token must read (dense weights or their 8-bit copies, the unembedding, 4 experts
-per layer) divided by the read bandwidth of the mapped checkpoint measured in the same run, and, given a
+per layer) divided by the read bandwidth of the weights as the engine holds them (mapped, or with
+--no-mmap in huge-page memory) measured in the same run, and, given a
 llama-bench binary and the same checkpoint converted to GGUF (bench/llamacpp_baseline.py says how),
 llama.cpp's prefill and decode measured right after. Last line: one JSON object.
 """
@@ -39,9 +40,9 @@ def bytes_per_decoded_token(engine: Engine) -> int:
     return dense + experts
 
 
-def mapped_bandwidth(engine: Engine) -> float:
-    """GB/s reading the mapped checkpoint itself (the first ~1.2 GB of expert weights, which every
-    configuration reads), median of runs."""
+def weights_bandwidth(engine: Engine) -> float:
+    """GB/s reading the weights where the engine holds them, mapped or in memory (the first
+    ~1.2 GB of expert weights, which every configuration reads), median of runs."""
     chunks, total = [], 0
     for a in engine.expert_arrays():
         if total > 1.2e9:
@@ -66,15 +67,16 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=128, help="decoded tokens")
     ap.add_argument("--dense", default="bf16", choices=("bf16", "q8"), help="q8: 8-bit copy of the dense matrices")
+    ap.add_argument("--no-mmap", action="store_true", help="read the weights into huge-page memory")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary: measure it too, on --gguf")
     ap.add_argument("--gguf", help="the same checkpoint converted to GGUF, for --llama-bench")
     args = ap.parse_args()
     if bool(args.llama_bench) != bool(args.gguf):
         ap.error("--llama-bench and --gguf go together")
 
-    engine = Engine.load(args.model, precision=args.precision, dense=args.dense)
+    engine = Engine.load(args.model, precision=args.precision, dense=args.dense, mmap=not args.no_mmap)
     engine.warm()
-    bw = mapped_bandwidth(engine)
+    bw = weights_bandwidth(engine)
     per_token = bytes_per_decoded_token(engine)
     roofline = bw * 1e9 / per_token
     prompt = np.random.default_rng(0).integers(0, 199_998, args.prompt)
@@ -85,15 +87,17 @@ def main() -> None:
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     ckpt_gb = sum(f.stat().st_size for f in engine.checkpoint.folder.glob("*.safetensors")) / 1e9
     machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
-    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}")
-    print(f"read bandwidth of the mapped checkpoint: {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
+    held = "read into huge-page memory" if args.no_mmap else "mapped"
+    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}   weights: {held}")
+    print(f"read bandwidth of the weights ({held}): {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prompt_seconds:.2f} s = {s.prefill_tps:.2f} tok/s")
     print(f"decode:  {s.generated_tokens} tokens, {s.decode_tps:.2f} tok/s "
           f"(roofline {roofline:.2f} tok/s, ratio {s.decode_tps / roofline:.2f})")
     print(f"time to first token: {s.time_to_first_token:.2f} s; peak RSS {peak_rss_gb:.2f} GB "
           f"(checkpoint {ckpt_gb:.2f} GB)")
     result = {
-        "machine": machine, "precision": args.precision, "dense": args.dense, "prompt_tokens": s.prompt_tokens,
+        "machine": machine, "precision": args.precision, "dense": args.dense, "mmap": not args.no_mmap,
+        "prompt_tokens": s.prompt_tokens,
         "decode_tps": s.decode_tps, "prefill_tps": s.prefill_tps, "ttft_s": s.time_to_first_token,
         "roofline_decode_tps": roofline, "decode_ratio_to_roofline": s.decode_tps / roofline,
         "bandwidth_gbps": bw, "bytes_per_token": per_token, "peak_rss_gb": peak_rss_gb, "checkpoint_gb": ckpt_gb,

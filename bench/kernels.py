@@ -31,7 +31,7 @@ def huge_array(shape, dtype, rng) -> np.ndarray:
     """Random contents in an anonymous mapping advised to use transparent huge pages."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    buf = mmap.mmap(-1, n)
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared anonymous memory gets no THP
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     a = np.frombuffer(buf, np.uint8, n)

@@ -152,7 +152,9 @@ class Engine:
 
     @classmethod
     def load(cls, folder, precision: str = "exact", experts: ExpertBackend | None = None,
-             dense: str = "bf16") -> "Engine":
+             dense: str = "bf16", mmap: bool = True, progress: bool | None = None) -> "Engine":
+        """mmap=False reads the weights into huge-page memory instead of mapping them, with a
+        progress bar (expert_node.checkpoint.SafetensorsFile says why that can be faster)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if dense not in DENSE_FORMATS:
@@ -161,7 +163,14 @@ class Engine:
             raise ValueError("the 8-bit dense copy (dense q8) runs with the fast precision only")
         if precision != "reference":
             limit_blas_threads()
-        ckpt = Checkpoint(folder)
+        from tqdm import tqdm
+
+        with tqdm(unit="B", unit_scale=True, desc="reading", leave=False,
+                  disable=mmap or (None if progress is None else not progress)) as bar:
+            return cls._load(Checkpoint(folder, in_memory=not mmap, on_read=bar.update), precision, experts, dense)
+
+    @classmethod
+    def _load(cls, ckpt: Checkpoint, precision: str, experts: ExpertBackend | None, dense: str) -> "Engine":
         family = family_of(ckpt)
         if experts is None:
             experts = make_expert_backend(ckpt, precision)

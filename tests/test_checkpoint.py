@@ -37,6 +37,30 @@ def test_views_are_zero_copy_and_read_only(tiny_dir):
     assert t.dtype == np.uint16 and not t.flags.writeable and not t.flags.owndata
 
 
+def test_in_memory_copies_equal_the_mapping_and_only_what_is_asked_is_read(wide_dir):
+    """--no-mmap: each tensor asked for is read into memory of its own (a cluster's coordinator
+    still skips the experts), byte for byte the mapped one, read-only; a released copy is dropped."""
+    mapped, read = Checkpoint(wide_dir), []
+    in_memory = Checkpoint(wide_dir, in_memory=True, on_read=read.append)
+    name = mapped.tensor_names[0]
+    copy = in_memory.tensor(name)
+    assert sum(read) == copy.nbytes  # the one tensor, not its file
+    assert not copy.flags.writeable
+    for n in mapped.tensor_names:
+        np.testing.assert_array_equal(in_memory.tensor(n), mapped.tensor(n), err_msg=n)
+    assert in_memory.tensor(name) is copy  # read once
+    big = max(mapped.tensor_names, key=lambda n: mapped.tensor(n).nbytes)
+    in_memory.release(in_memory.tensor(big))
+    assert not in_memory.tensor(big).any()  # dropped: zero pages, as documented
+
+
+def test_engine_in_memory_gives_the_same_logits(tiny_dir):
+    ids = np.arange(12)
+    for options in ({"precision": "fast"}, {"precision": "fast", "dense": "q8"}):
+        expected = Engine.load(tiny_dir, **options).logits(ids)
+        np.testing.assert_array_equal(Engine.load(tiny_dir, mmap=False, **options).logits(ids), expected)
+
+
 def copy_ckpt(src, tmp_path):
     dst = tmp_path / "ckpt"
     shutil.copytree(src, dst)
