@@ -130,7 +130,10 @@ class SafetensorsFile:
         if not self.in_memory:
             return np.frombuffer(self._mmap, dtype=dt, count=count, offset=info.begin).reshape(info.shape)
         if name not in self._loaded:
-            buf = self._read(info.begin, info.end)
+            try:
+                buf = self._read(info.begin, info.end)
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({e.strerror})") from None
             a = np.frombuffer(buf, dtype=dt, count=count).reshape(info.shape)
             a.flags.writeable = False  # weights are read-only, mapped or not
             self._loaded[name] = (a, buf)

@@ -54,6 +54,17 @@ def test_in_memory_copies_equal_the_mapping_and_only_what_is_asked_is_read(wide_
     assert not in_memory.tensor(big).any()  # dropped: zero pages, as documented
 
 
+def test_in_memory_read_failure_is_named(tiny_dir, tmp_path):
+    dst = copy_ckpt(tiny_dir, tmp_path)
+    ckpt = Checkpoint(dst, in_memory=True)
+    first, second = ckpt.tensor_names[:2]
+    ckpt.tensor(first)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()  # gone between two reads
+    with pytest.raises(CheckpointError, match=r"safetensors: cannot read tensor '.+'"):
+        ckpt.tensor(second)
+
+
 def test_engine_in_memory_gives_the_same_logits(tiny_dir):
     ids = np.arange(12)
     for options in ({"precision": "fast"}, {"precision": "fast", "dense": "q8"}):
