@@ -3,8 +3,9 @@
 Measures this machine's read bandwidth in the same run (a STREAM-like read of a huge-page buffer),
 then for 1 and 2 threads: expert FFN decode (T=1, 4 experts), prefill (T=128 and 512 routed
 over 32 experts), q/k/v/o and the unembedding at T=1 — GB/s of weights, GFLOP/s, time, and
-ratios to the bandwidth and to numpy. Weights live in madvise(MADV_HUGEPAGE) memory, as the
-engine maps checkpoints. The last line is one JSON object.
+ratios to the bandwidth and to numpy. Weights live in private anonymous memory advised to use
+transparent huge pages, as the engine holds them with --no-mmap (its default maps the files'
+4 KiB page-cache pages). The last line is one JSON object.
 
     python bench/kernels.py [--quick]
 """
