@@ -49,6 +49,19 @@ class TensorInfo:
     end: int
 
 
+def huge_page_buffer(nbytes: int) -> mmap.mmap:
+    """Private anonymous memory advised to use transparent huge pages. (Python's default anonymous
+    mmap is shared memory, which gets none where shmem THP is off, as it is on this project's
+    machine: expert nodes held their experts in 4 KiB pages for months because of it.)"""
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # not supported by this kernel: a speed hint only
+    return buf
+
+
 def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     """Widen bf16 (stored as uint16) to float32 exactly: bf16 is the top half of an fp32."""
     return (a.astype(np.uint32) << 16).view(np.float32)
@@ -140,9 +153,7 @@ class SafetensorsFile:
         return self._loaded[name][0]
 
     def _read(self, begin: int, end: int) -> mmap.mmap:
-        buf = mmap.mmap(-1, end - begin, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared anonymous memory gets no THP
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            buf.madvise(mmap.MADV_HUGEPAGE)
+        buf = huge_page_buffer(end - begin)
         with memoryview(buf) as view, open(self.path, "rb") as f:
             f.seek(begin)
             done = 0

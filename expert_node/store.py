@@ -10,7 +10,6 @@ stream 1.3x faster from it than from 4 KiB file pages) and indexed by global exp
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import zlib
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import huge_page_buffer
 from .experts import ExpertShape, LayerExperts
 
 
@@ -26,17 +26,6 @@ def piece_sha256(arrays: list[np.ndarray]) -> str:
     for a in arrays:
         h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
     return h.hexdigest()
-
-
-def huge_page_buffer(nbytes: int):
-    """Anonymous memory advised for transparent huge pages."""
-    buf = mmap.mmap(-1, max(nbytes, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return buf
 
 
 class ChecksumError(ValueError):

@@ -1,6 +1,7 @@
 """The checkpoint reader: zero-copy views that agree with the safetensors library, and clear
 errors naming file and tensor for every kind of broken checkpoint."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from coordinator.engine import Engine
-from expert_node.checkpoint import Checkpoint, CheckpointError, SafetensorsFile
+from expert_node.checkpoint import Checkpoint, CheckpointError, SafetensorsFile, huge_page_buffer
 
 
 def test_views_match_the_safetensors_library(wide_dir):
@@ -52,6 +53,22 @@ def test_in_memory_copies_equal_the_mapping_and_only_what_is_asked_is_read(wide_
     big = max(mapped.tensor_names, key=lambda n: mapped.tensor(n).nbytes)
     in_memory.release(in_memory.tensor(big))
     assert not in_memory.tensor(big).any()  # dropped: zero pages, as documented
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_huge_page_buffers_are_private_memory():
+    """Shared anonymous memory (Python's default) gets no transparent huge pages where shmem THP
+    is off: the buffers that hold in-memory weights and a node's experts must be private."""
+    buf = huge_page_buffer(4 << 20)
+    address = np.frombuffer(buf, np.uint8).ctypes.data
+    with open("/proc/self/maps") as maps:
+        lines = maps.read().splitlines()
+    for line in lines:
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= address < hi:
+            assert line.split()[1].endswith("p"), line  # private (read-only once weights are in)
+            return
+    pytest.fail("the buffer is not in /proc/self/maps")
 
 
 def test_in_memory_read_failure_is_named(tiny_dir, tmp_path):
