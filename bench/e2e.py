@@ -60,6 +60,17 @@ def weights_bandwidth(engine: Engine) -> float:
     return float(np.median(rates))
 
 
+def huge_page_share() -> str:
+    """How much of this process's anonymous memory the kernel backs with huge pages: --no-mmap
+    asks for them, but a fragmented machine may grant few (decode then reads 4 KiB pages)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line and "kB" in line)}
+    except OSError:
+        return "unknown"
+    return f"{kb.get('AnonHugePages', 0) / 1e6:.2f} of {kb.get('Anonymous', 0) / 1e6:.2f} GB anonymous"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-m", "--model", required=True)
@@ -89,6 +100,8 @@ def main() -> None:
     machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
     held = "read into huge-page memory" if args.no_mmap else "mapped"
     print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}   weights: {held}")
+    if args.no_mmap:
+        print(f"huge pages granted: {huge_page_share()}")
     print(f"read bandwidth of the weights ({held}): {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prompt_seconds:.2f} s = {s.prefill_tps:.2f} tok/s")
     print(f"decode:  {s.generated_tokens} tokens, {s.decode_tps:.2f} tok/s "
