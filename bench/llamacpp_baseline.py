@@ -22,7 +22,7 @@ import subprocess
 def read_through(path: str, chunk: int = 64 << 20) -> None:
     """Read a file once so the page cache holds it: llama-bench's warm-up is one short run, and
     after our engine has filled the cache with its own checkpoint, llama.cpp's first runs would
-    otherwise read from disk (measured: decode 3.8 tok/s in that state vs 4.9-5.2 cached)."""
+    read from disk (it decoded 3.8-4.6 tok/s right after our engine, 4.9-5.2 run alone)."""
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
         while f.readinto(buf):
