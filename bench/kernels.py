@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import platform
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from coordinator.models.gpt_oss import reference_linear
 from expert_node import native
+from expert_node.checkpoint import huge_page_buffer
 from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
 
 H, I, E, K = 2880, 2880, 32, 4
@@ -32,10 +32,7 @@ def huge_array(shape, dtype, rng) -> np.ndarray:
     """Random contents in an anonymous mapping advised to use transparent huge pages."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared anonymous memory gets no THP
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    a = np.frombuffer(buf, np.uint8, n)
+    a = np.frombuffer(huge_page_buffer(n), np.uint8, n)
     step = 1 << 26
     for i in range(0, n, step):
         a[i:i + step] = np.frombuffer(rng.bytes(min(step, n - i)), np.uint8)
