@@ -52,7 +52,7 @@ class TensorInfo:
 def huge_page_buffer(nbytes: int) -> mmap.mmap:
     """Private anonymous memory advised to use transparent huge pages. (Python's default anonymous
     mmap is shared memory, which gets none where shmem THP is off, as it is on this project's
-    machine: expert nodes held their experts in 4 KiB pages for months because of it.)"""
+    machine: expert nodes held their experts in 4 KiB pages until this was found.)"""
     buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
