@@ -7,7 +7,7 @@ ratios to the bandwidth and to numpy. Weights live in private anonymous memory a
 transparent huge pages, as the engine holds them with --no-mmap (its default maps the files'
 4 KiB page-cache pages). The last line is one JSON object.
 
-    python bench/kernels.py [--quick]
+    python bench/kernels.py [--quick] [--llama-ops /path/test-backend-ops]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import numpy as np
 from coordinator.models.gpt_oss import reference_linear
 from expert_node import native
 from expert_node.checkpoint import huge_page_buffer
+from llamacpp_baseline import backend_ops_experts
 from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
 
 H, I, E, K = 2880, 2880, 32, 4
@@ -85,6 +86,8 @@ def routed_ids(rng, T) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter timings")
+    ap.add_argument("--llama-ops", help="llama.cpp's test-backend-ops binary: time its gpt-oss-20b expert "
+                                        "kernel too (bench/llamacpp_baseline.py)")
     args = ap.parse_args()
     min_time = 0.3 if args.quick else 1.0
     rng = np.random.default_rng(0)
@@ -173,6 +176,17 @@ def main() -> None:
         "numpy_expert_decode_s": numpy_decode_s,
         "numpy_unembed_s": numpy_unembed_s,
     }
+    if args.llama_ops:
+        # test-backend-ops gives the CPU backend half the cores: here one thread, so it is set
+        # beside our one-thread rows. Its matmul is one 2880 x 2880 projection of 4 experts.
+        llama = backend_ops_experts(args.llama_ops)
+        llama_gbps = K * (H * I // 2 + H * I // 32) / (llama["decode_us"] * 1e-6) / 1e9
+        ours_gbps, ours_gflops = results["expert_decode_gbps_fast_t1"], results["prefill512_gflops_fast_t1"]
+        print(f"llama.cpp, same run, 1 thread: expert decode {llama_gbps:.2f} GB/s (moemesh {ours_gbps / llama_gbps:.2f}x), "
+              f"prefill T=512 {llama['prefill512_gflops']:.1f} GFLOP/s (moemesh {ours_gflops / llama['prefill512_gflops']:.2f}x)")
+        summary.update(llamacpp_expert_decode_gbps_t1=llama_gbps, expert_decode_ratio_to_llamacpp_t1=ours_gbps / llama_gbps,
+                       llamacpp_prefill512_gflops_t1=llama["prefill512_gflops"],
+                       prefill512_ratio_to_llamacpp_t1=ours_gflops / llama["prefill512_gflops"])
     print(json.dumps(summary))
 
 

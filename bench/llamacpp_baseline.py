@@ -1,4 +1,4 @@
-"""llama.cpp as a same-run baseline for bench/e2e.py (issue 4): the figures quoted in the issues
+"""llama.cpp as a same-run baseline for bench/e2e.py (issue 4) and bench/kernels.py (issue 3): the figures quoted in the issues
 were measured on another day, and this machine's memory speed moves by a third from hour to hour,
 so a ratio means something only when both engines run minutes apart on the same weights.
 
@@ -12,10 +12,14 @@ converter, so both engines read identical weights (MXFP4 experts, bf16 dense mat
     python convert_hf_to_gguf.py /path/gpt-oss-20b --outtype bf16 --outfile /path/gpt-oss-20b.gguf
 
 then `python bench/e2e.py -m /path/gpt-oss-20b --llama-bench build/bin/llama-bench --gguf /path/gpt-oss-20b.gguf`.
+For the kernels, configure with -DLLAMA_BUILD_TESTS=ON, build the target test-backend-ops and run
+`python bench/kernels.py --llama-ops build/bin/test-backend-ops` (its perf mode has gpt-oss-20b's
+expert matmul: 4 of 32 MXFP4 experts, 2880 x 2880, for 1 and 512 tokens).
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 
@@ -43,3 +47,22 @@ def llama_bench(binary: str, gguf: str, prompt: int, decode: int, threads: int, 
     gen = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == decode)
     return {"prefill_tps": float(prefill["avg_ts"]), "decode_tps": float(gen["avg_ts"]),
             "build": f"{prefill.get('build_commit', '?')} ({prefill.get('cpu_info', '?')})"}
+
+
+def backend_ops_experts(binary: str) -> dict:
+    """llama.cpp's CPU kernel for gpt-oss-20b's routed experts (MUL_MAT_ID, MXFP4, 4 of 32
+    experts of 2880 x 2880), from test-backend-ops' perf mode: microseconds per run for 1 token
+    and GFLOP/s for 512, {"decode_us", "prefill512_gflops"}."""
+    pattern = r"MUL_MAT_ID\(type_a=mxfp4,type_b=f32,n_mats=32,n_used=4,b=0,m=2880,n=(1|512),k=2880[^)]*\)"
+    cmd = [binary, "perf", "-o", "MUL_MAT_ID", "-b", "CPU", "-p", "type_a=mxfp4.*m=2880,n=(1|512),k=2880"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"test-backend-ops failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    found = {}
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", done.stdout).splitlines():
+        m = re.search(pattern + r".*?([0-9.]+) us/run.*?([0-9.]+) GFLOPS", line)
+        if m:
+            found[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    if set(found) != {1, 512}:
+        raise RuntimeError(f"test-backend-ops printed no gpt-oss-20b MUL_MAT_ID cases for 1 and 512 tokens:\n{done.stdout[-2000:]}")
+    return {"decode_us": found[1][0], "prefill512_gflops": found[512][1]}
