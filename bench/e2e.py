@@ -99,7 +99,8 @@ def main() -> None:
     ckpt_gb = sum(f.stat().st_size for f in engine.checkpoint.folder.glob("*.safetensors")) / 1e9
     machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
     held = "read into huge-page memory" if args.no_mmap else "mapped"
-    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}   weights: {held}")
+    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}   "
+          f"weights: {held}")
     if args.no_mmap:
         print(f"huge pages granted: {huge_page_share()}")
     print(f"read bandwidth of the weights ({held}): {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")

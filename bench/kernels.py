@@ -182,9 +182,11 @@ def main() -> None:
         llama = backend_ops_experts(args.llama_ops)
         llama_gbps = K * (H * I // 2 + H * I // 32) / (llama["decode_us"] * 1e-6) / 1e9
         ours_gbps, ours_gflops = results["expert_decode_gbps_fast_t1"], results["prefill512_gflops_fast_t1"]
-        print(f"llama.cpp, same run, 1 thread: expert decode {llama_gbps:.2f} GB/s (moemesh {ours_gbps / llama_gbps:.2f}x), "
-              f"prefill T=512 {llama['prefill512_gflops']:.1f} GFLOP/s (moemesh {ours_gflops / llama['prefill512_gflops']:.2f}x)")
-        summary.update(llamacpp_expert_decode_gbps_t1=llama_gbps, expert_decode_ratio_to_llamacpp_t1=ours_gbps / llama_gbps,
+        print(f"llama.cpp, same run, 1 thread: expert decode {llama_gbps:.2f} GB/s "
+              f"(moemesh {ours_gbps / llama_gbps:.2f}x), prefill T=512 {llama['prefill512_gflops']:.1f} GFLOP/s "
+              f"(moemesh {ours_gflops / llama['prefill512_gflops']:.2f}x)")
+        summary.update(llamacpp_expert_decode_gbps_t1=llama_gbps,
+                       expert_decode_ratio_to_llamacpp_t1=ours_gbps / llama_gbps,
                        llamacpp_prefill512_gflops_t1=llama["prefill512_gflops"],
                        prefill512_ratio_to_llamacpp_t1=ours_gflops / llama["prefill512_gflops"])
     print(json.dumps(summary))

@@ -1,6 +1,7 @@
-"""llama.cpp as a same-run baseline for bench/e2e.py (issue 4) and bench/kernels.py (issue 3): the figures quoted in the issues
-were measured on another day, and this machine's memory speed moves by a third from hour to hour,
-so a ratio means something only when both engines run minutes apart on the same weights.
+"""llama.cpp as a same-run baseline for bench/e2e.py (issue 4) and bench/kernels.py (issue 3): the
+figures quoted in the issues were measured on another day, and this machine's memory speed moves
+by a third from hour to hour, so a ratio means something only when both engines run minutes apart
+on the same weights.
 
 llama.cpp is not a dependency; build it by hand from the sources the pip registry carries (the
 llama-cpp-python sdist vendors them) and convert the same synthetic checkpoint with its own
@@ -64,5 +65,6 @@ def backend_ops_experts(binary: str) -> dict:
         if m:
             found[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
     if set(found) != {1, 512}:
-        raise RuntimeError(f"test-backend-ops printed no gpt-oss-20b MUL_MAT_ID cases for 1 and 512 tokens:\n{done.stdout[-2000:]}")
+        raise RuntimeError("test-backend-ops printed no gpt-oss-20b MUL_MAT_ID cases for 1 and 512 tokens:\n"
+                           + done.stdout[-2000:])
     return {"decode_us": found[1][0], "prefill512_gflops": found[512][1]}
