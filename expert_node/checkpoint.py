@@ -81,8 +81,8 @@ class SafetensorsFile:
     transparent huge pages, instead (llama.cpp's --no-mmap; only what is asked for is read, so a
     cluster's coordinator still skips the experts). Page-cache pages are 4 KiB; on a VM whose host
     backs them with small pages too, every TLB miss is a two-level page walk, and this machine was
-    measured reading its mapped checkpoint at 18-20 GB/s for hours while huge-page memory read 29
-    (at other times both read 33-35). The copy costs a read at load and the RSS a fully touched
+    measured reading its mapped checkpoint at 15-20 GB/s for long spells while huge-page memory read
+    27-31 (at other times both read 33-35). The copy costs a read at load and the RSS a fully touched
     mapping has anyway.
     """
 
@@ -101,7 +101,8 @@ class SafetensorsFile:
                 if n > HEADER_LIMIT or 8 + n > size:
                     raise CheckpointError(f"{self.path}: header length {n} does not fit a {size}-byte file")
                 raw = f.read(n)
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+                mapped = size and not in_memory
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if mapped else None
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
         try:
@@ -175,7 +176,7 @@ class SafetensorsFile:
             if loaded is a:
                 buf.madvise(mmap.MADV_DONTNEED)
                 return True
-        if self._mmap is None or self.in_memory:
+        if self._mmap is None:
             return False
         base = np.frombuffer(self._mmap, np.uint8).__array_interface__["data"][0]
         start = a.__array_interface__["data"][0] - base
