@@ -133,19 +133,19 @@ def main() -> None:
             def decode():
                 layer, ids = next_decode()
                 run_experts(layer, x1, ids, precision)
-            s = timeit(decode, min_time)
-            gbps = K * expert_bytes_per_expert() / s / 1e9
-            rows.append((threads, precision, "expert decode T=1", s, gbps, gbps / bw, numpy_decode_s / s))
-            results[f"expert_decode_gbps_{precision}_t{threads}"] = gbps
+            decode_runs = [("expert decode T=1", decode, f"expert_decode_gbps_{precision}_t{threads}")]
             if precision == "fast":
                 # The same 4 experts every call (53 MB, held by a large last-level cache): what the
                 # kernel does when memory is not the limit. Cold over cached is how well its
                 # weight streams overlap its compute, the gap the bandwidth ratio alone hides.
-                ids = np.arange(K, dtype=np.int32)[None]
-                s = timeit(lambda: run_experts(w, x1, ids, precision), min_time)
+                first_experts = np.arange(K, dtype=np.int32)[None]
+                decode_runs.append(("expert decode T=1, cached", lambda: run_experts(w, x1, first_experts, precision),
+                                    f"expert_decode_cached_gbps_t{threads}"))
+            for name, fn, key in decode_runs:
+                s = timeit(fn, min_time)
                 gbps = K * expert_bytes_per_expert() / s / 1e9
-                rows.append((threads, precision, "expert decode T=1, cached", s, gbps, gbps / bw, numpy_decode_s / s))
-                results[f"expert_decode_cached_gbps_t{threads}"] = gbps
+                rows.append((threads, precision, name, s, gbps, gbps / bw, numpy_decode_s / s))
+                results[key] = gbps
             for T in (128, 512):
                 xs = rng.standard_normal((T, H)).astype(np.float32)
                 ids = routed_ids(rng, T)
