@@ -335,30 +335,33 @@ def cmd_demo(args) -> int:
 
 
 def cmd_node_serve(args) -> int:
+    import asyncio
     import signal
-    import threading
 
-    from expert_node.server import serve
+    from expert_node import server as node_server
 
-    server, service, port = serve(args.port, args.name, args.cache_dir, args.max_memory, args.model, args.host,
-                                  identity_dir=args.identity_dir, insecure=args.insecure)
-    advert = None
-    if not args.no_mdns:
-        from expert_node.advertise import Advertiser
-        from expert_node import native
+    async def run() -> None:
+        server, service, port = await node_server.start(args.port, args.name, args.cache_dir, args.max_memory,
+                                                        args.model, args.host, args.identity_dir, args.insecure)
+        advert = None
+        if not args.no_mdns:
+            from expert_node.advertise import Advertiser
+            from expert_node import native
 
-        advert = Advertiser(service.node_id, service.name, args.advertise_port or port,
-                            {"mem": str(service.memory_budget()), "cores": str(native.get_threads()),
-                             "isa": native.active_isa(), "fp": service.fingerprint}, args.interface)
-        advert.start()
-    print(f"moemesh node {service.name} (id {service.node_id}) listening on port {port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    if advert:
-        advert.stop()  # withdraw the advertisement first: nobody should pick a node that is leaving
-    server.stop(grace=2).wait()
+            advert = Advertiser(service.node_id, service.name, args.advertise_port or port,
+                                {"mem": str(service.memory_budget()), "cores": str(native.get_threads()),
+                                 "isa": native.active_isa(), "fp": service.fingerprint}, args.interface)
+            await asyncio.to_thread(advert.start)
+        print(f"moemesh node {service.name} (id {service.node_id}) listening on port {port}", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        if advert:
+            await asyncio.to_thread(advert.stop)  # withdraw the advertisement first: nobody should pick a leaving node
+        await server.stop(grace=2)
+
+    asyncio.run(run())
     return 0
 
 
@@ -382,6 +385,16 @@ def cmd_discover(args) -> int:
                       f"mem={int(n.properties.get('mem', 0)) / 1e9:.1f}GB")
             print(f"{len(nodes)} expert node(s) found", file=sys.stderr)
     return 0
+
+
+def tcp_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535 (0: any free port), got {text!r}")
+    return port
 
 
 def parse_bytes(text: str) -> int:
@@ -447,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="run an expert node").add_subparsers(dest="node_command", required=True)
     p = node.add_parser("serve", help="host experts for a coordinator (gRPC + mDNS advertisement)")
-    p.add_argument("--port", type=int, default=7070, help="gRPC port (0 = any free port)")
+    p.add_argument("--port", type=tcp_port, default=7070, help="gRPC port (0 = any free port)")
     p.add_argument("--host", default="[::]", help="address to listen on")
     p.add_argument("--name", default=None, help="name shown to coordinators (default: host name)")
     p.add_argument("--cache-dir", default=None, help="where pushed weights are cached")
@@ -455,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="this device's own copy of the checkpoint (optional)")
     p.add_argument("--interface", default=None, help="IP address of the interface to advertise on (default: all)")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise (coordinators use --node host:port)")
-    p.add_argument("--advertise-port", type=int, default=None,
+    p.add_argument("--advertise-port", type=tcp_port, default=None,
                    help="port to advertise when a proxy fronts the node (default: the listening port)")
     add_security_args(p)
     p.set_defaults(func=cmd_node_serve)

@@ -28,16 +28,19 @@ from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts, Native
 from expert_node.identity import CHANNEL_TLS_OPTIONS, INSECURE_WARNING, Identity, TrustStore, channel_credentials
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc
-from expert_node.protocol import (GRPC_OPTIONS, PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, activation_dtype,
+from expert_node.protocol import (PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, WireError, activation_dtype, client_options,
                                   decode_tensor, encode_tensor)
 from expert_node.store import piece_sha256
 
 from .models import family_of
-from .placement import NodeCapacity, Placement, plan_placement, repair_placement
+from .placement import NodeCapacity, Placement, plan_placement, repair_placement, restore_roles
 from .tokenizer import cache_dir
 from .tracing import NULL_TRACER
 
 PUSH_ATTEMPTS = 3  # a piece rejected for a bad checksum is sent again this many times
+# Expert outputs beyond this are no honest node's (they feed a residual stream of magnitude
+# ~1e2); NaN or Inf likewise. Such a reply counts as the node's fault.
+MAX_ACTIVATION_REPLY = 1e9
 
 
 class ClusterError(RuntimeError):
@@ -109,15 +112,18 @@ def credentials(insecure: bool = False, identity_dir=None) -> grpc.ChannelCreden
 class NodeClient:
     def __init__(self, address: str, creds: grpc.ChannelCredentials | None):
         self.address = address
-        self.channel = (grpc.secure_channel(address, creds, options=GRPC_OPTIONS + CHANNEL_TLS_OPTIONS) if creds
-                        else grpc.insecure_channel(address, options=GRPC_OPTIONS))
+        self.channel = (grpc.secure_channel(address, creds, options=client_options() + CHANNEL_TLS_OPTIONS) if creds
+                        else grpc.insecure_channel(address, options=client_options()))
         self.stub = pb_grpc.ExpertNodeStub(self.channel)
         self.info: pb.NodeInfo | None = None
         self.session: ComputeSession | None = None
+        self.rtt_s = 0.0  # of the last handshake
 
     def handshake(self, timeout: float = 5.0) -> pb.NodeInfo:
         try:
+            t = time.perf_counter()
             info = self.stub.Info(pb.InfoRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout)
+            self.rtt_s = time.perf_counter() - t
         except grpc.RpcError as e:
             raise rpc_error(self.address, "handshake", e) from None
         if info.protocol_version != PROTOCOL_VERSION:
@@ -198,34 +204,79 @@ def push_pieces(client: NodeClient, layers: dict[int, LayerExperts], missing: li
 # -- the backend -------------------------------------------------------------------------------------
 
 class Deadlines:
-    """How long to wait for a node before re-sending its work elsewhere: derived from the round
-    trips observed for requests of similar size (EWMA of mean and deviation, as TCP's RTO), with a
-    floor so scheduling noise does not trigger needless hedges."""
+    """How long to wait for a node before re-sending its work elsewhere: twice the time expected
+    for a request of that size plus four deviations (TCP's RTO rule), with a floor so scheduling
+    noise does not trigger needless hedges.
+
+    The expectation is a model of round-trip time against token count, per node: the EWMA of what
+    was observed in the request's size bucket (powers of two); for a size not seen yet, a line
+    through the nearest observed buckets, or through the node's own calibration (NodeInfo token_us
+    and batch64_us, measured at its Load) shifted by the link's round trip. A frozen node then
+    fails over within ~2x a first-of-its-size request's expected time, not after a fixed 5 s."""
 
     FLOOR_S = 0.05
-    INITIAL_S = 5.0  # before any observation of this size
+    UNKNOWN_S = 5.0  # a node that announced no speed, before any observation
     ALPHA = 0.125
 
     def __init__(self):
-        self._stats: dict[tuple[str, int], tuple[float, float]] = {}
+        self._stats: dict[tuple[str, int], tuple[float, float, float]] = {}  # (node, bucket) -> n, mean, dev
+        self._prior: dict[str, tuple[float, float, float]] = {}  # node -> (rtt_s, token_s, batch64_s)
         self._lock = threading.Lock()
 
     @staticmethod
     def bucket(n_tokens: int) -> int:
         return int(n_tokens).bit_length()
 
-    def deadline(self, node: str, n_tokens: int) -> float:
+    def announce(self, node: str, info: pb.NodeInfo, rtt_s: float) -> None:
+        """The node's calibration and the link's handshake round trip: the model before any request."""
+        if info.token_us and info.batch64_us:
+            with self._lock:
+                self._prior[node] = (rtt_s, info.token_us * 1e-6, info.batch64_us * 1e-6)
+
+    def expected(self, node: str, n_tokens: int) -> tuple[float, float] | None:
+        """(mean, deviation) of the round trip of an n-token request, or None when nothing is known."""
         with self._lock:
             st = self._stats.get((node, self.bucket(n_tokens)))
-        return self.INITIAL_S if st is None else max(self.FLOOR_S, 2 * st[0] + 4 * st[1])
+            if st is not None:
+                return st[1], st[2]
+            seen = sorted(v for (nd, _), v in self._stats.items() if nd == node)
+            prior = self._prior.get(node)
+        points = [(n, mean) for n, mean, _ in seen]
+        if prior is not None:
+            rtt, one, batch = prior
+            points_prior = [(1.0, rtt + one), (64.0, rtt + batch)]
+            points = points or points_prior
+            if len(points) == 1:  # one size seen: the node's own slope from it
+                points.append((points[0][0] + 63.0, points[0][1] + batch - one))
+        if not points:
+            return None
+        below = [p for p in points if p[0] <= n_tokens]
+        above = [p for p in points if p[0] > n_tokens]
+        if below and above:
+            (n0, t0), (n1, t1) = below[-1], above[0]
+        elif len(below) >= 2:
+            (n0, t0), (n1, t1) = below[-2], below[-1]
+        elif len(above) >= 2:
+            (n0, t0), (n1, t1) = above[0], above[1]
+        else:
+            n0, t0 = points[0]
+            return t0 * max(1.0, n_tokens / n0), t0 / 2  # one point, no slope: proportional, pessimistic
+        slope = max(0.0, (t1 - t0) / (n1 - n0)) if n1 != n0 else 0.0
+        mean = max(t0 + slope * (n_tokens - n0), min(t0, t1))
+        return mean, mean / 4
+
+    def deadline(self, node: str, n_tokens: int) -> float:
+        e = self.expected(node, n_tokens)
+        return self.UNKNOWN_S if e is None else max(self.FLOOR_S, 2 * e[0] + 4 * e[1])
 
     def observe(self, node: str, n_tokens: int, rtt_s: float) -> None:
         key = (node, self.bucket(n_tokens))
         with self._lock:
-            mean, dev = self._stats.get(key, (rtt_s, rtt_s / 2))
+            n, mean, dev = self._stats.get(key, (n_tokens, rtt_s, rtt_s / 2))
+            n += self.ALPHA * (n_tokens - n)
             dev += self.ALPHA * (abs(rtt_s - mean) - dev)
             mean += self.ALPHA * (rtt_s - mean)
-            self._stats[key] = (mean, dev)
+            self._stats[key] = (n, mean, dev)
 
 
 @dataclass
@@ -253,10 +304,19 @@ class Provisioner:
             reply = client.call("assign", client.stub.Assign, pb.Assignment(
                 model_id=self.model_id, config_json=self.config_json, pieces=refs), timeout=600)
             missing = list(reply.missing)
-            with tqdm(total=len(missing) * self.piece_bytes, unit="B", unit_scale=True, leave=False,
-                      desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
-                pushed = push_pieces(client, self.layers, missing, bar)
-            client.call("load", client.stub.Load, pb.LoadRequest(model_id=self.model_id), timeout=600)
+            for _ in range(PUSH_ATTEMPTS):
+                with tqdm(total=len(missing) * self.piece_bytes, unit="B", unit_scale=True, leave=False,
+                          desc=f"push {client.info.name}", disable=None if progress is None else not progress) as bar:
+                    pushed += push_pieces(client, self.layers, missing, bar)
+                loaded = client.call("load", client.stub.Load, pb.LoadRequest(model_id=self.model_id), timeout=600)
+                # The node verifies every cached piece at load and names all that failed at once.
+                missing = list(loaded.missing)
+                if not missing:
+                    break
+            else:
+                raise ClusterError(f"node {client.address}: {len(missing)} cached pieces still fail verification "
+                                   f"after {PUSH_ATTEMPTS} pushes")
+            client.handshake()  # its calibration, measured at this load
         if not new_session:
             return pushed
         if client.session:
@@ -290,9 +350,12 @@ class RemoteExpertBackend(ExpertBackend):
         self._up = {n: True for n in self._node_ids}
         self._lock = threading.Lock()
         self._repair_lock = threading.Lock()  # one repair at a time, each from the latest state
-        self.replicas = min(len(hs) for layer in self.placement.hosts for hs in layer)
+        self.replicas = max(1, min(len(hs) for layer in self.placement.hosts for hs in layer))
+        self.planned = self.placement  # who serves what while every node is up
         self._closed = threading.Event()
         self.deadlines = Deadlines()
+        for node, client in self.clients.items():
+            self.deadlines.announce(node, client.info, client.rtt_s)
         self.events: list[tuple[float, str, str]] = []  # (time, node, "down: why" / "up" / "repaired: ...")
         threading.Thread(target=self._watch, daemon=True, name="moemesh-watch").start()
 
@@ -337,7 +400,12 @@ class RemoteExpertBackend(ExpertBackend):
                     self.mark_down(node, why)
                     excluded.add(node)
                     continue
-                self._receive(node, layer, mask, n_tokens, t0, t1, fut, reply, out)
+                try:
+                    self._receive(node, layer, mask, n_tokens, t0, t1, fut, reply, out)
+                except ClusterError as e:  # a malformed reply is that node's fault: fail over
+                    self.mark_down(node, str(e))
+                    excluded.add(node)
+                    continue
                 todo &= ~mask
         return out
 
@@ -358,10 +426,13 @@ class RemoteExpertBackend(ExpertBackend):
 
     def _receive(self, node, layer, mask, n_tokens, t0, t1, fut, reply, out) -> None:
         t3 = time.perf_counter()
-        y = decode_tensor(reply.y, "y", (activation_dtype(self.precision),), 2)
+        try:
+            y = decode_tensor(reply.y, "y", (activation_dtype(self.precision),), 2, limit=MAX_ACTIVATION_REPLY)
+        except WireError as e:
+            raise ClusterError(f"node {self.clients[node].address}: malformed reply ({e})") from None
         if y.shape != (int(mask.sum()), out.shape[-1]):
-            raise ClusterError(f"node {self.clients[node].address}: reply of shape {list(y.shape)} for "
-                               f"{int(mask.sum())} expert outputs")
+            raise ClusterError(f"node {self.clients[node].address}: malformed reply (shape {list(y.shape)} for "
+                               f"{int(mask.sum())} expert outputs)")
         out[mask] = y
         self.deadlines.observe(node, n_tokens, fut.arrived - t1)
         if self.tracer.enabled:
@@ -441,8 +512,11 @@ class RemoteExpertBackend(ExpertBackend):
                     self.provisioner.provision(client, self.placement.pieces_of(node))
             except ClusterError:
                 continue
+            self.deadlines.announce(node, client.info, client.rtt_s)
             with self._lock:
                 self._up[node] = True
+                # Back to its planned roles: repairs moved it behind the live hosts of its pieces.
+                self.placement = restore_roles(self.placement, self.planned)
                 self.events.append((time.monotonic(), node, "up"))
             print(f"moemesh: {self.node_label(node)} is back", file=sys.stderr)
             return
@@ -501,13 +575,54 @@ def measure_rtt(client: NodeClient, samples: int = 5) -> float:
     return float(np.median(times))
 
 
+def handshake_all(addresses: list[str], creds) -> tuple[dict[str, NodeClient], list[str]]:
+    """Clients of every address that answers, keyed by the node id it reports over the
+    authenticated connection (an mDNS advert's id is only a claim: an advert copying a node's id
+    and fingerprint fails the TLS handshake here), and one line per address that did not."""
+    clients: dict[str, NodeClient] = {}
+    skipped = []
+    for address in addresses:
+        c = NodeClient(address, creds)
+        try:
+            info = c.handshake()
+        except ClusterError as e:
+            c.close()
+            skipped.append(str(e))
+            continue
+        if info.node_id in clients:  # the same node behind two addresses (or adverts): keep one
+            c.close()
+            continue
+        clients[info.node_id] = c
+    return clients, skipped
+
+
+def fit_plan(placement: Placement, clients: dict[str, NodeClient], renamed: dict[str, str], piece_bytes: int,
+             replicas: int) -> Placement:
+    """A saved plan made to run on the nodes that answered: nodes that answer at a planned address
+    under another id (a node whose cache was wiped) take over their old roles; the pieces of nodes
+    that did not answer get live hosts with room (pushing only what they miss); what finds no room
+    is left to the coordinator's own copy."""
+    hosts = tuple(tuple(tuple(renamed.get(h, h) for h in hs) for hs in layer) for layer in placement.hosts)
+    placement = Placement(placement.n_layers, placement.n_experts, hosts)
+    down = set(placement.nodes()) - set(clients)
+    if not down:
+        return placement
+    live = [node_capacity(n, c.info) for n, c in clients.items()]
+    repaired = repair_placement(placement, live, down, piece_bytes, replicas)
+    hosts = tuple(tuple(tuple(h for h in hs if h not in down) for hs in layer) for layer in repaired.hosts)
+    return Placement(placement.n_layers, placement.n_experts, hosts)
+
+
 def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: int = 1,
             placement: Placement | None = None, progress: bool | None = None, local_fallback: bool = True,
-            creds: grpc.ChannelCredentials | None | str = "default"
+            creds: grpc.ChannelCredentials | None | str = "default", plan_nodes: dict[str, str] | None = None
             ) -> tuple[RemoteExpertBackend, list[ClusterReport]]:
-    """Handshake with every node, plan, ship the missing weights, load, and open the streams.
+    """Handshake with every node, plan (or fit a saved plan to the nodes that answered), ship the
+    missing weights, load, and open the streams. A node that does not answer is skipped with a
+    note when the others (or the coordinator's own copy) can serve its share.
 
-    creds: mutual-TLS credentials ("default": this device's identity; None: plaintext)."""
+    creds: mutual-TLS credentials ("default": this device's identity; None: plaintext).
+    plan_nodes: the saved plan's node id -> address, to recognise a node that changed its id."""
     if creds == "default":
         creds = credentials()
     if not addresses:
@@ -515,20 +630,40 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
     family = family_of(ckpt)
     shape = family.expert_shape(ckpt.config)
     n_layers = int(ckpt.config["num_hidden_layers"])
-    clients: dict[str, NodeClient] = {}
-    for address in addresses:
-        c = NodeClient(address, creds)
-        info = c.handshake()
-        if info.node_id in clients:
-            raise ClusterError(f"nodes {clients[info.node_id].address} and {address} share node id {info.node_id}")
-        clients[info.node_id] = c
+    clients, skipped = handshake_all(addresses, creds)
+    if not clients:
+        raise ClusterError("no expert node answered: " + "; ".join(skipped))
+    for why in skipped:
+        print(f"moemesh: skipping {why}", file=sys.stderr)
+    from .engine import PREFILL_CHUNK
+
+    for c in clients.values():
+        if c.info.max_tokens < PREFILL_CHUNK:
+            raise ClusterError(f"node {c.address} takes {c.info.max_tokens} tokens per request; this coordinator "
+                               f"sends up to {PREFILL_CHUNK}")
     piece_bytes = LayerExperts.piece_nbytes(shape)
     if placement is None:
         capacities = [node_capacity(nid, c.info) for nid, c in clients.items()]
+        if replicas > len(capacities) and local_fallback and skipped:
+            print(f"moemesh: {len(capacities)} nodes answered: {len(capacities)} replicas instead of {replicas}",
+                  file=sys.stderr)
+            replicas = len(capacities)
         placement = plan_placement(n_layers, shape.n_experts, piece_bytes, capacities, replicas)
-    unknown = set(placement.nodes()) - set(clients)
-    if unknown:
-        raise ClusterError(f"the plan places experts on nodes that did not answer: {', '.join(sorted(unknown))}")
+    else:
+        by_address = {c.address: nid for nid, c in clients.items()}
+        renamed = {old: by_address[a] for old, a in (plan_nodes or {}).items()
+                   if a in by_address and old != by_address[a] and old not in clients}
+        placement = fit_plan(placement, clients, renamed, piece_bytes, replicas)
+        orphans = [(l, e) for l, layer in enumerate(placement.hosts) for e, hs in enumerate(layer) if not hs]
+        if orphans and not local_fallback:
+            raise ClusterError(f"{len(orphans)} experts have no live node with room for them (first: layer "
+                               f"{orphans[0][0]}, expert {orphans[0][1]})")
+        if orphans:
+            print(f"moemesh: {len(orphans)} experts have no live node with room; the coordinator computes them",
+                  file=sys.stderr)
+    for nid, c in clients.items():
+        if nid not in placement.nodes():
+            c.close()
     hashes = piece_hashes(ckpt, shape, n_layers)
     layers = family.load_layer_experts(ckpt, range(n_layers))
     provisioner = Provisioner(model_id(ckpt, hashes), json.dumps(ckpt.config), piece_bytes, hashes, layers, progress)

@@ -118,3 +118,13 @@ def repair_placement(placement: Placement, live: list[NodeCapacity], down: set[s
             new_layer.append(tuple(alive) + tuple(h for h in hs if h in down))
         hosts.append(tuple(new_layer))
     return Placement(placement.n_layers, placement.n_experts, tuple(hosts))
+
+
+def restore_roles(placement: Placement, planned: Placement) -> Placement:
+    """The hosts of every piece in the planned order again (so a node that came back is primary
+    where it was planned to be), followed by any hosts a repair added. Routing skips hosts that are
+    down, so this is right whoever is up; `repair_placement` put down hosts last, which left a
+    healed node serving nothing."""
+    hosts = tuple(tuple(tuple(ph) + tuple(h for h in hs if h not in ph) for hs, ph in zip(layer, planned_layer))
+                  for layer, planned_layer in zip(placement.hosts, planned.hosts))
+    return Placement(placement.n_layers, placement.n_experts, hosts)

@@ -41,11 +41,14 @@ class ExpertShape:
     inter: int
     swiglu_limit: float
     swiglu_alpha: float = SWIGLU_ALPHA
+    top_k: int = 0  # experts per token: the width of every expert-id row (0: not known here)
 
     @classmethod
     def from_config(cls, config: dict) -> "ExpertShape":
+        top_k = config.get("num_experts_per_tok", config.get("experts_per_token", 0))
         return cls(int(config["num_local_experts"]), int(config["hidden_size"]),
-                   int(config["intermediate_size"]), float(config.get("swiglu_limit", reference.SWIGLU_LIMIT)))
+                   int(config["intermediate_size"]), float(config.get("swiglu_limit", reference.SWIGLU_LIMIT)),
+                   top_k=int(top_k))
 
 
 PIECE_FIELDS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")

@@ -16,21 +16,65 @@ from .proto import moemesh_pb2 as pb
 
 PROTOCOL_VERSION = 1
 SERVICE_TYPE = "_moemesh._tcp.local."
-# Explicit message limits on both sides. One layer's activations for a 2048-token prefill chunk of
-# gpt-oss: 2048 x 4 x 2880 fp32 = 94 MB; the cap leaves room for that and no more.
-MAX_MESSAGE_BYTES = 128 << 20
+# Most token rows one ExpertRequest may carry (announced in NodeInfo.max_tokens). The engine's
+# prefill chunk is 512 tokens; twice that leaves room for a batched step. Every dimension of a
+# request is checked against this and the model before anything is allocated (a crafted
+# [1, 2^23] id tensor once made a node allocate gigabytes).
+MAX_REQUEST_TOKENS = 1024
+MAX_HIDDEN = 8192  # widest hidden size a node accepts (gpt-oss: 2880, Qwen3-30B-A3B: 2048)
+# What a node receives: one request of MAX_REQUEST_TOKENS fp32 rows at MAX_HIDDEN plus its ids, or
+# a weight chunk. gRPC refuses anything larger from its length prefix, before buffering it.
+MAX_REQUEST_BYTES = MAX_REQUEST_TOKENS * MAX_HIDDEN * 4 + (1 << 20)
+# What a coordinator receives: a reply carries every (token, slot) output of a request, k times
+# the rows of x (at gpt-oss's width and k=4, 512 rows: 24 MB).
+MAX_REPLY_BYTES = 128 << 20
 WEIGHT_CHUNK_BYTES = 2 << 20
 # Largest activation a node accepts. Expert inputs are RMS-normalized (hundreds at most); finite
 # values near float's limit would overflow the dot products into inf (found by bench/fuzz.py).
 MAX_ACTIVATION = 1e6
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+# Compute streams one connection may hold open (a coordinator needs one per node) and a node in
+# all: idle streams hold no thread (the server is asyncio), but each holds some memory.
+MAX_STREAMS_PER_PEER = 4
+MAX_STREAMS = 256
+DEFAULT_KEEPALIVE_MS = 10_000
+
+
+def keepalive_ms() -> int:
+    """The coordinator's ping interval on idle connections (MOEMESH_KEEPALIVE_MS shortens it for
+    tests). The node permits pings at twice that rate: gRPC servers refuse pings more frequent
+    than they allow with GOAWAY too_many_pings, which once dropped every node of a chat left idle
+    for a minute (the client pinged every 10 s, the server allowed one per 5 minutes)."""
+    import os
+
+    return int(os.environ.get("MOEMESH_KEEPALIVE_MS", DEFAULT_KEEPALIVE_MS))
+
+
+def client_options() -> list[tuple[str, int]]:
+    k = keepalive_ms()
+    return [("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+            ("grpc.keepalive_time_ms", k),
+            ("grpc.keepalive_timeout_ms", max(k // 2, 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+def server_options() -> list[tuple[str, int]]:
+    k = keepalive_ms()
+    return [("grpc.max_send_message_length", MAX_REPLY_BYTES),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            # Accept the coordinator's pings (see keepalive_ms), with or without a call in flight.
+            ("grpc.http2.min_ping_interval_without_data_ms", k // 2),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # A node notices a vanished coordinator too, and frees its stream.
+            ("grpc.keepalive_time_ms", 2 * k),
+            ("grpc.keepalive_timeout_ms", max(k // 2, 1000)),
+            # Refuse a port another process holds (gRPC sets SO_REUSEPORT by default: two nodes
+            # then shared one address, each getting half the connections).
+            ("grpc.so_reuseport", 0)]
+
+
 WIRE_DTYPES = {"f32": np.dtype("<f4"), "q16": np.dtype("<i2"), "i32": np.dtype("<i4")}
 
 

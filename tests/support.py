@@ -1,5 +1,7 @@
 """Helpers shared by the tests (importable: pytest's pythonpath includes tests/)."""
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,3 +77,17 @@ def stream_with_fault(engine, prompt, n, params, at, fault) -> tuple[list[int], 
         if i == at:
             fault()
     return tokens, longest
+
+
+def require_tools(*tools: str, install: str) -> None:
+    """Skip with the install line when a system tool is missing on a newcomer's machine; fail in
+    CI (CI=true), whose .ci/run installs them, so nothing is silently lost there."""
+    import pytest
+
+    missing = [t for t in tools if not shutil.which(t)]
+    if not missing:
+        return
+    message = f"{', '.join(missing)} not installed ({install})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -2,7 +2,6 @@
 a cluster run must equal a single-device run token for token, and every fault must be a clear
 error on the side that sees it while the node keeps serving."""
 import json
-import shutil
 import subprocess
 import zlib
 from concurrent import futures
@@ -11,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from support import MOEMESH, TESTS
+from support import MOEMESH, TESTS, require_tools
 from coordinator import Engine, cluster
 from expert_node.checkpoint import Checkpoint
 from expert_node.proto import moemesh_pb2 as pb
@@ -54,8 +53,7 @@ def run_cli(*args, netns=None):
 def dig_ptr(netns):
     """Ask the mDNS port with dig, an mDNS client that is not ours (RFC 6762 §5.5 unicast query:
     dig rejects the unicast answers to a multicast query because they come from another address)."""
-    if not shutil.which("dig"):
-        pytest.fail("dig is missing (apt-get install bind9-dnsutils; .ci/run does)")
+    require_tools("dig", install="apt-get install bind9-dnsutils")
     out = subprocess.run(["ip", "netns", "exec", netns, "dig", "+short", "+time=2", "+tries=2", "-p", "5353",
                           "@127.0.0.1", "_moemesh._tcp.local", "PTR"], capture_output=True, text=True, timeout=30)
     return [line for line in out.stdout.split() if line.endswith("._moemesh._tcp.local.")]
@@ -109,10 +107,11 @@ def test_bad_requests_get_invalid_argument_and_the_node_keeps_serving(tiny_dir, 
     stub = cluster.NodeClient(node.address, cluster.credentials()).stub
     x = np.ones((2, 64), np.float32)
     good = dict(seq=1, layer=0, x=encode_tensor(x, "f32"),
-                expert_ids=encode_tensor(np.array([[0, 1], [2, -1]], np.int32), "i32"), precision="exact")
+                expert_ids=encode_tensor(np.array([[0, 1, -1, -1], [2, -1, -1, -1]], np.int32), "i32"), precision="exact")
     bad = [
         (dict(x=encode_tensor(np.ones((2, 63), np.float32), "f32")), "hidden size 63"),
-        (dict(expert_ids=encode_tensor(np.array([[0, 1], [2, 8]], np.int32), "i32")), "out of range"),
+        (dict(expert_ids=encode_tensor(np.array([[0, 1, -1, -1], [2, 8, -1, -1]], np.int32), "i32")), "out of range"),
+        (dict(expert_ids=encode_tensor(np.array([[0, 1], [2, -1]], np.int32), "i32")), "routes each token to 4"),
         (dict(layer=17), "layer 17 has no experts"),
         (dict(precision="fast"), "dtype 'f32' not accepted"),
         (dict(x=pb.Tensor(dtype="f32", shape=[2, 64], data=b"\0" * 7)), "7 bytes do not hold"),

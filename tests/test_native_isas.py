@@ -1,12 +1,12 @@
 """Every native ISA path against the scalar kernels, outside Python: natively for this CPU's
 paths, and the NEON path (phones, Raspberry Pi) cross-compiled with g++-aarch64-linux-gnu and run
 under qemu-aarch64. CI installs both tools; there a missing tool is a failure, not a skip."""
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from support import require_tools
 
 CHECK_SRC = Path(__file__).resolve().parent.parent / "csrc" / "check"
 CROSS_CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
@@ -34,12 +34,7 @@ def test_native_isa_paths_match_scalar(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_neon_path_under_qemu(tmp_path):
-    missing = [tool for tool in (CROSS_CXX, QEMU) if not shutil.which(tool)]
-    if missing:
-        message = f"{', '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_tools(CROSS_CXX, QEMU, install="apt-get install g++-aarch64-linux-gnu qemu-user")
     exe = build(tmp_path / "aarch64", f"-DCMAKE_CXX_COMPILER={CROSS_CXX}", "-DCMAKE_SYSTEM_NAME=Linux",
                 "-DCMAKE_SYSTEM_PROCESSOR=aarch64")
     out = run_check([QEMU, "-L", "/usr/aarch64-linux-gnu", str(exe)])

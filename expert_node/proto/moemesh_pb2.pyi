@@ -33,7 +33,7 @@ class LayerExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "name", "cores", "isa", "memory_total", "memory_budget", "model_id", "hosted", "weight_bytes", "calls")
+    __slots__ = ("protocol_version", "node_id", "name", "cores", "isa", "memory_total", "memory_budget", "model_id", "hosted", "weight_bytes", "calls", "max_tokens", "max_streams", "token_us", "batch64_us")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,10 @@ class NodeInfo(_message.Message):
     HOSTED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH64_US_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     name: str
@@ -56,7 +60,11 @@ class NodeInfo(_message.Message):
     hosted: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     weight_bytes: int
     calls: int
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., cores: _Optional[int] = ..., isa: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_budget: _Optional[int] = ..., model_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., calls: _Optional[int] = ...) -> None: ...
+    max_tokens: int
+    max_streams: int
+    token_us: int
+    batch64_us: int
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., cores: _Optional[int] = ..., isa: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_budget: _Optional[int] = ..., model_id: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., calls: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_streams: _Optional[int] = ..., token_us: _Optional[int] = ..., batch64_us: _Optional[int] = ...) -> None: ...
 
 class PieceRef(_message.Message):
     __slots__ = ("layer", "expert", "nbytes", "sha256")
@@ -115,12 +123,14 @@ class LoadRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "load_us")
+    __slots__ = ("weight_bytes", "load_us", "missing")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_US_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     load_us: int
-    def __init__(self, weight_bytes: _Optional[int] = ..., load_us: _Optional[int] = ...) -> None: ...
+    missing: _containers.RepeatedCompositeFieldContainer[PieceRef]
+    def __init__(self, weight_bytes: _Optional[int] = ..., load_us: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[PieceRef, _Mapping]]] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
     __slots__ = ("seq", "layer", "x", "expert_ids", "precision")
@@ -149,16 +159,14 @@ class NodeTiming(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., decode_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class ExpertReply(_message.Message):
-    __slots__ = ("seq", "y", "timing", "error")
+    __slots__ = ("seq", "y", "timing")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     seq: int
     y: Tensor
     timing: NodeTiming
-    error: str
-    def __init__(self, seq: _Optional[int] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[NodeTiming, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[NodeTiming, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ()
