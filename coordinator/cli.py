@@ -82,13 +82,47 @@ def trusted(nodes, args):
             print(f"ignoring unpaired node {n.node_id} at {n.address} (pair with `moemesh pair`)", file=sys.stderr)
     return keep
 
+def token_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -2
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"expected a token count, or -1 for until the end of the text; got {text!r}")
+    return n
+
+
+def seed_value(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -2
+    if seed < -1:
+        raise argparse.ArgumentTypeError(f"expected a non-negative seed, or -1 for a random one; got {text!r}")
+    return seed
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
+    p.add_argument("-n", "--max-tokens", type=token_count, default=128,
+                   help="tokens to generate (-1: until the end of the text or a full context)")
     p.add_argument("--temp", type=float, default=1.0, help="temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed_value, default=None, help="sampling seed (-1: a random one, printed)")
+
+
+def sampling_params(args):
+    """SamplingParams from the flags; --seed -1 draws a seed and says which (to reproduce the run)."""
+    import secrets
+
+    from .sampling import SamplingParams
+
+    seed = args.seed
+    if seed == -1:
+        seed = secrets.randbelow(2**32)
+        print(f"seed: {seed}", file=sys.stderr)
+    return SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, seed)
 
 
 def cmd_synth(args) -> int:
@@ -110,29 +144,53 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cluster_addresses(args, folder: str):
-    """Addresses (and a saved placement, if any) for a cluster run: --node, else the plan saved by
-    `moemesh cluster up` for this model, else mDNS discovery."""
+def plan_path_of(args) -> Path:
+    from . import cluster
+
+    return Path(args.plan) if getattr(args, "plan", None) else cluster.default_plan_path()
+
+
+def find_nodes(args, timeout: float) -> list[str]:
+    """Addresses of the paired nodes advertising on mDNS (every address of every advert: the
+    handshake decides which are real), saying first what it waits for."""
     from . import cluster, discovery
 
-    if args.node:
-        return [a.address for a in discovery.parse_static(args.node)], None
-    plan = cluster.load_plan(Path(args.plan) if getattr(args, "plan", None) else cluster.default_plan_path())
-    if plan and plan["model"] == str(Path(folder).resolve()):
-        return list(plan["nodes"].values()), plan["placement"]
-    found = trusted(discovery.browse(args.discover_timeout, args.expect, args.interface), args)
-    if args.expect and len(found) < args.expect:
-        raise cluster.ClusterError(f"found {len(found)} paired expert nodes on mDNS, expected {args.expect}")
-    return [a.address for a in found], None
+    want = f"{args.expect} expert nodes" if args.expect else "expert nodes"
+    print(f"looking for {want} on mDNS for up to {timeout:g} s (start `moemesh node serve` on a device, "
+          f"or pass --node HOST:PORT)...", file=sys.stderr, flush=True)
+    found = trusted(discovery.browse(timeout, args.expect, args.interface), args)
+    n_ids = len({a.node_id for a in found})
+    if args.expect and n_ids < args.expect:
+        raise cluster.ClusterError(f"found {n_ids} paired expert nodes on mDNS within {timeout:g} s, "
+                                   f"expected {args.expect}")
+    return [a.address for a in found]
 
 
 def connect_cluster(args, folder: str):
-    from . import cluster
+    """Experts on the cluster: the --node list, else the plan saved by `moemesh cluster up` for this
+    model, else the nodes found on mDNS. A saved plan that no longer matches the nodes (one
+    restarted with a new id, one that does not answer) is repaired and saved again."""
+    from . import cluster, discovery
     from expert_node.checkpoint import Checkpoint
 
-    addresses, placement = cluster_addresses(args, folder)
-    return cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas, placement,
-                           creds=cluster.credentials(args.insecure, args.identity_dir))
+    plan = None
+    if args.node:
+        addresses = [a.address for a in discovery.parse_static(args.node)]
+    else:
+        plan = cluster.load_plan(plan_path_of(args))
+        if plan and plan["model"] == str(Path(folder).resolve()):
+            addresses = list(plan["nodes"].values())
+        else:
+            plan, addresses = None, find_nodes(args, args.discover_timeout)
+    experts, reports = cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas,
+                                       plan["placement"] if plan else None,
+                                       creds=cluster.credentials(args.insecure, args.identity_dir),
+                                       plan_nodes=plan["nodes"] if plan else None)
+    if plan and (experts.placement != plan["placement"] or {r.node_id: r.address for r in reports} != plan["nodes"]):
+        cluster.save_plan(plan_path_of(args), folder, reports, experts.placement)
+        print(f"the saved cluster plan did not match the nodes that answered: repaired and saved to "
+              f"{plan_path_of(args)}", file=sys.stderr)
+    return experts, reports
 
 
 def load_engine(args):
@@ -172,15 +230,11 @@ def cmd_cluster_up(args) -> int:
     if args.node:
         addresses = [a.address for a in discovery.parse_static(args.node)]
     else:
-        found = trusted(discovery.browse(args.timeout, args.expect, args.interface), args)
-        if args.expect and len(found) < args.expect:
-            raise cluster.ClusterError(f"found {len(found)} paired expert nodes on mDNS within {args.timeout:.0f} s, "
-                                       f"expected {args.expect}")
-        addresses = [a.address for a in found]
+        addresses = find_nodes(args, args.timeout)
     creds = cluster.credentials(args.insecure, args.identity_dir)
     experts, reports = cluster.connect(Checkpoint(folder), "fast", addresses, args.replicas, creds=creds)
     Engine.load(folder, precision="fast", experts=experts).logits([0])  # warm-up: one token end to end
-    plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
+    plan_path = plan_path_of(args)
     cluster.save_plan(plan_path, folder, reports, experts.placement)
     rows = []
     for r in reports:
@@ -196,19 +250,24 @@ def cmd_cluster_status(args) -> int:
 
     from . import cluster
 
-    plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
+    plan_path = plan_path_of(args)
     plan = cluster.load_plan(plan_path)
     if plan is None:
         raise cluster.ClusterError(f"no cluster plan at {plan_path}: run `moemesh cluster up` first")
     creds = cluster.credentials(args.insecure, args.identity_dir)
     while True:
         rows = [cluster.node_status(a, creds) for a in plan["nodes"].values()]
+        problems = cluster.plan_problems(plan, rows)
         if args.json:
-            print(json.dumps({"model": plan["model"], "nodes": rows}), flush=True)
+            print(json.dumps({"model": plan["model"], "nodes": rows, "runs_as_saved": not problems,
+                              "problems": problems}), flush=True)
         else:
-            print(f"model {plan['model']}\n" + topology_table(rows), flush=True)
+            verdict = ("the plan runs as saved" if not problems else "the plan cannot run as saved:\n  " +
+                       "\n  ".join(problems) + "\nthe next `--cluster` run repairs what it can (the coordinator "
+                       "computes the rest), or run `moemesh cluster up` again")
+            print(f"model {plan['model']}\n" + topology_table(rows) + "\n" + verdict, flush=True)
         if not args.watch:
-            return 0 if all(r["up"] for r in rows) else 1
+            return 0 if not problems else 1
         _time.sleep(args.interval)
 
 
@@ -216,7 +275,7 @@ def cmd_cluster_down(args) -> int:
     from . import cluster
     from expert_node.proto import moemesh_pb2 as pb
 
-    plan_path = Path(args.plan) if args.plan else cluster.default_plan_path()
+    plan_path = plan_path_of(args)
     plan = cluster.load_plan(plan_path)
     if plan is None:
         print(f"no cluster plan at {plan_path}: nothing to release", file=sys.stderr)
@@ -242,33 +301,41 @@ def cmd_logits(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .harmony import STOP_IDS
     from .tokenizer import Tokenizer
 
-    from .sampling import SamplingParams
-
     engine = load_engine(args)
-    tok = Tokenizer.from_dir(engine.checkpoint.folder)
+    # Token ids in, token ids out need no tokenizer (`text` is null then).
+    has_tokenizer = (engine.checkpoint.folder / "tokenizer.json").exists()
+    tok = Tokenizer.from_dir(engine.checkpoint.folder) if has_tokenizer or args.tokens is None else None
     prompt_ids = args.tokens if args.tokens is not None else tok.encode(args.prompt)
-    params = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
-    gen = engine.stream(prompt_ids, args.max_tokens, params, tokenizer=None if args.json else tok)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty (-p \"\" encodes to no tokens)")
+    vocab = engine.config.vocab_size
+    if not all(0 <= i < vocab for i in prompt_ids):
+        raise ValueError(f"--tokens: token ids must be in [0, {vocab})")
+    params = sampling_params(args)
+    gen = engine.stream(prompt_ids, args.max_tokens, params, stop_ids=STOP_IDS if args.max_tokens < 0 else (),
+                        tokenizer=None if args.json or tok is None else tok)
     generated = []
     try:
         for step in gen:
             generated.append(step.token)
             if not args.json:
-                print(step.text, end="", flush=True)
+                print(step.text if tok is not None else f"{step.token},", end="", flush=True)
     finally:
         if not args.json:
             print()
-        print(gen.stats.summary(), file=sys.stderr)
+        if gen.stats.prompt_seconds:  # no stats line for a run that never started
+            print(gen.stats.summary(), file=sys.stderr)
     if args.json:
-        print(json.dumps({"prompt_ids": list(prompt_ids), "generated_ids": generated, "text": tok.decode(generated)}))
+        print(json.dumps({"prompt_ids": list(prompt_ids), "generated_ids": generated,
+                          "text": tok.decode(generated) if tok is not None else None}))
     return 0
 
 
 def cmd_chat(args) -> int:
     from . import chat
-    from .sampling import SamplingParams
     from .tokenizer import Tokenizer
 
     for stream in (sys.stdout, sys.stderr):
@@ -283,7 +350,7 @@ def cmd_chat(args) -> int:
     tok = Tokenizer.from_dir(engine.checkpoint.folder)
     options = chat.ChatOptions(
         system=args.system, reasoning_effort=args.reasoning_effort,
-        params=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.seed),
+        params=sampling_params(args),
         max_tokens=args.max_tokens, show_reasoning=args.show_reasoning)
     return chat.run_repl(chat.ChatSession(engine, tok, options))
 
@@ -323,7 +390,10 @@ def cmd_pair(args) -> int:
             print(f"pairing code: {code}\nwaiting on {host or '0.0.0.0'}:{bound_port}; on the other device run:\n"
                   f"  moemesh pair <this-device-address>:{bound_port}", flush=True)
 
-        peer = pair_listen(me, trust, host or "0.0.0.0", int(port), code, name, args.role, ready)
+        def new_code_shown(fresh, why):
+            print(f"{why}\nthat code is spent; the new pairing code is: {fresh}", flush=True)
+
+        peer = pair_listen(me, trust, host or "0.0.0.0", int(port), code, name, args.role, ready, new_code_shown)
     print(f"paired with {peer['name']} ({peer['role']}), certificate {peer['fingerprint'][:16]}...")
     return 0
 
@@ -398,12 +468,19 @@ def tcp_port(text: str) -> int:
 
 
 def parse_bytes(text: str) -> int:
-    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-    t = text.strip().lower().rstrip("b")
+    """6G, 6GB (10^9), 6GiB, 6Gi (2^30), 512M, or plain bytes."""
+    t = text.strip().lower()
+    binary = t.endswith(("ib", "i"))
+    t = t.removesuffix("b").removesuffix("i")
+    scale = {"k": 1, "m": 2, "g": 3, "t": 4}
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * (1024 if binary else 1000) ** scale[t[-1]])
+        if binary:
+            raise ValueError
+        return int(t)
     except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"expected a size like 6G or 512M, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a size like 6G, 6GiB or 512M, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from expert_node.protocol import (PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, WireErro
                                   decode_tensor, encode_tensor)
 from expert_node.store import piece_sha256
 
+from .generation import NonFiniteError
 from .models import family_of
 from .placement import NodeCapacity, Placement, plan_placement, repair_placement, restore_roles
 from .tokenizer import cache_dir
@@ -380,6 +381,9 @@ class RemoteExpertBackend(ExpertBackend):
         return owners
 
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+        if not np.isfinite(native.max_abs(np.ascontiguousarray(x, np.float32))):
+            # Our own numbers, not a node's fault: no node refusing them may be marked down.
+            raise NonFiniteError(f"layer {layer}: the activations reaching the experts contain NaN or Inf")
         out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
         todo = np.ones(expert_ids.shape, bool)
         excluded: set[str] = set()
@@ -701,6 +705,24 @@ def load_plan(path: Path) -> dict | None:
         return plan
     except (ValueError, KeyError, TypeError) as e:
         raise ClusterError(f"{path}: not a usable cluster plan ({e}); run `moemesh cluster up` again") from None
+
+
+def plan_problems(plan: dict, rows: list[dict]) -> list[str]:
+    """Why a saved plan cannot run as saved, given each planned node's `node_status` row (in the
+    plan's order): a node down, answering under another id, or not holding its share."""
+    problems = []
+    for (node_id, address), row in zip(plan["nodes"].items(), rows):
+        if not row["up"]:
+            problems.append(f"node {node_id} at {address} does not answer ({row['error']})")
+            continue
+        if row["node_id"] != node_id:
+            problems.append(f"{address} answers as node {row['node_id']}, the plan names {node_id} there")
+            continue
+        want = set(plan["placement"].pieces_of(node_id))
+        held = {(int(l), e) for l, es in row["layers"].items() for e in es}
+        if want - held:
+            problems.append(f"node {node_id} at {address} holds {len(want & held)} of its {len(want)} experts")
+    return problems
 
 
 def node_status(address: str, creds: grpc.ChannelCredentials | None, timeout: float = 2.0) -> dict:

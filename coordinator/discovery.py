@@ -1,6 +1,9 @@
 """Finding expert nodes: mDNS browsing for `_moemesh._tcp.local.` or a static `host:port` list.
 
 Discovery only proposes addresses; whether a node is usable is decided by the gRPC handshake.
+Anyone on the LAN can advertise, copying a real node's TXT id and fingerprint: so every advert
+and every address it lists is kept as a candidate (none displaces another), and the coordinator
+keys nodes by what the mutually authenticated handshake proves.
 """
 from __future__ import annotations
 
@@ -37,10 +40,12 @@ def browse(timeout: float = 3.0, expect: int | None = None, interface: str | Non
     """
     from zeroconf import ServiceBrowser, ServiceListener
 
-    found: dict[str, NodeAddress] = {}
-    names: dict[str, str] = {}  # mDNS instance name -> node id
+    found: dict[str, list[NodeAddress]] = {}  # mDNS instance name -> a candidate per advertised address
     lock, enough = threading.Lock(), threading.Event()
     zc = zeroconf_for(interface)
+
+    def distinct_ids() -> int:
+        return len({a.node_id for addrs in found.values() for a in addrs})
 
     class Listener(ServiceListener):
         def add_service(self, zc_, type_, name):
@@ -48,32 +53,31 @@ def browse(timeout: float = 3.0, expect: int | None = None, interface: str | Non
             if info is None or not info.parsed_addresses():
                 return
             props = {k.decode(): (v.decode() if v else "") for k, v in info.properties.items()}
-            addr = NodeAddress(f"{info.parsed_addresses()[0]}:{info.port}", props.get("id", name), props)
+            addrs = [NodeAddress(f"{ip}:{info.port}", props.get("id", name), props) for ip in info.parsed_addresses()]
             with lock:
-                new = addr.node_id not in found
-                found[addr.node_id] = addr
-                names[name] = addr.node_id
-                if expect and len(found) >= expect:
+                new = name not in found
+                found[name] = addrs
+                if expect and distinct_ids() >= expect:
                     enough.set()
             if new and on_event:
-                on_event("added", addr)
+                on_event("added", addrs[0])
 
         update_service = add_service
 
         def remove_service(self, zc_, type_, name):
             # Reported, but never used to judge liveness: that is the gRPC connection's business.
             with lock:
-                node = found.pop(names.pop(name, ""), None)
-            if node and on_event:
-                on_event("removed", node)
+                addrs = found.pop(name, None)
+            if addrs and on_event:
+                on_event("removed", addrs[0])
 
     browser = ServiceBrowser(zc, SERVICE_TYPE, Listener())
     try:
         deadline = time.monotonic() + timeout
         enough.wait(timeout) if expect else time.sleep(timeout)
-        while expect and len(found) < expect and time.monotonic() < deadline:
+        while expect and distinct_ids() < expect and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         browser.cancel()
         zc.close()
-    return sorted(found.values(), key=lambda a: a.node_id)
+    return sorted((a for addrs in found.values() for a in addrs), key=lambda a: (a.node_id, a.address))

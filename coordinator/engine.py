@@ -12,10 +12,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from expert_node.checkpoint import Checkpoint
+from expert_node.checkpoint import Checkpoint, CheckpointError
 from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
 
-from .generation import ContextLimitError, ConversationCache, Generation
+from .generation import ContextLimitError, ConversationCache, Generation, NonFiniteError
 from .models import family_of
 from .models.gpt_oss import LayerOps, attention_with_sinks, reference_linear
 from .sampling import SamplingParams
@@ -231,12 +231,31 @@ class Engine:
         ids = np.asarray(list(ids), np.int64)
         if ids.size > self.context_length:
             raise ContextLimitError(f"{ids.size} tokens exceed the model's context of {self.context_length}")
-        return self.model.forward(ids, self.model.new_cache(), all_logits=True)
+        return self.forward(ids, self.model.new_cache(), all_logits=True)
+
+    def forward(self, ids: np.ndarray, cache, all_logits: bool) -> np.ndarray:
+        """The model's forward pass, with logits checked finite: NaN or Inf from the weights (a
+        corrupt checkpoint) is reported by file and tensor, not by the activation it reached."""
+        from expert_node import native
+
+        try:
+            logits = self.model.forward(ids, cache, all_logits=all_logits)
+            if np.isfinite(native.max_abs(np.ascontiguousarray(logits, np.float32))):
+                return logits
+        except NonFiniteError:
+            pass
+        except ValueError as e:  # the native kernels refuse NaN inputs with this wording
+            if "NaN or Inf" not in str(e):
+                raise
+        where = family_of(self.checkpoint).nonfinite_weights(self.checkpoint)
+        raise CheckpointError(f"{where} contains NaN or Inf" if where else
+                              "the forward pass produced NaN or Inf from finite weights (the expert weights' "
+                              "scales may be corrupt)")
 
     def prefill(self, ids: np.ndarray, cache) -> np.ndarray:
         """Feed ids in chunks; logits [vocab] after the last one."""
         for start in range(0, ids.size, PREFILL_CHUNK):
-            logits = self.model.forward(ids[start:start + PREFILL_CHUNK], cache, all_logits=False)
+            logits = self.forward(ids[start:start + PREFILL_CHUNK], cache, all_logits=False)
         return logits[-1]
 
     def stream(self, ids: Iterable[int], max_new_tokens: int = 128, params: SamplingParams | None = None,

@@ -20,6 +20,10 @@ class ContextLimitError(ValueError):
     """The prompt does not fit the model's context."""
 
 
+class NonFiniteError(ValueError):
+    """NaN or Inf where the model's numbers must be finite (the engine says which weights)."""
+
+
 @dataclass(frozen=True)
 class Step:
     token: int
@@ -115,7 +119,8 @@ class Generation:
             raise ValueError("the prompt is empty")
         if ids.size >= limit:
             raise ContextLimitError(f"the prompt has {ids.size} tokens; the model's context holds {limit}")
-        budget = min(self.max_new_tokens, limit - ids.size)
+        # -1: until a stop token or the context is full (llama.cpp's -n -1)
+        budget = limit - ids.size if self.max_new_tokens < 0 else min(self.max_new_tokens, limit - ids.size)
         stops = set(self.stop_ids)
         rng = np.random.default_rng(self.params.seed)
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -146,4 +151,4 @@ class Generation:
             if finish:
                 return
             with model.tracer.span("decode", track="steps", position=int(cache.length)):
-                logits = model.forward(np.array([token]), cache, all_logits=False)[-1]
+                logits = engine.forward(np.array([token]), cache, all_logits=False)[-1]

@@ -206,6 +206,9 @@ class Checkpoint:
         n more bytes are (see SafetensorsFile)."""
         self.folder = Path(folder)
         self.in_memory, self.on_read = in_memory, on_read
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a folder (-m takes a Hugging Face snapshot folder holding "
+                                  "config.json and the .safetensors files)")
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: model folder does not exist")
         self.config = self._read_json(self.folder / "config.json")
@@ -262,6 +265,25 @@ class Checkpoint:
         if dtypes is not None and info.dtype not in dtypes:
             raise CheckpointError(f"{f.path}: tensor '{name}' has dtype {info.dtype}, expected {' or '.join(dtypes)}")
         return f.array(name)
+
+    def where(self, name: str) -> Path:
+        """The file that holds `name`."""
+        return self.folder / self._where[name]
+
+    def first_nonfinite(self, names: list[str]) -> str | None:
+        """The first of the float tensors `names` holding NaN or Inf, as "FILE: tensor 'NAME'" (reads
+        them all: for diagnosing a failure, not for every load)."""
+        for name in names:
+            a = self.tensor(name)
+            if a.dtype == np.uint16:  # bf16: exponent bits all ones
+                bad = bool(((a & 0x7F80) == 0x7F80).any())
+            elif a.dtype.kind == "f":
+                bad = not bool(np.isfinite(a).all())
+            else:
+                continue
+            if bad:
+                return f"{self.where(name)}: tensor '{name}'"
+        return None
 
     def float_tensor(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A small tensor (bias, norm, sinks) widened to float32 whatever its stored float dtype."""

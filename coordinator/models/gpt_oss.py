@@ -9,6 +9,7 @@ spec/gpt-oss.md §2; activations are float32.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -446,7 +447,27 @@ class GptOssModel:
 
 
 def expert_shape(config: dict) -> ExpertShape:
+    GptOssConfig.from_dict(config)  # a missing or invalid key: a CheckpointError naming it
     return ExpertShape.from_config(config)
+
+
+def check_layers(ckpt: Checkpoint) -> None:
+    """config.json must describe every layer the tensors hold: a trimmed num_hidden_layers once
+    ran silently on 3 of 4 layers."""
+    n = GptOssConfig.from_dict(ckpt.config).num_hidden_layers
+    held = {int(m.group(1)) for m in map(re.compile(r"model\.layers\.(\d+)\.").match, ckpt.tensor_names) if m}
+    extra = sorted(held - set(range(n)))
+    if extra:
+        name = next(t for t in ckpt.tensor_names if t.startswith(f"model.layers.{extra[0]}."))
+        raise CheckpointError(f"{ckpt.folder / 'config.json'}: num_hidden_layers is {n}, but the checkpoint holds "
+                              f"layer {extra[0]} ('{name}' in {ckpt.where(name).name}); fix num_hidden_layers "
+                              f"and layer_types")
+
+
+def nonfinite_weights(ckpt: Checkpoint) -> str | None:
+    """Where NaN or Inf sits among the float weights, or None: what a forward pass that produced
+    NaN reports instead of the activation it surfaced in."""
+    return ckpt.first_nonfinite([n for n in ckpt.tensor_names if not n.endswith(("_blocks", "_scales"))])
 
 
 def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, LayerExperts]:
@@ -455,4 +476,5 @@ def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int,
 
 
 def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend) -> GptOssModel:
+    check_layers(ckpt)
     return GptOssModel(ckpt, linear, experts)
