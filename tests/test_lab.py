@@ -58,3 +58,75 @@ def test_cluster_across_hosts_matches_single_device(tiny_dir, lab, tmp_path):
     single = json.loads(subprocess.run(MOEMESH + list(map(str, gen)), capture_output=True, text=True, cwd=TESTS,
                                        check=True).stdout)
     assert clustered == single
+
+
+def test_sigterm_tears_the_lab_down():
+    """lab.py once exited on SIGTERM leaving its nodes, link proxies and namespaces behind."""
+    import re
+    import signal
+
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root for network namespaces")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "lab" / "lab.py"), "up", "--nodes", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline(), proc.stdout.readline()]
+    tag = re.search(r"mmlab-(\w+)-coord", lines[1])
+    assert tag, lines + [proc.stderr.read()]
+    mine = f"mmlab-{tag.group(1)}-"
+    namespaces = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                  if n.startswith(mine)]
+    assert len(namespaces) == 3  # switch, coord, node1
+    pids = [p for ns in namespaces for p in
+            subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
+    assert len(pids) == 2  # the node and its link emulator
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "lab removed" in out
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert mine not in left
+    assert all(not os.path.exists(f"/proc/{p}") for p in pids)
+
+
+def test_lab_without_moemesh_is_one_clear_line(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root for network namespaces")
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    proc = subprocess.run([str(bare / "bin" / "python"), str(ROOT / "deploy" / "lab" / "lab.py"), "up"],
+                          capture_output=True, text=True, timeout=60, env={"PATH": str(bare / "bin") + ":/usr/bin:/bin"})
+    assert proc.returncode == 1 and "moemesh is not installed for" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_launcher_starts_checks_and_stops_only_its_own_node(tmp_path):
+    """launch_nodes.py ran `pkill -f 'moemesh node serve'` (which also killed a systemd-managed
+    node on the host) and said ok without checking the node started. Its shell runs here through
+    bash instead of ssh, exactly as the host would run it."""
+    sys.path.insert(0, str(ROOT / "deploy"))
+    import launch_nodes
+
+    env = dict(os.environ, HOME=str(tmp_path))
+    command = " ".join(MOEMESH)
+    other = subprocess.Popen(MOEMESH + ["node", "serve", "--no-mdns", "--host", "127.0.0.1", "--port", "0",
+                                        "--cache-dir", str(tmp_path / "other")], stdout=subprocess.PIPE, text=True,
+                             cwd=TESTS)
+    try:
+        assert "listening" in other.stdout.readline()
+        node = {"name": "n1", "host": "localhost", "command": command, "port": 0,
+                "args": ["--no-mdns", "--host", "127.0.0.1", "--cache-dir", str(tmp_path / "n1")]}
+        up = subprocess.run(["bash", "-c", launch_nodes.up_command(node)], capture_output=True, text=True, env=env,
+                            timeout=60, cwd=TESTS)
+        assert up.returncode == 0 and "listening on port" in up.stdout, up.stdout + up.stderr
+        pid = int((tmp_path / ".moemesh" / "node-n1.pid").read_text())
+        down = subprocess.run(["bash", "-c", launch_nodes.down_command(node)], capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert down.returncode == 0
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        assert other.poll() is None, "the launcher stopped a node it did not start"
+        broken = dict(node, command="false &&")
+        failed = subprocess.run(["bash", "-c", launch_nodes.up_command(broken)], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert failed.returncode == 1 and "the node exited" in failed.stdout
+    finally:
+        other.kill()
+        other.wait()
+        other.stdout.close()

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A lab of real hosts on one machine (needs root): network namespaces on a private bridge.
 
-    sudo python deploy/lab/lab.py up --nodes 3 --preset wifi     # runs until Ctrl-C, then cleans up
-    sudo python deploy/lab/lab.py down                           # removes leftovers of a crashed lab
+    sudo .venv/bin/python deploy/lab/lab.py up --nodes 3 --preset wifi  # until Ctrl-C or SIGTERM, then cleans up
+    sudo .venv/bin/python deploy/lab/lab.py down                        # removes leftovers of a crashed lab
+
+Run it with a python that has moemesh installed (the virtualenv's), or with `moemesh` on PATH.
 
 Hosts: `coord` (10.77.0.1) and `node1..N` (10.77.0.11..). Every host has one veth on a bridge that
 lives in its own namespace, so nothing touches the machine's real interfaces; multicast crosses
@@ -14,7 +16,9 @@ lab's namespaces and deletes them, also after a failure.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,7 +101,7 @@ class Lab:
     def start_node(self, i: int, cache_dir: Path, extra: list[str] = (), python: str = sys.executable) -> str:
         """An expert node on node<i>, reached through the emulated link; returns its address."""
         host, ip = f"node{i}", self.hosts[f"node{i}"]
-        node = self.popen(host, [python, "-m", "coordinator.cli", "node", "serve", "--host", "127.0.0.1",
+        node = self.popen(host, [*moemesh_command(python), "node", "serve", "--host", "127.0.0.1",
                                  "--port", str(INNER_PORT), "--advertise-port", str(NODE_PORT), "--interface", ip,
                                  "--name", host, "--cache-dir", str(cache_dir), *extra],
                           stdout=subprocess.PIPE, text=True, cwd="/")
@@ -111,6 +115,21 @@ class Lab:
         if "listening" not in proxy.stdout.readline():
             raise RuntimeError(f"{host}: link emulator did not start")
         return f"{ip}:{NODE_PORT}"
+
+
+class LabError(RuntimeError):
+    """The lab cannot start as asked; the message says what to do."""
+
+
+def moemesh_command(python: str = sys.executable) -> list[str]:
+    """How to run moemesh in the lab's hosts: this python's package, else `moemesh` on PATH."""
+    if python != sys.executable or importlib.util.find_spec("coordinator") is not None:
+        return [python, "-m", "coordinator.cli"]
+    found = shutil.which("moemesh")
+    if found:
+        return [found]
+    raise LabError(f"moemesh is not installed for {sys.executable}: run the lab with the virtualenv's python "
+                   f"(sudo .venv/bin/python deploy/lab/lab.py ...) or put `moemesh` on PATH")
 
 
 def remove_namespace(ns: str) -> None:
@@ -144,15 +163,22 @@ def main() -> None:
     if args.cmd == "down":
         print(f"removed {cleanup_all()} lab namespaces")
         return
-    with Lab(args.nodes, args.preset) as lab:
-        for i in range(1, args.nodes + 1):
-            print(f"node{i}: {lab.start_node(i, Path(args.cache_dir) / f'node{i}')} ({args.preset})")
-        print(f"coordinator namespace: {lab.ns('coord')} ({lab.hosts['coord']}); try:\n"
-              f"  ip netns exec {lab.ns('coord')} moemesh cluster up --expect {args.nodes} --interface {lab.hosts['coord']}")
-        try:
+    # Block both signals before anything starts, so they wait for sigwait below and teardown
+    # always runs (SIGTERM's default action once ended the lab with its namespaces left behind).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        moemesh_command()
+        with Lab(args.nodes, args.preset) as lab:
+            for i in range(1, args.nodes + 1):
+                print(f"node{i}: {lab.start_node(i, Path(args.cache_dir) / f'node{i}')} ({args.preset})", flush=True)
+            print(f"coordinator namespace: {lab.ns('coord')} ({lab.hosts['coord']}); try:\n"
+                  f"  ip netns exec {lab.ns('coord')} moemesh cluster up --expect {args.nodes} "
+                  f"--interface {lab.hosts['coord']}", flush=True)
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+        print("lab removed", flush=True)
+    except (RuntimeError, subprocess.CalledProcessError) as e:  # LabError included
+        detail = getattr(e, "stderr", "") or ""
+        sys.exit(f"lab: {e} {detail.strip()}".strip())
 
 
 if __name__ == "__main__":
