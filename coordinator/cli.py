@@ -158,7 +158,19 @@ def find_nodes(args, timeout: float) -> list[str]:
     want = f"{args.expect} expert nodes" if args.expect else "expert nodes"
     print(f"looking for {want} on mDNS for up to {timeout:g} s (start `moemesh node serve` on a device, "
           f"or pass --node HOST:PORT)...", file=sys.stderr, flush=True)
-    found = trusted(discovery.browse(timeout, args.expect, args.interface), args)
+    creds = cluster.credentials(args.insecure, args.identity_dir)
+
+    def verify(address: str) -> str | None:
+        client = cluster.NodeClient(address, creds)
+        try:
+            return client.handshake(timeout=2.0).node_id
+        except cluster.ClusterError as e:
+            print(f"skipping {e}", file=sys.stderr)
+            return None
+        finally:
+            client.close()
+
+    found = trusted(discovery.browse(timeout, args.expect, args.interface, verify=verify), args)
     n_ids = len({a.node_id for a in found})
     if args.expect and n_ids < args.expect:
         raise cluster.ClusterError(f"found {n_ids} paired expert nodes on mDNS within {timeout:g} s, "

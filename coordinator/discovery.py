@@ -33,10 +33,13 @@ def parse_static(nodes: list[str]) -> list[NodeAddress]:
 
 
 def browse(timeout: float = 3.0, expect: int | None = None, interface: str | None = None,
-           on_event=None) -> list[NodeAddress]:
+           on_event=None, verify=None) -> list[NodeAddress]:
     """Nodes answering on mDNS within `timeout` seconds (returns early once `expect` are found).
 
     on_event(kind, node), if given, sees every "added" and "removed" (a goodbye) as it happens.
+    verify(address) -> node id or None, if given, is asked of every advertised address as it
+    arrives (a handshake): only the addresses it vouches for are returned, under the id it
+    proved, and only those count towards `expect` (a rogue advert then cannot end the wait).
     """
     from zeroconf import ServiceBrowser, ServiceListener
 
@@ -54,6 +57,11 @@ def browse(timeout: float = 3.0, expect: int | None = None, interface: str | Non
                 return
             props = {k.decode(): (v.decode() if v else "") for k, v in info.properties.items()}
             addrs = [NodeAddress(f"{ip}:{info.port}", props.get("id", name), props) for ip in info.parsed_addresses()]
+            if verify is not None:
+                proven = [(a, verify(a.address)) for a in addrs]
+                addrs = [NodeAddress(a.address, node_id, a.properties) for a, node_id in proven if node_id]
+                if not addrs:
+                    return
             with lock:
                 new = name not in found
                 found[name] = addrs

@@ -7,6 +7,8 @@ server turns into INVALID_ARGUMENT).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .experts import ACTIVATION_DTYPE
@@ -37,15 +39,15 @@ MAX_ACTIVATION = 1e6
 MAX_STREAMS_PER_PEER = 4
 MAX_STREAMS = 256
 DEFAULT_KEEPALIVE_MS = 10_000
+MIN_PING_INTERVAL_MS = 1_000  # the most frequent pings a node permits (tests shorten it further)
 
 
 def keepalive_ms() -> int:
     """The coordinator's ping interval on idle connections (MOEMESH_KEEPALIVE_MS shortens it for
-    tests). The node permits pings at twice that rate: gRPC servers refuse pings more frequent
-    than they allow with GOAWAY too_many_pings, which once dropped every node of a chat left idle
-    for a minute (the client pinged every 10 s, the server allowed one per 5 minutes)."""
-    import os
-
+    tests). Nodes permit a ping a second (or twice this rate, if faster): gRPC servers answer
+    pings more frequent than they allow with GOAWAY too_many_pings, which once dropped every node
+    of a chat left idle for a minute (the client pinged every 10 s, the server allowed one per 5
+    minutes)."""
     return int(os.environ.get("MOEMESH_KEEPALIVE_MS", DEFAULT_KEEPALIVE_MS))
 
 
@@ -63,8 +65,9 @@ def server_options() -> list[tuple[str, int]]:
     k = keepalive_ms()
     return [("grpc.max_send_message_length", MAX_REPLY_BYTES),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            # Accept the coordinator's pings (see keepalive_ms), with or without a call in flight.
-            ("grpc.http2.min_ping_interval_without_data_ms", k // 2),
+            # Accept the coordinator's pings (see keepalive_ms), with or without a call in flight,
+            # up to one a second whatever the coordinator was told (a ping costs next to nothing).
+            ("grpc.http2.min_ping_interval_without_data_ms", min(MIN_PING_INTERVAL_MS, k // 2)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # A node notices a vanished coordinator too, and frees its stream.

@@ -297,3 +297,41 @@ def test_a_taken_port_is_refused(start_node):
                           capture_output=True, text=True, timeout=60, cwd=TESTS)
     assert proc.returncode == 1 and f"cannot listen on 127.0.0.1:{node.port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_rogue_advert_cannot_displace_a_node(tiny_dir, start_node, netns):
+    """An advert copying a paired node's TXT id and fingerprint, pointing at an unpaired node, once
+    won discovery 2 of 3 times and aborted the run 1 in 4. Every advert is a candidate now and the
+    handshake decides: the rogue is skipped, the run goes on."""
+    import json
+    import subprocess
+    import sys
+
+    from expert_node.identity import Identity
+    from support import MOEMESH, TESTS
+
+    real = start_node("--interface", "127.0.0.1", "--host", "127.0.0.1", "--name", "real", netns=netns)
+    rogue = start_node("--no-mdns", "--host", "127.0.0.1", "--identity-dir", str(real.log.parent / "rogue-id"),
+                       netns=netns)
+    fingerprint = Identity.load_or_create().fingerprint
+    advert = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import signal, sys; from expert_node.advertise import Advertiser; "
+         f"a = Advertiser({real.node_id!r}, 'rogue', {rogue.port}, {{'fp': {fingerprint!r}}}, '127.0.0.1'); "
+         "a.start(); print('advertising', flush=True); signal.sigwait({signal.SIGTERM}); a.stop()"],
+        stdout=subprocess.PIPE, text=True, cwd=TESTS)
+    try:
+        assert advert.stdout.readline().startswith("advertising")
+        gen = ["generate", "-m", tiny_dir, "--tokens", "1,2,3", "-n", 6, "--temp", 0, "--json"]
+        expected = json.loads(subprocess.run(MOEMESH + [str(a) for a in gen], capture_output=True, text=True,
+                                             cwd=TESTS, timeout=120).stdout)
+        for _ in range(3):
+            run = subprocess.run(["ip", "netns", "exec", netns, *MOEMESH, *map(str, gen), "--cluster", "--expect", "1",
+                                  "--discover-timeout", "5", "--interface", "127.0.0.1"],
+                                 capture_output=True, text=True, cwd=TESTS, timeout=120)
+            assert run.returncode == 0 and json.loads(run.stdout) == expected, run.stderr
+            assert "looking for 1 expert nodes on mDNS" in run.stderr
+    finally:
+        advert.terminate()
+        advert.wait(10)
+        advert.stdout.close()
