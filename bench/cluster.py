@@ -53,6 +53,8 @@ def decode_tps(engine: Engine, n: int) -> float:
 def start_node(i: int, *extra: str, threads: int = 1) -> tuple[subprocess.Popen, str]:
     """A node on 127.0.0.1 (no mDNS) with `threads` kernel threads; returns (process, address)."""
     env = dict(os.environ, MOEMESH_THREADS=str(threads))
+    if "--cache-dir" not in extra:  # each node its own folder (its id lives there); kept between runs
+        extra = ("--cache-dir", str(cache_dir() / "bench-nodes" / f"node{i}"), *extra)
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "node", "serve", "--port", "0", "--no-mdns",
                              "--host", "127.0.0.1", "--name", f"bench{i}", *extra], stdout=subprocess.PIPE, text=True,
                             env=env, cwd="/")

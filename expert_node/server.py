@@ -112,6 +112,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         self.calls = 0  # RPCs handled: proves that refused clients never reached a handler
         self.streams: dict[str, int] = {}  # open Compute streams per peer connection
         self.speed = (0, 0)  # (token_us, batch64_us): see calibrate()
+        self.cache_lock = None  # the open lock file on cache_dir while serving (see lock_cache_dir)
 
     # -- handshake and state ---------------------------------------------------------------------
     def memory_budget(self) -> int:
@@ -357,7 +358,9 @@ async def start(port: int = 0, name: str | None = None, cache_dir: str | None = 
         raise OSError(f"port {port} is not a TCP port (0-65535)")
     return_large_buffers_to_the_system()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    lock = lock_cache_dir(cache)
     service = ExpertNodeService(name or socket.gethostname(), cache, max_memory, model_dir)
+    service.cache_lock = lock  # held for the node's life
     server = grpc.aio.server(options=server_options())
     pb_grpc.add_ExpertNodeServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -383,6 +386,23 @@ async def start(port: int = 0, name: str | None = None, cache_dir: str | None = 
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, service, bound
+
+
+def lock_cache_dir(cache: Path):
+    """Hold the cache folder for this node alone: its id lives there, so two running nodes sharing
+    it would answer as one node (and a coordinator would use one of them). Returns the open lock
+    file; raises OSError naming the folder when another running node holds it."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    f = open(cache / "node.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OSError(f"the cache folder {cache} is in use by another running node: give each node its own "
+                      f"--cache-dir") from None
+    return f
 
 
 def port_is_free(host: str, port: int) -> bool:

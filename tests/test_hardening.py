@@ -335,3 +335,14 @@ def test_a_rogue_advert_cannot_displace_a_node(tiny_dir, start_node, netns):
         advert.terminate()
         advert.wait(10)
         advert.stdout.close()
+
+
+def test_two_running_nodes_cannot_share_a_cache_folder(start_node, tmp_path):
+    """A node's id lives in its cache folder: two nodes sharing one would answer as one node."""
+    from support import MOEMESH, TESTS
+    import subprocess
+
+    start_node(*NODE, cache_dir=tmp_path / "shared")
+    proc = subprocess.run(MOEMESH + ["node", "serve", *NODE, "--port", "0", "--cache-dir", str(tmp_path / "shared")],
+                          capture_output=True, text=True, timeout=60, cwd=TESTS)
+    assert proc.returncode == 1 and "is in use by another running node" in proc.stderr, proc.stderr
