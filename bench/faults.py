@@ -266,11 +266,16 @@ def idle_scenario(folder, work) -> dict:
     return {"idle_s": 5, "marked_down": downs, "extra_rpcs": extra, "identical": same}
 
 
-def heal_scenario(folder, work) -> dict:
-    nodes = [start_node(i, "--cache-dir", str(work / f"h{i}")) for i in range(3)]
+def replicated(folder, work, tag: str, n: int):
+    """n nodes holding every expert twice, no fallback to the coordinator: (nodes, backend, engine)."""
+    nodes = [start_node(i, "--cache-dir", str(work / f"{tag}{i}")) for i in range(n)]
     experts, _ = cluster.connect(Checkpoint(folder), "fast", [a for _, a in nodes], replicas=2, progress=False,
                                  local_fallback=False)
-    remote = Engine.load(folder, "fast", experts=experts)
+    return nodes, experts, Engine.load(folder, "fast", experts=experts)
+
+
+def heal_scenario(folder, work) -> dict:
+    nodes, experts, remote = replicated(folder, work, "h", 3)
     greedy(remote)
     victim = node_id_of(experts, nodes[0][1])
     primary = lambda p: sum(hs[0] == victim for layer in p.hosts for hs in layer)  # noqa: E731
@@ -292,10 +297,7 @@ def heal_scenario(folder, work) -> dict:
 
 
 def unseen_scenario(folder, work) -> dict:
-    nodes = [start_node(i, "--cache-dir", str(work / f"u{i}")) for i in range(2)]
-    experts, _ = cluster.connect(Checkpoint(folder), "fast", [a for _, a in nodes], replicas=2, progress=False,
-                                 local_fallback=False)
-    remote = Engine.load(folder, "fast", experts=experts)
+    nodes, experts, remote = replicated(folder, work, "u", 2)
     greedy(remote)
     long_prompt = list(range(100, 400))
     expected = greedy(Engine.load(folder, "fast"), long_prompt, 2)

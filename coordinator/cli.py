@@ -82,34 +82,28 @@ def trusted(nodes, args):
             print(f"ignoring unpaired node {n.node_id} at {n.address} (pair with `moemesh pair`)", file=sys.stderr)
     return keep
 
-def token_count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -2
-    if n < -1:
-        raise argparse.ArgumentTypeError(f"expected a token count, or -1 for until the end of the text; got {text!r}")
-    return n
 
-
-def seed_value(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -2
-    if seed < -1:
-        raise argparse.ArgumentTypeError(f"expected a non-negative seed, or -1 for a random one; got {text!r}")
-    return seed
+def int_or_minus_one(meaning: str):
+    """An argparse type: a non-negative integer, or -1 with `meaning` (llama.cpp's convention)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = -2
+        if n < -1:
+            raise argparse.ArgumentTypeError(f"expected a non-negative integer, or -1 for {meaning}; got {text!r}")
+        return n
+    return parse
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=token_count, default=128,
+    p.add_argument("-n", "--max-tokens", type=int_or_minus_one("until the end of the text"), default=128,
                    help="tokens to generate (-1: until the end of the text or a full context)")
     p.add_argument("--temp", type=float, default=1.0, help="temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=seed_value, default=None, help="sampling seed (-1: a random one, printed)")
+    p.add_argument("--seed", type=int_or_minus_one("a random seed"), default=None, help="sampling seed (-1: a random one, printed)")
 
 
 def sampling_params(args):

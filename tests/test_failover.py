@@ -1,7 +1,6 @@
 """A cluster that survives devices leaving: nodes killed (-9) or frozen (SIGSTOP) mid-generation;
 the token stream goes on identical to a single device, and a node that comes back is used again."""
 import signal
-import socket
 import time
 
 import numpy as np
@@ -11,26 +10,11 @@ from coordinator import Engine, cluster
 from coordinator.sampling import SamplingParams
 from coordinator.tracing import Tracer
 from expert_node.checkpoint import Checkpoint
-from support import stream_with_fault
+from support import free_port, stream_with_fault, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 KILL_RUNS = 20
 TOKENS = 14
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_kill_minus_nine_mid_generation(tiny_dir, start_node, tmp_path):

@@ -1,7 +1,6 @@
 """What broke when the cluster was left idle, restarted, frozen, attacked and misused (issue 17):
 each scenario with real node processes over real gRPC, as it was found."""
 import signal
-import socket
 import threading
 import time
 
@@ -16,25 +15,11 @@ from coordinator.tracing import Tracer
 from expert_node.checkpoint import Checkpoint
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.protocol import MAX_REQUEST_TOKENS, MAX_STREAMS_PER_PEER, encode_tensor
+from support import free_port, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 NODE = ("--no-mdns", "--host", "127.0.0.1")
 PROMPT, GREEDY = [5, 6, 7, 8], SamplingParams(temperature=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def rss_bytes(pid: int) -> int:
