@@ -377,7 +377,7 @@ def malformed_scenario(folder, work) -> dict:
     node_server.encode_tensor = lambda a, dtype: real(a[:-1], dtype)  # one row short, in this process only
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server, _, port = asyncio.run_coroutine_threadsafe(
+    server, liar, port = asyncio.run_coroutine_threadsafe(
         node_server.start(0, "liar", str(work / "liar"), host="127.0.0.1"), loop).result(60)
     proc, address = start_node(0, "--cache-dir", str(work / "m"))
     try:
@@ -389,6 +389,7 @@ def malformed_scenario(folder, work) -> dict:
     finally:
         node_server.encode_tensor = real
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        liar.close()
         loop.call_soon_threadsafe(loop.stop)
         proc.kill()
     return {"identical": same, "failovers": failovers}

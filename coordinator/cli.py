@@ -436,6 +436,7 @@ def cmd_node_serve(args) -> int:
         if advert:
             await asyncio.to_thread(advert.stop)  # withdraw the advertisement first: nobody should pick a leaving node
         await server.stop(grace=2)
+        service.close()
 
     asyncio.run(run())
     return 0

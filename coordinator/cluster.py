@@ -654,6 +654,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
             replicas = len(capacities)
         placement = plan_placement(n_layers, shape.n_experts, piece_bytes, capacities, replicas)
     else:
+        replicas = max(replicas, min(len(hs) for layer in placement.hosts for hs in layer))  # the plan's own
         by_address = {c.address: nid for nid, c in clients.items()}
         renamed = {old: by_address[a] for old, a in (plan_nodes or {}).items()
                    if a in by_address and old != by_address[a] and old not in clients}

@@ -114,6 +114,12 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         self.speed = (0, 0)  # (token_us, batch64_us): see calibrate()
         self.cache_lock = None  # the open lock file on cache_dir while serving (see lock_cache_dir)
 
+    def close(self) -> None:
+        """Let go of the cache folder (after the server stopped)."""
+        if self.cache_lock is not None:
+            self.cache_lock.close()
+            self.cache_lock = None
+
     # -- handshake and state ---------------------------------------------------------------------
     def memory_budget(self) -> int:
         return self.max_memory if self.max_memory else available_memory()

@@ -261,7 +261,7 @@ def test_a_malformed_reply_counts_as_the_nodes_fault(tiny_dir, start_node, monke
     monkeypatch.setattr(node_server, "encode_tensor", lambda a, dtype: real(a[:-1], dtype))  # one row short
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server, _, port = asyncio.run_coroutine_threadsafe(
+    server, liar, port = asyncio.run_coroutine_threadsafe(
         node_server.start(0, "liar", str(tmp_path / "liar"), host="127.0.0.1"), loop).result(30)
     good = start_node(*NODE)
     experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [f"127.0.0.1:{port}", good.address], replicas=2,
@@ -270,6 +270,7 @@ def test_a_malformed_reply_counts_as_the_nodes_fault(tiny_dir, start_node, monke
     assert any("malformed reply" in what for _, _, what in experts.events), experts.events
     experts.close()
     asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+    liar.close()
     loop.call_soon_threadsafe(loop.stop)
 
 
