@@ -4,7 +4,8 @@
     python bench/e2e.py -m /path/gpt-oss-20b [--precision fast|exact] [--dense bf16|q8] [--no-mmap] [--prompt 512] [--decode 128]
                         [--llama-bench /path/llama-bench --gguf /path/gpt-oss-20b.gguf]
 
-Prints prefill tok/s, decode tok/s, time to first token and peak RSS, next to the roofline: the
+Prints prefill tok/s, decode tok/s (greedy, and with chat's default sampling: temperature 1,
+top-p 1), time to first token and peak RSS, the CPU model and kernel path, next to the roofline: the
 bytes one decoded token must read (dense weights or their 8-bit copies, the unembedding, 4 experts
 per layer) divided by the read bandwidth of the weights as the engine holds them (mapped, or with
 --no-mmap in huge-page memory) measured in the same run, and, given a
@@ -60,6 +61,14 @@ def weights_bandwidth(engine: Engine) -> float:
     return float(np.median(rates))
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def huge_page_share() -> str:
     """How much of this process's anonymous memory the kernel backs with huge pages: --no-mmap
     asks for them, but a fragmented machine may grant few (decode then reads 4 KiB pages)."""
@@ -95,9 +104,13 @@ def main() -> None:
     for _ in gen:
         pass
     s = gen.stats
+    sampled = engine.stream(prompt, args.decode, SamplingParams(temperature=1.0, seed=0))  # chat's default
+    for _ in sampled:
+        pass
+    sampled_tps = sampled.stats.decode_tps
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     ckpt_gb = sum(f.stat().st_size for f in engine.checkpoint.folder.glob("*.safetensors")) / 1e9
-    machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
+    machine = f"{cpu_model()} ({platform.machine()}) isa={native.kernel_path()} threads={native.get_threads()}"
     held = "read into huge-page memory" if args.no_mmap else "mapped"
     print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}   "
           f"weights: {held}")
@@ -106,18 +119,20 @@ def main() -> None:
     print(f"read bandwidth of the weights ({held}): {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prompt_seconds:.2f} s = {s.prefill_tps:.2f} tok/s")
     print(f"decode:  {s.generated_tokens} tokens, {s.decode_tps:.2f} tok/s "
-          f"(roofline {roofline:.2f} tok/s, ratio {s.decode_tps / roofline:.2f})")
+          f"(roofline {roofline:.2f} tok/s, ratio {s.decode_tps / roofline:.2f}); with chat's default "
+          f"sampling {sampled_tps:.2f} tok/s ({sampled_tps / s.decode_tps:.2f}x greedy)")
     print(f"time to first token: {s.time_to_first_token:.2f} s; peak RSS {peak_rss_gb:.2f} GB "
           f"(checkpoint {ckpt_gb:.2f} GB)")
     result = {
         "machine": machine, "precision": args.precision, "dense": args.dense, "mmap": not args.no_mmap,
         "prompt_tokens": s.prompt_tokens,
-        "decode_tps": s.decode_tps, "prefill_tps": s.prefill_tps, "ttft_s": s.time_to_first_token,
+        "decode_tps": s.decode_tps, "decode_tps_sampled": sampled_tps, "prefill_tps": s.prefill_tps,
+        "ttft_s": s.time_to_first_token,
         "roofline_decode_tps": roofline, "decode_ratio_to_roofline": s.decode_tps / roofline,
         "bandwidth_gbps": bw, "bytes_per_token": per_token, "peak_rss_gb": peak_rss_gb, "checkpoint_gb": ckpt_gb,
     }
     if args.llama_bench:
-        del engine, gen  # llama.cpp's mapping and repacked experts need the memory
+        del engine, gen, sampled  # llama.cpp's mapping and repacked experts need the memory
         gc.collect()
         native.park_workers()
         llama = llama_bench(args.llama_bench, args.gguf, args.prompt, args.decode, native.get_threads())
