@@ -40,13 +40,19 @@ def filtered_distribution(logits: np.ndarray, params: SamplingParams) -> tuple[n
         order = order[: params.top_k]
     p = np.exp(z[order] - z[order[0]])
     p /= p.sum()
+    order, p = top_p_min_p(order, p, params)
+    return order, p / p.sum()
+
+
+def top_p_min_p(order: np.ndarray, p: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """top-p then min-p on ids sorted by probability (p normalised over what top-k kept)."""
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
         order, p = order[:keep], p[:keep]
     if params.min_p > 0:
         keep = p >= params.min_p * p[0]
         order, p = order[keep], p[keep]
-    return order, p / p.sum()
+    return order, p
 
 
 # Top-p first tries the tokens within this factor of the most likely one (a prefix of the sorted
@@ -83,13 +89,7 @@ def fast_distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.nd
         order = order[np.argsort(-z[order], kind="stable")]
     p = e[order].astype(np.float64)
     p /= p.sum() if params.top_k else total
-    if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
-        order, p = order[:keep], p[:keep]
-    if params.min_p > 0:
-        keep = p >= params.min_p * p[0]
-        order, p = order[keep], p[keep]
-    return order, p
+    return top_p_min_p(order, p, params)
 
 
 def top_k_ids(z: np.ndarray, k: int) -> np.ndarray:
