@@ -216,12 +216,17 @@ class Deadlines:
     fails over within ~2x a first-of-its-size request's expected time, not after a fixed 5 s."""
 
     FLOOR_S = 0.05
+    # A node that sat idle may need to wake up first (CPU clocks, a descheduled VM, pages swapped
+    # out): its first request after IDLE_S gets at least AFTER_IDLE_S, or a chat left idle would
+    # lose a node to its own wake-up (seen in CI: a 60 ms first reply after 4 s idle).
+    IDLE_S, AFTER_IDLE_S = 1.0, 0.5
     UNKNOWN_S = 5.0  # a node that announced no speed, before any observation
     ALPHA = 0.125
 
     def __init__(self):
         self._stats: dict[tuple[str, int], tuple[float, float, float]] = {}  # (node, bucket) -> n, mean, dev
         self._prior: dict[str, tuple[float, float, float]] = {}  # node -> (rtt_s, token_s, batch64_s)
+        self._last: dict[str, float] = {}  # node -> when its last reply arrived (monotonic)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -268,11 +273,16 @@ class Deadlines:
 
     def deadline(self, node: str, n_tokens: int) -> float:
         e = self.expected(node, n_tokens)
-        return self.UNKNOWN_S if e is None else max(self.FLOOR_S, 2 * e[0] + 4 * e[1])
+        if e is None:
+            return self.UNKNOWN_S
+        with self._lock:
+            idle = time.monotonic() - self._last.get(node, 0.0) > self.IDLE_S
+        return max(self.AFTER_IDLE_S if idle else self.FLOOR_S, 2 * e[0] + 4 * e[1])
 
     def observe(self, node: str, n_tokens: int, rtt_s: float) -> None:
         key = (node, self.bucket(n_tokens))
         with self._lock:
+            self._last[node] = time.monotonic()
             n, mean, dev = self._stats.get(key, (n_tokens, rtt_s, rtt_s / 2))
             n += self.ALPHA * (n_tokens - n)
             dev += self.ALPHA * (abs(rtt_s - mean) - dev)
@@ -343,6 +353,7 @@ class RemoteExpertBackend(ExpertBackend):
     local: ExpertBackend | None = None  # last resort: the coordinator computes an expert itself
     tracer: object = NULL_TRACER
     revive_interval_s: float = 0.5
+    repair_grace_s: float = 1.0
     _seq: int = 0
 
     def __post_init__(self):
@@ -464,7 +475,10 @@ class RemoteExpertBackend(ExpertBackend):
             threading.Thread(target=self._repair, daemon=True, name=f"moemesh-repair-{node}").start()
 
     def _repair(self) -> None:
-        """Give the pieces of down nodes new live hosts (pushing the weights), then switch routing."""
+        """Give the pieces of down nodes new live hosts (pushing the weights), then switch routing.
+        Waits repair_grace_s first: a node that was only slow is back by then, and nothing is pushed."""
+        if self._closed.wait(self.repair_grace_s):
+            return
         with self._repair_lock:
             if self._closed.is_set():
                 return
