@@ -144,7 +144,7 @@ def plan_path_of(args) -> Path:
     return Path(args.plan) if getattr(args, "plan", None) else cluster.default_plan_path()
 
 
-def find_nodes(args, timeout: float) -> list[str]:
+def find_nodes(args, timeout: float, creds) -> list[str]:
     """Addresses of the paired nodes advertising on mDNS (every address of every advert: the
     handshake decides which are real), saying first what it waits for."""
     from . import cluster, discovery
@@ -152,8 +152,6 @@ def find_nodes(args, timeout: float) -> list[str]:
     want = f"{args.expect} expert nodes" if args.expect else "expert nodes"
     print(f"looking for {want} on mDNS for up to {timeout:g} s (start `moemesh node serve` on a device, "
           f"or pass --node HOST:PORT)...", file=sys.stderr, flush=True)
-    creds = cluster.credentials(args.insecure, args.identity_dir)
-
     def verify(address: str) -> str | None:
         client = cluster.NodeClient(address, creds)
         try:
@@ -179,23 +177,23 @@ def connect_cluster(args, folder: str):
     from . import cluster, discovery
     from expert_node.checkpoint import Checkpoint
 
-    plan = None
+    creds = cluster.credentials(args.insecure, args.identity_dir)
+    plan_path, plan = plan_path_of(args), None
     if args.node:
         addresses = [a.address for a in discovery.parse_static(args.node)]
     else:
-        plan = cluster.load_plan(plan_path_of(args))
+        plan = cluster.load_plan(plan_path)
         if plan and plan["model"] == str(Path(folder).resolve()):
             addresses = list(plan["nodes"].values())
         else:
-            plan, addresses = None, find_nodes(args, args.discover_timeout)
+            plan, addresses = None, find_nodes(args, args.discover_timeout, creds)
     experts, reports = cluster.connect(Checkpoint(folder), args.precision, addresses, args.replicas,
-                                       plan["placement"] if plan else None,
-                                       creds=cluster.credentials(args.insecure, args.identity_dir),
+                                       plan["placement"] if plan else None, creds=creds,
                                        plan_nodes=plan["nodes"] if plan else None)
     if plan and (experts.placement != plan["placement"] or {r.node_id: r.address for r in reports} != plan["nodes"]):
-        cluster.save_plan(plan_path_of(args), folder, reports, experts.placement)
-        print(f"the saved cluster plan did not match the nodes that answered: repaired and saved to "
-              f"{plan_path_of(args)}", file=sys.stderr)
+        cluster.save_plan(plan_path, folder, reports, experts.placement)
+        print(f"the saved cluster plan did not match the nodes that answered: repaired and saved to {plan_path}",
+              file=sys.stderr)
     return experts, reports
 
 
@@ -233,11 +231,11 @@ def cmd_cluster_up(args) -> int:
     from expert_node.checkpoint import Checkpoint
 
     folder = resolve_model(args.model)
+    creds = cluster.credentials(args.insecure, args.identity_dir)
     if args.node:
         addresses = [a.address for a in discovery.parse_static(args.node)]
     else:
-        addresses = find_nodes(args, args.timeout)
-    creds = cluster.credentials(args.insecure, args.identity_dir)
+        addresses = find_nodes(args, args.timeout, creds)
     experts, reports = cluster.connect(Checkpoint(folder), "fast", addresses, args.replicas, creds=creds)
     Engine.load(folder, precision="fast", experts=experts).logits([0])  # warm-up: one token end to end
     plan_path = plan_path_of(args)

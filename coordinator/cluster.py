@@ -362,7 +362,7 @@ class RemoteExpertBackend(ExpertBackend):
         self._up = {n: True for n in self._node_ids}
         self._lock = threading.Lock()
         self._repair_lock = threading.Lock()  # one repair at a time, each from the latest state
-        self.replicas = max(1, min(len(hs) for layer in self.placement.hosts for hs in layer))
+        self.replicas = max(1, self.placement.replicas())
         self.planned = self.placement  # who serves what while every node is up
         self._closed = threading.Event()
         self.deadlines = Deadlines()
@@ -617,7 +617,7 @@ def handshake_all(addresses: list[str], creds) -> tuple[dict[str, NodeClient], l
 def fit_plan(placement: Placement, clients: dict[str, NodeClient], renamed: dict[str, str], piece_bytes: int,
              replicas: int) -> Placement:
     """A saved plan made to run on the nodes that answered: nodes that answer at a planned address
-    under another id (a node whose cache was wiped) take over their old roles; the pieces of nodes
+    under another id (another node, with its own cache folder, now there) take over the old roles; the pieces of nodes
     that did not answer get live hosts with room (pushing only what they miss); what finds no room
     is left to the coordinator's own copy."""
     hosts = tuple(tuple(tuple(renamed.get(h, h) for h in hs) for hs in layer) for layer in placement.hosts)
@@ -668,7 +668,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
             replicas = len(capacities)
         placement = plan_placement(n_layers, shape.n_experts, piece_bytes, capacities, replicas)
     else:
-        replicas = max(replicas, min(len(hs) for layer in placement.hosts for hs in layer))  # the plan's own
+        replicas = max(replicas, placement.replicas())  # the plan's own
         by_address = {c.address: nid for nid, c in clients.items()}
         renamed = {old: by_address[a] for old, a in (plan_nodes or {}).items()
                    if a in by_address and old != by_address[a] and old not in clients}

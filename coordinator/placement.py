@@ -36,6 +36,10 @@ class Placement:
     def pieces_of(self, node_id: str) -> list[tuple[int, int]]:
         return [(l, e) for l, layer in enumerate(self.hosts) for e, hs in enumerate(layer) if node_id in hs]
 
+    def replicas(self) -> int:
+        """The fewest hosts any piece has (0 when some piece has none)."""
+        return min(len(hs) for layer in self.hosts for hs in layer)
+
     def primary(self, layer: int, expert: int) -> str:
         return self.hosts[layer][expert][0]
 

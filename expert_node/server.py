@@ -104,7 +104,6 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         self.own = Checkpoint(model_dir) if model_dir else None
         self.model_id = ""
         self.shape: ExpertShape | None = None
-        self.n_layers = 0
         self.assigned: dict[tuple[int, int], pb.PieceRef] = {}
         self.local_source: dict[tuple[int, int], str] = {}  # pieces found in our own checkpoint
         self.layers: dict[int, HostedLayer] = {}
@@ -161,7 +160,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         if request.model_id != self.model_id:
             self.layers = {}  # another model: nothing loaded is of use
         # Same model (a placement repair): keep serving the loaded share until Load swaps.
-        self.model_id, self.shape, self.n_layers = request.model_id, shape, n_layers
+        self.model_id, self.shape = request.model_id, shape
         self.assigned = {(p.layer, p.expert): p for p in request.pieces}
         self.local_source = local
         return pb.AssignReply(missing=missing)
@@ -340,9 +339,11 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
                 raise WireError(f"expert_ids: {ids_shape[1]} slots per token, the model routes each token to {k}")
             if n > MAX_REQUEST_TOKENS:
                 raise RequestTooLarge(f"{n} tokens in one request; this node takes at most {MAX_REQUEST_TOKENS}")
-            if self.max_memory and self.weight_bytes() + self.request_bytes(n) > self.max_memory:
-                raise RequestTooLarge(f"{n} tokens need {self.request_bytes(n)} bytes beyond the "
-                                      f"{self.weight_bytes()} of weights within --max-memory {self.max_memory}")
+            if self.max_memory:
+                need, held = self.request_bytes(n), self.weight_bytes()
+                if held + need > self.max_memory:
+                    raise RequestTooLarge(f"{n} tokens need {need} bytes beyond the {held} of weights within "
+                                          f"--max-memory {self.max_memory}")
         x = decode_tensor(request.x, "x", (wire_dtype,), 2, limit=MAX_ACTIVATION)
         ids = decode_tensor(request.expert_ids, "expert_ids", ("i32",), 2)
         if x.shape[1] != self.shape.hidden:
