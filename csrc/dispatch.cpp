@@ -25,13 +25,14 @@ bool cpu_supports(Isa isa) {
         default: return false;
     }
 }
-#if defined(MOEMESH_AMX)
-// AMX tiles when the CPU and kernel allow them, unless MOEMESH_AMX=0 (benchmarks compare the two).
-bool amx_wanted() {
-    const char* env = std::getenv("MOEMESH_AMX");
-    if (env && std::strcmp(env, "0") == 0) return false;
-    return __builtin_cpu_supports("avx512vbmi") && amx_usable();
+// NAME=0 turns an optional CPU feature off (benchmarks compare a path with and without it).
+[[maybe_unused]] bool disabled_by_env(const char* name) {
+    const char* env = std::getenv(name);
+    return env && std::strcmp(env, "0") == 0;
 }
+#if defined(MOEMESH_AMX)
+// AMX tiles when the CPU and kernel allow them, unless MOEMESH_AMX=0.
+bool amx_wanted() { return !disabled_by_env("MOEMESH_AMX") && __builtin_cpu_supports("avx512vbmi") && amx_usable(); }
 #endif
 }  // namespace
 
@@ -40,7 +41,11 @@ const KernelTable* kernel_table(Isa isa) {
     switch (isa) {
         case Isa::Scalar: return &kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
-        case Isa::Avx2: return &kAvx2Kernels;
+        case Isa::Avx2:
+#if defined(MOEMESH_AVXVNNI_BUILT)
+            if (__builtin_cpu_supports("avxvnni") && !disabled_by_env("MOEMESH_AVXVNNI")) return &kAvx2VnniKernels;
+#endif
+            return &kAvx2Kernels;
         case Isa::Avx512:
 #if defined(MOEMESH_AMX)
             if (amx_wanted()) return &kAvx512AmxKernels;
@@ -59,13 +64,28 @@ std::vector<const KernelTable*> all_kernel_tables() {
     for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})
         if (const KernelTable* kt = kernel_table(isa)) tables.push_back(kt);
 #if defined(__x86_64__) || defined(_M_X64)
-    // The other builds of the best AVX-512 path this CPU runs (they must agree bit for bit).
+    // The other builds of the AVX2 and the best AVX-512 path this CPU runs (they must agree bit for bit).
+    if (const KernelTable* avx2 = kernel_table(Isa::Avx2); avx2 && avx2 != &kAvx2Kernels) tables.push_back(&kAvx2Kernels);
     if (const KernelTable* best = kernel_table(Isa::Avx512)) {
         if (__builtin_cpu_supports("avx512vbmi") && best != &kAvx512VbmiKernels) tables.push_back(&kAvx512VbmiKernels);
         if (best != &kAvx512Kernels) tables.push_back(&kAvx512Kernels);
     }
 #endif
     return tables;
+}
+
+const char* table_variant(const KernelTable* kt) {
+#if defined(MOEMESH_AVXVNNI_BUILT)
+    if (kt == &kAvx2VnniKernels) return "vnni";
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+    if (kt == &kAvx512VbmiKernels) return "vbmi";
+#if defined(MOEMESH_AMX)
+    if (kt == &kAvx512AmxKernels) return "amx";
+#endif
+#endif
+    (void)kt;
+    return "";
 }
 
 Isa best_isa() {

@@ -15,6 +15,20 @@ target_compile_options(moemesh_kernels PRIVATE -O3 -fno-fast-math -ffp-contract=
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_avx2.cpp ${MOEMESH_CSRC}/kernels_avx512.cpp)
   set_source_files_properties(${MOEMESH_CSRC}/kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
+  # The AVX2 source again with AVX-VNNI's 256-bit vpdpbusd (Alder Lake, Zen 5 and later laptops):
+  # its own table, chosen at run time when the CPU has it.
+  include(CheckCXXCompilerFlag)
+  check_cxx_compiler_flag("-mavxvnni" MOEMESH_COMPILER_HAS_AVXVNNI)
+  if(MOEMESH_COMPILER_HAS_AVXVNNI)
+    add_library(moemesh_kernels_avx2_vnni OBJECT ${MOEMESH_CSRC}/kernels_avx2.cpp)
+    set_target_properties(moemesh_kernels_avx2_vnni PROPERTIES POSITION_INDEPENDENT_CODE ON)
+    target_include_directories(moemesh_kernels_avx2_vnni PRIVATE ${MOEMESH_CSRC})
+    target_compile_definitions(moemesh_kernels_avx2_vnni PRIVATE MOEMESH_AVXVNNI)
+    target_compile_options(moemesh_kernels_avx2_vnni PRIVATE -O3 -fno-fast-math -ffp-contract=off
+                           -mavx2 -mfma -mf16c -mavxvnni)
+    target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_avx2_vnni>)
+    target_compile_definitions(moemesh_kernels PUBLIC MOEMESH_AVXVNNI_BUILT)
+  endif()
   set(MOEMESH_AVX512_FLAGS -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512vnni)
   set_source_files_properties(${MOEMESH_CSRC}/kernels_avx512.cpp PROPERTIES COMPILE_OPTIONS "${MOEMESH_AVX512_FLAGS}")
   # The same source again with VBMI's byte permutes (Ice Lake, Zen 4 and later): its own table,
@@ -28,7 +42,6 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_avx512_vbmi>)
   # AMX tiles (Sapphire Rapids and later) where the compiler knows them; used only when the CPU
   # has them and the kernel grants the tile state (dispatch.cpp).
-  include(CheckCXXCompilerFlag)
   check_cxx_compiler_flag("-mamx-tile -mamx-int8 -mamx-bf16" MOEMESH_COMPILER_HAS_AMX)
   if(MOEMESH_COMPILER_HAS_AMX)
     target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_amx.cpp)

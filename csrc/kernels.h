@@ -106,6 +106,7 @@ enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
 const KernelTable* kernel_table(Isa isa);  // nullptr when not compiled in or not supported by the CPU
 std::vector<const KernelTable*> all_kernel_tables();  // every table this CPU runs, variants included
+const char* table_variant(const KernelTable* kt);      // "vnni", "vbmi", "amx" or "" (the ISA's base build)
 Isa best_isa();
 Isa active_isa();                          // best_isa() unless MOEMESH_ISA forces one
 const char* isa_name(Isa isa);
@@ -114,6 +115,7 @@ bool parse_isa(const char* name, Isa* out);
 extern const KernelTable kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const KernelTable kAvx2Kernels;
+extern const KernelTable kAvx2VnniKernels;  // the same path with AVX-VNNI dot products (if built)
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512VbmiKernels;  // the same path with VBMI byte permutes
 #if defined(MOEMESH_AMX)

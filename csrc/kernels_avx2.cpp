@@ -1,18 +1,254 @@
-// AVX2 + FMA kernels (compiled with -mavx2 -mfma -mf16c; selected only when the CPU has them).
-// One MXFP4 block (32 weights) per step: nibbles -> doubled int8 through a pshufb table.
+// AVX2 + FMA kernels (-mavx2 -mfma -mf16c; selected only when the CPU has them), the path of most
+// laptops. Built twice: with MOEMESH_AVXVNNI the 8-bit dot products are AVX-VNNI's vpdpbusd (Alder
+// Lake and later), without it vpmaddubsw + vpmaddwd (Haswell and later); both give the same bits.
+//
+// The fast path is the AVX-512 one at half width, in byte_planes.h's layout with chunks of 8
+// blocks: 32-bit lane k of every register belongs to block k, so the weights of a chunk are
+// decoded once for every token, a block's products sum vertically, and one convert and one FMA
+// per token finish 8 blocks. (The first AVX2 path widened each block to int16 and did a scalar
+// scale and a broadcast per block and token: 3.7 GB/s expert decode, llama.cpp 10.3.)
 #include <immintrin.h>
 
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "byte_planes.h"
 #include "formats.h"
 #include "kernels.h"
 #include "x86_common.h"
 
 namespace moemesh {
+namespace avx2 {
 namespace {
 
-void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
-                   const float* const* x, int n_tok, float* out) {
-    __m256 acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
+constexpr int kChunk = 8;
+using planes::Mxfp4OffsetBytes;
+
+// Lanes [0, n) of 8 as a mask for maskload (all of them from 8 on).
+inline __m256i first_lanes(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 32 bytes, or the first n dwords of them (the rest zero, nothing past them read).
+template <bool kFull>
+inline __m256i load_lanes(const void* src, int n) {
+    return kFull ? _mm256_loadu_si256(static_cast<const __m256i*>(src))
+                 : _mm256_maskload_epi32(static_cast<const int*>(src), first_lanes(n));
+}
+
+// Weight bytes (unsigned) times one token's activation planes (signed bytes), 8 planes each for hi
+// and lo: per lane the block's exact sum, hi * 256 + lo. Without VNNI, vpmaddubsw's 16-bit pairs
+// of MXFP4 offset bytes (<= 24) are at most 2 * 24 * 128 = 6144, so four planes add in 16 bits.
+template <bool kFull>
+inline __m256i chunk_dot_offset(const __m256i w[8], const int8_t* planes, int n) {
+    auto plane = [&](int p) { return load_lanes<kFull>(planes + p * 4 * n, n); };
+#if defined(MOEMESH_AVXVNNI)
+    // Four independent chains: one chain of 8 vpdpbusd (5 cycles each) per half made the latency,
+    // not the ports, the limit (expert decode 9.4 GB/s on one core, the same with cached weights).
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int p = 0; p < 8; p += 2)
+        for (int j = 0; j < 2; ++j) {
+            acc[j] = _mm256_dpbusd_avx_epi32(acc[j], w[p + j], plane(p + j));
+            acc[2 + j] = _mm256_dpbusd_avx_epi32(acc[2 + j], w[p + j], plane(8 + p + j));
+        }
+    const __m256i hi = _mm256_add_epi32(acc[0], acc[1]), lo = _mm256_add_epi32(acc[2], acc[3]);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    auto quad = [&](int first) {  // planes first .. first + 3 of the weights' p = first % 8 ..
+        __m256i s = _mm256_maddubs_epi16(w[first % 8], plane(first));
+        for (int p = 1; p < 4; ++p) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[(first + p) % 8], plane(first + p)));
+        return _mm256_madd_epi16(s, ones);
+    };
+    const __m256i hi = _mm256_add_epi32(quad(0), quad(4)), lo = _mm256_add_epi32(quad(8), quad(12));
+#endif
+    return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), lo);
+}
+
+// The first n of 8 scale bytes (nothing past them read), zero-extended to 32-bit lanes.
+template <bool kFull>
+inline __m256i scale_bytes8(const uint8_t* s, int n) {
+    uint64_t bytes = 0;
+    if (kFull) std::memcpy(&bytes, s, 8);
+    else
+        for (int k = 0; k < n; ++k) bytes |= uint64_t(s[k]) << (8 * k);
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(bytes)));
+}
+
+// 8 blocks' MXFP4 scales -> 2^(s-127) as floats: s << 23, except s = 0, the denormal 2^-127
+// (bits 0x00400000, which the unsigned max leaves only to s = 0). The halving of the doubled
+// weights is left to the row's end (exact: a power of two). Lanes past n are exact zeros: a
+// denormal there would cost an Intel core a microcode assist per operand.
+template <bool kFull>
+inline __m256 scales8(const uint8_t* s, int n) {
+    const __m256i e = scale_bytes8<kFull>(s, n);
+    __m256i bits = _mm256_max_epu32(_mm256_slli_epi32(e, 23), _mm256_set1_epi32(0x00400000));
+    if (!kFull) bits = _mm256_and_si256(bits, first_lanes(n));
+    return _mm256_castsi256_ps(bits);
+}
+
+// MXFP4 rows: blocks k and k + 4 of a chunk share a register (a 128-bit half each), two dword
+// unpacks then give register c lane k = code bytes 4c .. 4c + 3 of block k, and a nibble lookup
+// in each half gives the offset bytes of weight planes 2c (low nibbles) and 2c + 1 (high).
+struct Mxfp4Row {
+    // Each block's exact sum of doubled weights times codes (|sum| <= 32 * 12 * 32639 < 2^24, so
+    // the convert is exact), with the offset's share, 12 * (sum of codes), taken back out.
+    static __m256 block_sums(__m256i p, __m256i code_sums) {
+        static_assert(Mxfp4OffsetBytes::kOffset == 12, "the share is 8 s + 4 s");
+        const __m256i share = _mm256_add_epi32(_mm256_slli_epi32(code_sums, 3), _mm256_slli_epi32(code_sums, 2));
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, share));
+    }
+    template <bool kFull>
+    static __m256i dot(const __m256i w[8], const int8_t* planes, int n) {
+        return chunk_dot_offset<kFull>(w, planes, n);
+    }
+    const uint8_t* blocks;
+    const uint8_t* scales;
+
+    // The doubled weights' factor 2, taken out once per row.
+    static constexpr float kRowFactor = 0.5f;
+    template <bool kFull>
+    __m256 scales8(int n, int64_t g0) const {
+        // The scale stream runs 16x slower than the codes: the same lead in time is 1/16 the bytes.
+        _mm_prefetch(reinterpret_cast<const char*>(scales + g0) + kPrefetchFarBytes / 16, _MM_HINT_T0);
+        return avx2::scales8<kFull>(scales + g0, n);
+    }
+    template <bool kFull>
+    void chunk(int64_t g0, int n, __m256i w[8]) const {
+        const __m128i* codes = reinterpret_cast<const __m128i*>(blocks + g0 * Mxfp4::kBlockBytes);
+        x86::prefetch_ahead(codes);
+        x86::prefetch_ahead(codes + 4);
+        auto block = [&](int k) {  // a row's short last chunk reads zeros past its n blocks
+            return kFull ? _mm_loadu_si128(codes + k) : _mm_maskload_epi32(reinterpret_cast<const int*>(codes + k),
+                                                                            _mm_set1_epi32(k < n ? -1 : 0));
+        };
+        auto pair = [&](int k) {  // blocks k and k + 4
+            return _mm256_inserti128_si256(_mm256_castsi128_si256(block(k)), block(k + 4), 1);
+        };
+        const __m256i a0 = pair(0), a1 = pair(1), a2 = pair(2), a3 = pair(3);
+        const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
+        const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
+        const __m256i r[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                              _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+        const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes::kMxfp4OffsetBytes.values));
+        const __m256i low = _mm256_set1_epi8(0x0F);
+        for (int c = 0; c < 4; ++c) {
+            w[2 * c] = _mm256_shuffle_epi8(table, _mm256_and_si256(r[c], low));
+            w[2 * c + 1] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(r[c], 4), low));
+        }
+    }
+};
+
+// Q8 rows: the copy holds a chunk's 8 weight planes as they are used. With VNNI they are offset
+// bytes (value + 128) like the AVX-512 copy's; vpmaddubsw's 16-bit pairs would overflow on those,
+// so without VNNI they stay signed and the sign moves to the activations: |x| * (w * sign x), at
+// most 2 * 128 * 127 = 32512 a pair.
+struct Q8Row {
+#if defined(MOEMESH_AVXVNNI)
+    static constexpr int kOffset = 128;
+    // The share comes out in int32 (|p| <= 32 * 255 * 32639 < 2^31), so both builds convert the
+    // same exact sum.
+    static __m256 block_sums(__m256i p, __m256i code_sums) {
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_slli_epi32(code_sums, 7)));
+    }
+    template <bool kFull>
+    static __m256i dot(const __m256i w[8], const int8_t* planes, int n) {
+        return chunk_dot_offset<kFull>(w, planes, n);
+    }
+#else
+    static constexpr int kOffset = 0;
+    static __m256 block_sums(__m256i p, __m256i) { return _mm256_cvtepi32_ps(p); }
+    template <bool kFull>
+    static __m256i dot(const __m256i w[8], const int8_t* planes, int n) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        auto half = [&](int first) {
+            __m256i s = _mm256_setzero_si256();
+            for (int p = 0; p < 8; ++p) {
+                const __m256i x = load_lanes<kFull>(planes + (first + p) * 4 * n, n);
+                const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w[p], x));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, ones));
+            }
+            return s;
+        };
+        return _mm256_add_epi32(_mm256_slli_epi32(half(0), 8), half(8));
+    }
+#endif
+    const int8_t* values;
+    const uint16_t* scales;
+
+    static constexpr float kRowFactor = 1.f;
+    template <bool kFull>
+    __m256 scales8(int n, int64_t g0) const {
+        const __m128i* s = reinterpret_cast<const __m128i*>(scales + g0);
+        if (kFull) return _mm256_cvtph_ps(_mm_loadu_si128(s));
+        alignas(16) uint16_t tail[kChunk] = {};
+        for (int k = 0; k < n; ++k) tail[k] = scales[g0 + k];
+        return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+    }
+    template <bool kFull>
+    void chunk(int64_t g0, int n, __m256i w[8]) const {
+        const int8_t* v = values + g0 * Q8::kBlock;
+        for (int p = 0; p < 8; ++p) {
+            if (p % 2 == 0) x86::prefetch_ahead(v + 32 * p);
+            w[p] = load_lanes<kFull>(v + 4 * n * p, n);
+        }
+    }
+};
+
+// Per chunk and token: the exact block sums, one FMA with the blocks' combined scales. NT is a
+// template parameter so every token's accumulator stays in a register.
+template <int NT, typename Row>
+void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+    auto step = [&](auto full, int64_t g0, int n) {
+        constexpr bool kFull = decltype(full)::value;
+        const __m256 ws = row.template scales8<kFull>(n, g0);
+        __m256i w[8];
+        row.template chunk<kFull>(g0, n, w);
+        for (int t = 0; t < NT; ++t) {
+            const __m256 d = _mm256_castsi256_ps(load_lanes<kFull>(x[t].d + g0, n));
+            const __m256i p = Row::template dot<kFull>(w, reinterpret_cast<const int8_t*>(x[t].q + g0 * 32), n);
+            acc[t] = _mm256_fmadd_ps(Row::block_sums(p, load_lanes<kFull>(x[t].s + g0, n)), _mm256_mul_ps(ws, d), acc[t]);
+        }
+    };
+    int64_t g0 = 0;
+    for (; g0 + kChunk <= n_blocks; g0 += kChunk) step(std::true_type{}, g0, kChunk);
+    if (g0 < n_blocks) step(std::false_type{}, g0, int(n_blocks - g0));
+    for (int t = 0; t < NT; ++t) out[t] = x86::hsum256(acc[t]) * Row::kRowFactor;
+}
+
+// Calls fn(std::integral_constant<int, n_tok>{}): a runtime token count -> the instantiation for it.
+template <typename Fn, int... N>
+void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
+    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
+}
+template <typename Fn>
+void with_token_count(int n_tok, const Fn& fn) {
+    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
+}
+
+void activation_layout(int16_t* q, int64_t n_blocks) { planes::activation_layout<kChunk>(q, n_blocks); }
+void q8_weight_layout(int8_t* w, int64_t n_blocks) { planes::q8_weight_layout<kChunk, Q8Row::kOffset>(w, n_blocks); }
+
+void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                   float* out) {
+    const Mxfp4Row row{blocks, scales};
+    with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
+}
+
+void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok, float* out) {
+    const Q8Row row{w, scales};
+    with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
+}
+
+// The `exact` path: fp32 activations, one block per step, its 32 weights widened to floats once
+// for every token.
+template <int NT>
+void mxfp4_dot_f32_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* const* x,
+                     float* out) {
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
         x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
@@ -22,7 +258,7 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
         const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1));
         const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e1, 8)));
         const __m256 sc = _mm256_set1_ps(Mxfp4::scale(scales[g]) * 0.5f);
-        for (int t = 0; t < n_tok; ++t) {
+        for (int t = 0; t < NT; ++t) {
             const float* xb = x[t] + g * Mxfp4::kBlock;
             __m256 s = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
             s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), s);
@@ -31,67 +267,61 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
             acc[t] = _mm256_fmadd_ps(s, sc, acc[t]);
         }
     }
-    for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
+    for (int t = 0; t < NT; ++t) out[t] = x86::hsum256(acc[t]);
 }
 
-// One block of 32 int16 weights (w0: elements 0..15, w1: 16..31) with scale ws against every
-// token's int16 block g: exact int32 sums, then one FMA per token.
-inline void accumulate_q16_block(__m256i w0, __m256i w1, float ws, const Q16Row* x, int n_tok, int64_t g,
-                                 __m256* acc) {
-    for (int t = 0; t < n_tok; ++t) {
-        const __m256i* q = reinterpret_cast<const __m256i*>(x[t].q + g * 32);
-        const __m256i p32 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(q)),
-                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(q + 1)));
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(ws * x[t].d[g]), acc[t]);
-    }
+void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* const* x, int n_tok,
+                   float* out) {
+    with_token_count(n_tok, [&](auto nt) { mxfp4_dot_f32_n<decltype(nt)::value>(blocks, scales, n_blocks, x, out); });
 }
 
-void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
-                   int n_tok, float* out) {
-    __m256 acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n_blocks; ++g) {
-        __m128i e0, e1;
-        x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-        x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        accumulate_q16_block(_mm256_cvtepi8_epi16(e0), _mm256_cvtepi8_epi16(e1), Mxfp4::scale(scales[g]) * 0.5f,
-                             x, n_tok, g, acc);
-    }
-    for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
-}
-
-void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
-    __m256 acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
+// bf16 weights 16 at a time: one load, even elements to fp32 by a shift and odd ones by a mask
+// (activations come in that order, bf16_activation_layout), an accumulator for each half.
+template <int NT>
+void bf16_dot_n(const uint16_t* w, int64_t n, const float* const* x, float* out) {
+    __m256 even[NT], odd[NT];
+    for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+    const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
+    for (; i + 16 <= n; i += 16) {
         x86::prefetch_ahead(w + i);
-        const __m256 wf = x86::bf16x8_to_f32(w + i);
-        for (int t = 0; t < n_tok; ++t) acc[t] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x[t] + i), acc[t]);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        for (int t = 0; t < NT; ++t) {
+            even[t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x[t] + i), even[t]);
+            odd[t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x[t] + i + 8), odd[t]);
+        }
     }
-    for (int t = 0; t < n_tok; ++t) {
-        float s = x86::hsum256(acc[t]);
+    for (int t = 0; t < NT; ++t) {
+        float s = x86::hsum256(_mm256_add_ps(even[t], odd[t]));
         for (int64_t j = i; j < n; ++j) s += bf16_to_f32(w[j]) * x[t][j];
         out[t] = s;
     }
 }
 
-void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
-                float* out) {
-    __m256 acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n_blocks; ++g) {
-        const int8_t* wb = w + g * Q8::kBlock;
-        x86::prefetch_ahead(wb);
-        accumulate_q16_block(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb))),
-                             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16))),
-                             _cvtsh_ss(scales[g]), x, n_tok, g, acc);
+// Every full 16-element group of an activation row becomes [even elements | odd elements].
+void bf16_activation_layout(float* x, int64_t n) {
+    for (int64_t c = 0; c + 16 <= n; c += 16) {
+        float tmp[16];
+        for (int j = 0; j < 8; ++j) tmp[j] = x[c + 2 * j], tmp[8 + j] = x[c + 2 * j + 1];
+        std::memcpy(x + c, tmp, sizeof tmp);
     }
-    for (int t = 0; t < n_tok; ++t) out[t] = x86::hsum256(acc[t]);
+}
+
+void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
+    with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
 }
 
 }  // namespace
+}  // namespace avx2
+using namespace avx2;
 
-const KernelTable kAvx2Kernels = {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32, q8_dot_q16, nullptr};
+#if defined(MOEMESH_AVXVNNI)
+const KernelTable kAvx2VnniKernels =
+#else
+const KernelTable kAvx2Kernels =
+#endif
+    {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout,
+     bf16_activation_layout};
 
 }  // namespace moemesh

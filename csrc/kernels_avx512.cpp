@@ -64,37 +64,8 @@ inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : _
 // A short chunk's n lanes of 4 bytes.
 inline __mmask64 lanes_mask(int n) { return bytes_mask(4 * n); }
 
-inline void split_code(int16_t x, int8_t* hi, int8_t* lo) {
-    const int h = (int(x) + 128) >> 8;
-    *hi = int8_t(h);
-    *lo = int8_t(int(x) - 256 * h);
-}
-
-// Rewrites a row chunk by chunk: put(value, tmp, n, k, plane, m) places element 8c + 2m + p of
-// block k (weight plane 2c + p) into tmp, which then replaces the chunk's bytes.
-template <typename T, typename Put>
-void relayout_chunks(T* row, int64_t n_blocks, const Put& put) {
-    int8_t tmp[kChunk * 32 * sizeof(T)];
-    for (int64_t g0 = 0; g0 < n_blocks; g0 += kChunk) {
-        const int n = int(n_blocks - g0 < kChunk ? n_blocks - g0 : kChunk);
-        T* chunk = row + g0 * 32;
-        for (int k = 0; k < n; ++k)
-            for (int e = 0; e < 32; ++e) put(chunk[k * 32 + e], tmp, n, k, 2 * (e / 8) + e % 2, (e % 8) / 2);
-        std::memcpy(chunk, tmp, size_t(n) * 32 * sizeof(T));
-    }
-}
-
-void activation_layout(int16_t* q, int64_t n_blocks) {
-    relayout_chunks(q, n_blocks, [](int16_t x, int8_t* tmp, int n, int k, int plane, int m) {
-        split_code(x, &tmp[plane_byte(plane, n, k, m)], &tmp[plane_byte(8 + plane, n, k, m)]);
-    });
-}
-
-void q8_weight_layout(int8_t* w, int64_t n_blocks) {
-    relayout_chunks(w, n_blocks, [](int8_t x, int8_t* tmp, int n, int k, int plane, int m) {
-        tmp[plane_byte(plane, n, k, m)] = int8_t(x ^ 0x80);
-    });
-}
+void activation_layout(int16_t* q, int64_t n_blocks) { planes::activation_layout<kChunk>(q, n_blocks); }
+void q8_weight_layout(int8_t* w, int64_t n_blocks) { planes::q8_weight_layout<kChunk, 128>(w, n_blocks); }
 
 // The dword picks of the MXFP4 transpose, built at compile time (with the nibble table built per
 // call, they cost ~100 cycles a row).

@@ -487,6 +487,9 @@ PYBIND11_MODULE(_native, m) {
     m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
     m.def("matrix_tiles", [] { return kernel_table(active_isa())->mxfp4_tile_q16 != nullptr; },
           "Whether the active path multiplies many tokens' experts on matrix tiles (AMX; MOEMESH_AMX=0 turns it off).");
+    m.def("kernel_variant", [] { return std::string(table_variant(kernel_table(active_isa()))); },
+          "The build of the active path: 'vnni' (AVX2 with AVX-VNNI; MOEMESH_AVXVNNI=0 turns it off), 'vbmi' or "
+          "'amx' (AVX-512), '' for the ISA's base build.");
     m.def("available_isas", [] {
         std::vector<std::string> names;
         for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon})

@@ -14,6 +14,7 @@ try:
         available_isas,
         bf16_matmul,
         get_threads,
+        kernel_variant,
         matrix_tiles,
         max_abs,
         moe_experts,
@@ -37,5 +38,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 
 def kernel_path() -> str:
-    """The kernels this process runs, as benchmarks print it: the ISA, '+amx' with matrix tiles."""
-    return active_isa() + ("+amx" if matrix_tiles() else "")
+    """The kernels this process runs, as benchmarks print it: the ISA and its build ('avx2+vnni',
+    'avx512+vbmi', 'avx512+amx')."""
+    variant = kernel_variant()
+    return active_isa() + (f"+{variant}" if variant else "")
