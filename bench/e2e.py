@@ -7,8 +7,9 @@
 Prints prefill tok/s, decode tok/s (greedy, and with chat's default sampling: temperature 1,
 top-p 1), time to first token and peak RSS, the CPU model and kernel path, next to the roofline: the
 bytes one decoded token must read (dense weights or their 8-bit copies, the unembedding, 4 experts
-per layer) divided by the read bandwidth of the weights as the engine holds them (mapped, or with
---no-mmap in huge-page memory) measured in the same run, and, given a
+per layer) divided by the bandwidth yardstick (bench/yardstick.py: the best of reading the weights
+as the engine holds them, mapped or with --no-mmap in huge-page memory, with and without
+prefetches, and a STREAM triad) measured in the same run, and, given a
 llama-bench binary and the same checkpoint converted to GGUF (bench/llamacpp_baseline.py says how),
 llama.cpp's prefill and decode measured right after. Last line: one JSON object.
 """
@@ -27,6 +28,7 @@ from coordinator import Engine
 from coordinator.sampling import SamplingParams
 from expert_node import native
 from llamacpp_baseline import llama_bench
+from yardstick import bandwidth, cpu_model
 
 
 def bytes_per_decoded_token(engine: Engine) -> int:
@@ -41,32 +43,16 @@ def bytes_per_decoded_token(engine: Engine) -> int:
     return dense + experts
 
 
-def weights_bandwidth(engine: Engine) -> float:
-    """GB/s reading the weights where the engine holds them, mapped or in memory (the first
-    ~1.2 GB of expert weights, which every configuration reads), median of runs."""
+def weights_bandwidth(engine: Engine) -> dict:
+    """The yardstick (bench/yardstick.py) on the weights where the engine holds them, mapped or in
+    memory: the first ~1.2 GB of expert weights, which every configuration reads."""
     chunks, total = [], 0
     for a in engine.expert_arrays():
         if total > 1.2e9:
             break
         chunks.append(a.reshape(-1).view(np.uint8))
         total += a.nbytes
-    for c in chunks:
-        native.stream_read(c)  # fault the pages in first
-    rates = []
-    for _ in range(7):
-        t = time.perf_counter()
-        for c in chunks:
-            native.stream_read(c)
-        rates.append(total / (time.perf_counter() - t) / 1e9)
-    return float(np.median(rates))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    return bandwidth(chunks)
 
 
 def huge_page_share() -> str:
@@ -96,7 +82,8 @@ def main() -> None:
 
     engine = Engine.load(args.model, precision=args.precision, dense=args.dense, mmap=not args.no_mmap)
     engine.warm()
-    bw = weights_bandwidth(engine)
+    yard = weights_bandwidth(engine)
+    bw = yard["gbps"]
     per_token = bytes_per_decoded_token(engine)
     roofline = bw * 1e9 / per_token
     prompt = np.random.default_rng(0).integers(0, 199_998, args.prompt)
@@ -116,7 +103,9 @@ def main() -> None:
           f"weights: {held}")
     if args.no_mmap:
         print(f"huge pages granted: {huge_page_share()}")
-    print(f"read bandwidth of the weights ({held}): {bw:.1f} GB/s; bytes per decoded token: {per_token / 1e9:.3f} GB")
+    print(f"bandwidth yardstick: {bw:.1f} GB/s, the best of reading the weights ({held}) "
+          f"{yard['read_gbps']:.1f}, with prefetches {yard['prefetch_read_gbps']:.1f}, STREAM triad "
+          f"{yard['triad_gbps']:.1f}; bytes per decoded token: {per_token / 1e9:.3f} GB")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prompt_seconds:.2f} s = {s.prefill_tps:.2f} tok/s")
     print(f"decode:  {s.generated_tokens} tokens, {s.decode_tps:.2f} tok/s "
           f"(roofline {roofline:.2f} tok/s, ratio {s.decode_tps / roofline:.2f}); with chat's default "
@@ -129,7 +118,7 @@ def main() -> None:
         "decode_tps": s.decode_tps, "decode_tps_sampled": sampled_tps, "prefill_tps": s.prefill_tps,
         "ttft_s": s.time_to_first_token,
         "roofline_decode_tps": roofline, "decode_ratio_to_roofline": s.decode_tps / roofline,
-        "bandwidth_gbps": bw, "bytes_per_token": per_token, "peak_rss_gb": peak_rss_gb, "checkpoint_gb": ckpt_gb,
+        "bandwidth_gbps": bw, "bandwidth_readings": yard, "bytes_per_token": per_token, "peak_rss_gb": peak_rss_gb, "checkpoint_gb": ckpt_gb,
     }
     if args.llama_bench:
         del engine, gen, sampled  # llama.cpp's mapping and repacked experts need the memory
@@ -137,7 +126,7 @@ def main() -> None:
         native.park_workers()
         llama = llama_bench(args.llama_bench, args.gguf, args.prompt, args.decode, native.get_threads())
         print(f"llama.cpp {llama['build']}, same run: prefill {llama['prefill_tps']:.2f} tok/s, "
-              f"decode {llama['decode_tps']:.2f} tok/s (from an empty context)")
+              f"decode {llama['decode_tps']:.2f} tok/s (after the {args.prompt}-token prompt, as ours)")
         print(f"moemesh / llama.cpp: prefill {s.prefill_tps / llama['prefill_tps']:.2f}x, "
               f"decode {s.decode_tps / llama['decode_tps']:.2f}x")
         result.update(llamacpp_prefill_tps=llama["prefill_tps"], llamacpp_decode_tps=llama["decode_tps"],

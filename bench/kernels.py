@@ -1,6 +1,7 @@
 """Kernel benchmark on gpt-oss-20b shapes (issue 3); run by hand, not a test.
 
-Measures this machine's read bandwidth in the same run (a STREAM-like read of a huge-page buffer),
+Measures this machine's bandwidth in the same run (bench/yardstick.py: the best of a plain read, a
+prefetching read and a STREAM triad on huge-page memory),
 then for 1 and 2 threads: expert FFN decode (T=1, 4 experts), prefill (T=128 and 512 routed
 over 32 experts), q/k/v/o and the unembedding at T=1 — GB/s of weights, GFLOP/s, time, and
 ratios to the bandwidth and to numpy. Expert decode is also timed on the same 4 experts every
@@ -24,6 +25,7 @@ from coordinator.models.gpt_oss import reference_linear
 from expert_node import native
 from expert_node.checkpoint import huge_page_buffer
 from llamacpp_baseline import backend_ops_experts
+from yardstick import bandwidth, cpu_model
 from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
 
 H, I, E, K = 2880, 2880, 32, 4
@@ -93,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     min_time = 0.3 if args.quick else 1.0
     rng = np.random.default_rng(0)
-    machine = f"{platform.machine()} {platform.processor() or ''} isa={native.kernel_path()}".strip()
+    machine = f"{cpu_model()} ({platform.machine()}) isa={native.kernel_path()}"
     print(f"machine: {machine}, threads available: {native.get_threads()}")
 
     stream_buf = huge_array((1 << 30,), np.uint8, rng)
@@ -127,8 +129,11 @@ def main() -> None:
     rows = []
     for threads in (1, 2):
         native.set_threads(threads)
-        bw = stream_buf.nbytes / timeit(lambda: native.stream_read(stream_buf), min_time) / 1e9
+        yard = bandwidth([stream_buf])
+        bw = yard["gbps"]
         results[f"bandwidth_gbps_t{threads}"] = bw
+        print(f"{threads} thread(s): bandwidth yardstick {bw:.1f} GB/s (read {yard['read_gbps']:.1f}, with "
+              f"prefetches {yard['prefetch_read_gbps']:.1f}, STREAM triad {yard['triad_gbps']:.1f})")
         for precision in ("fast", "exact"):
             def decode():
                 layer, ids = next_decode()

@@ -34,18 +34,22 @@ def read_through(path: str, chunk: int = 64 << 20) -> None:
             pass
 
 
-def llama_bench(binary: str, gguf: str, prompt: int, decode: int, threads: int, repetitions: int = 3) -> dict:
-    """Prefill and decode tok/s of llama-bench on a cached GGUF (its own warm-up run first, then
-    the mean of `repetitions`): {"prefill_tps", "decode_tps", "build"}."""
-    read_through(gguf)
-    cmd = [binary, "-m", gguf, "-p", str(prompt), "-n", str(decode), "-t", str(threads),
-           "-r", str(repetitions), "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def _llama_bench_rows(binary: str, gguf: str, args: list[str]) -> list[dict]:
+    done = subprocess.run([binary, "-m", gguf, *args, "-o", "json"], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    rows = json.loads(done.stdout)
-    prefill = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
-    gen = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == decode)
+    return json.loads(done.stdout)
+
+
+def llama_bench(binary: str, gguf: str, prompt: int, decode: int, threads: int, repetitions: int = 3) -> dict:
+    """Prefill and decode tok/s of llama-bench on a cached GGUF (its own warm-up run first, then
+    the mean of `repetitions`), as our engine runs them: the prompt prefilled from an empty
+    context, the tokens decoded after it (`-d prompt`: attention over the prompt's cache costs
+    both engines the same per token). {"prefill_tps", "decode_tps", "build"}."""
+    read_through(gguf)
+    common = ["-t", str(threads), "-r", str(repetitions)]
+    prefill = _llama_bench_rows(binary, gguf, ["-p", str(prompt), "-n", "0", *common])[0]
+    gen = _llama_bench_rows(binary, gguf, ["-p", "0", "-n", str(decode), "-d", str(prompt), *common])[0]
     return {"prefill_tps": float(prefill["avg_ts"]), "decode_tps": float(gen["avg_ts"]),
             "build": f"{prefill.get('build_commit', '?')} ({prefill.get('cpu_info', '?')})"}
 

@@ -470,13 +470,24 @@ PYBIND11_MODULE(_native, m) {
           py::arg("down_bias"), py::arg("out"), py::arg("precision") = "exact", py::arg("swiglu_alpha") = 1.702f,
           py::arg("swiglu_limit") = 7.0f, py::arg("isa") = py::none(),
           "out[t, slot] = unweighted gpt-oss expert FFN of x[t] for expert_ids[t, slot] (-1 = skip, zeros).");
-    m.def("stream_read", [](const py::buffer& buf) {
+    m.def("stream_read", [](const py::buffer& buf, bool prefetch) {
         py::buffer_info info = buf.request();
         const auto* p = static_cast<const uint8_t*>(info.ptr);
         const int64_t n = int64_t(info.size) * int64_t(info.itemsize);
         py::gil_scoped_release nogil;
-        return stream_read(p, n);
-    }, py::arg("buf"), "Read every byte of a buffer with all threads (bandwidth benchmark); xor checksum.");
+        return stream_read(p, n, prefetch);
+    }, py::arg("buf"), py::arg("prefetch") = true,
+          "Read every byte of a buffer with all threads (bandwidth benchmark); xor checksum.");
+    m.def("stream_triad", [](py::array_t<float, py::array::c_style> a, py::array_t<float, py::array::c_style> b,
+                             py::array_t<float, py::array::c_style> c, float scalar) {
+        if (b.size() != a.size() || c.size() != a.size()) fail("stream_triad: a, b and c must have one size");
+        float* pa = a.mutable_data();
+        const float *pb = b.data(), *pc = c.data();
+        const int64_t n = int64_t(a.size());
+        py::gil_scoped_release nogil;
+        stream_triad(pa, pb, pc, scalar, n);
+    }, py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("c").noconvert(), py::arg("scalar"),
+          "STREAM triad a = b + scalar * c with all threads (bandwidth benchmark).");
     m.def("set_threads", [](int n) {
         if (n < 0) fail("n: thread count must be >= 0 (0 = all cores)");
         set_global_threads(n);

@@ -265,14 +265,30 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
     });
 }
 
+// Rows of row_bytes that every token pass can re-read from L2: a quarter of it, as two hardware
+// threads may share one. (A task's 256 bf16 rows of 2880 are 1.5 MB: re-read from L3 for every
+// pass, the AVX2 prefill matmul ran at 37-75 GFLOP/s on two threads.)
+int64_t rows_held_in_l2(int64_t row_bytes) {
+    static const int64_t l2_bytes = [] {
+        const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        return v > 0 ? int64_t(v) : int64_t(256 << 10);
+    }();
+    return std::max<int64_t>(8, l2_bytes / 4 / std::max<int64_t>(row_bytes, 1));
+}
+
 // Calls dot(r, t0, cnt) for every row of [0, N) and every pass of up to kMaxTokens tokens, in
-// parallel over row tasks; within a task, each pass goes over all of the task's rows while its
-// activations stay in L1. Each (row, pass) is one call, so results do not depend on the grouping.
+// parallel over row tasks; within a task, each pass goes over a block of rows that stays in L2
+// while its activations stay in L1. Each (row, pass) is one call, so results do not depend on the
+// grouping.
 template <typename Dot>
-void for_rows_and_token_passes(int64_t N, int64_t T, const Dot& dot, int pass = kMaxTokens) {
+void for_rows_and_token_passes(int64_t N, int64_t T, int64_t row_bytes, const Dot& dot, int pass = kMaxTokens) {
+    const int64_t block = rows_held_in_l2(row_bytes);
     for_ranges(N, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-        for (int64_t t0 = 0; t0 < T; t0 += pass)
-            for (int64_t r = r0; r < r1; ++r) dot(r, t0, int(std::min<int64_t>(pass, T - t0)));
+        for (int64_t b0 = r0; b0 < r1; b0 += block) {
+            const int64_t b1 = std::min(r1, b0 + block);
+            for (int64_t t0 = 0; t0 < T; t0 += pass)
+                for (int64_t r = b0; r < b1; ++r) dot(r, t0, int(std::min<int64_t>(pass, T - t0)));
+        }
     });
 }
 
@@ -333,7 +349,7 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
     }
     // Rows [r_begin, N) x tokens [t_begin, t_end) on the vector kernels.
     auto vector_part = [&](int64_t r_begin, int64_t t_begin, int64_t t_end) {
-        for_rows_and_token_passes(N - r_begin, t_end - t_begin, [&](int64_t i, int64_t i0, int cnt) {
+        for_rows_and_token_passes(N - r_begin, t_end - t_begin, K * 2, [&](int64_t i, int64_t i0, int cnt) {
             const int64_t r = r_begin + i, t0 = t_begin + i0;
             const float* xs[kMaxTokens];
             float res[kMaxTokens];
@@ -381,7 +397,7 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
             kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, n, tiled.groups, tiled.n_groups(), res);
         }, [](int64_t) { return 0.f; }, N, y);
     const int64_t t_rest = tiled.n;
-    for_rows_and_token_passes(N, T - t_rest, [&](int64_t r, int64_t i0, int cnt) {
+    for_rows_and_token_passes(N, T - t_rest, K + nb * 2, [&](int64_t r, int64_t i0, int cnt) {
         Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
         for (int j = 0; j < cnt; ++j) xs[j] = act.row(t_rest + i0 + j);
@@ -595,7 +611,7 @@ void add_experts(const float* x, const float* outputs, const float* weights, int
         }
 }
 
-uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
+uint64_t stream_read(const uint8_t* buf, int64_t n_bytes, bool prefetch) {
     constexpr int64_t kChunk = 1 << 20;
     const int64_t n_chunks = (n_bytes + kChunk - 1) / kChunk;
     std::vector<uint64_t> partial(static_cast<size_t>(n_chunks), 0);
@@ -603,11 +619,12 @@ uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
         const int64_t end = std::min(n_bytes, (c + 1) * kChunk) / 8 * 8;
         uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int64_t i = c * kChunk;
-        // One cache line per step, prefetched as far ahead as the kernels do (the fastest read
-        // this machine allows is the fair yardstick for them).
+        // One cache line per step, with prefetches as far ahead as the kernels issue them, or none.
         for (; i + 64 <= end; i += 64) {
-            __builtin_prefetch(buf + i + kPrefetchFarBytes, 0, 2);
-            __builtin_prefetch(buf + i + kPrefetchBytes, 0, 3);
+            if (prefetch) {
+                __builtin_prefetch(buf + i + kPrefetchFarBytes, 0, 2);
+                __builtin_prefetch(buf + i + kPrefetchBytes, 0, 3);
+            }
             for (int j = 0; j < 8; ++j) {
                 uint64_t v;
                 std::memcpy(&v, buf + i + 8 * j, 8);
@@ -624,5 +641,13 @@ uint64_t stream_read(const uint8_t* buf, int64_t n_bytes) {
     uint64_t x = 0;
     for (uint64_t p : partial) x ^= p;
     return x;
+}
+
+void stream_triad(float* a, const float* b, const float* c, float scalar, int64_t n) {
+    constexpr int64_t kChunk = 1 << 18;
+    global_pool().parallel_for((n + kChunk - 1) / kChunk, [&](int64_t k) {
+        const int64_t end = std::min(n, (k + 1) * kChunk);
+        for (int64_t i = k * kChunk; i < end; ++i) a[i] = b[i] + scalar * c[i];
+    });
 }
 }  // namespace moemesh

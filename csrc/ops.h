@@ -89,7 +89,9 @@ void router_topk(const float* logits, int64_t T, int64_t E, int64_t k, int32_t* 
 void add_experts(const float* x, const float* outputs, const float* weights, int64_t T, int64_t k, int64_t H,
                  float* out);
 
-// Reads every byte of buf once with all threads (a STREAM-like read for benchmarks); returns an
-// xor checksum so the reads cannot be optimised away.
-uint64_t stream_read(const uint8_t* buf, int64_t n_bytes);
+// Reads every byte of buf once with all threads (a STREAM-like read for benchmarks), with the
+// kernels' prefetches or without; returns an xor checksum so the reads cannot be optimised away.
+uint64_t stream_read(const uint8_t* buf, int64_t n_bytes, bool prefetch);
+// STREAM's triad, a = b + scalar * c, with all threads: the bandwidth yardstick's third reading.
+void stream_triad(float* a, const float* b, const float* c, float scalar, int64_t n);
 }  // namespace moemesh

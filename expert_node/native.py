@@ -32,6 +32,7 @@ try:
         router_topk,
         set_threads,
         stream_read,
+        stream_triad,
     )
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError(f"moemesh native kernels are not built ({e}); run `pip install .` in the repository") from e
