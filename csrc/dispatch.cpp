@@ -3,6 +3,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 #include "kernels.h"
 
@@ -30,6 +34,10 @@ bool cpu_supports(Isa isa) {
     const char* env = std::getenv(name);
     return env && std::strcmp(env, "0") == 0;
 }
+#if defined(__aarch64__)
+// The dot-product instructions when Linux reports them, unless MOEMESH_DOTPROD=0.
+bool neon_dot_usable() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) && !disabled_by_env("MOEMESH_DOTPROD"); }
+#endif
 #if defined(MOEMESH_AMX)
 // AMX tiles when the CPU and kernel allow them, unless MOEMESH_AMX=0.
 bool amx_wanted() { return !disabled_by_env("MOEMESH_AMX") && __builtin_cpu_supports("avx512vbmi") && amx_usable(); }
@@ -53,7 +61,7 @@ const KernelTable* kernel_table(Isa isa) {
             return __builtin_cpu_supports("avx512vbmi") ? &kAvx512VbmiKernels : &kAvx512Kernels;
 #endif
 #if defined(__aarch64__)
-        case Isa::Neon: return &kNeonKernels;
+        case Isa::Neon: return neon_dot_usable() ? &kNeonDotKernels : &kNeonKernels;
 #endif
         default: return nullptr;
     }
@@ -71,6 +79,9 @@ std::vector<const KernelTable*> all_kernel_tables() {
         if (best != &kAvx512Kernels) tables.push_back(&kAvx512Kernels);
     }
 #endif
+#if defined(__aarch64__)
+    if (neon_dot_usable()) tables.push_back(&kNeonKernels);  // the baseline build beside the sdot one
+#endif
     return tables;
 }
 
@@ -83,6 +94,9 @@ const char* table_variant(const KernelTable* kt) {
 #if defined(MOEMESH_AMX)
     if (kt == &kAvx512AmxKernels) return "amx";
 #endif
+#endif
+#if defined(__aarch64__)
+    if (kt == &kNeonDotKernels) return "dotprod";
 #endif
     (void)kt;
     return "";

@@ -52,4 +52,13 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   endif()
 elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64")
   target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_neon.cpp)
+  # The same source again with the dot-product instructions (ARMv8.2 sdot: Cortex-A55/A76 and
+  # later), chosen at run time from HWCAP; the baseline build stays for the Cortex-A72.
+  add_library(moemesh_kernels_neon_dot OBJECT ${MOEMESH_CSRC}/kernels_neon.cpp)
+  set_target_properties(moemesh_kernels_neon_dot PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_include_directories(moemesh_kernels_neon_dot PRIVATE ${MOEMESH_CSRC})
+  target_compile_definitions(moemesh_kernels_neon_dot PRIVATE MOEMESH_DOTPROD)
+  target_compile_options(moemesh_kernels_neon_dot PRIVATE -O3 -fno-fast-math -ffp-contract=off
+                         -march=armv8.2-a+dotprod)
+  target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_neon_dot>)
 endif()

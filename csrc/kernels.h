@@ -106,7 +106,7 @@ enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
 const KernelTable* kernel_table(Isa isa);  // nullptr when not compiled in or not supported by the CPU
 std::vector<const KernelTable*> all_kernel_tables();  // every table this CPU runs, variants included
-const char* table_variant(const KernelTable* kt);      // "vnni", "vbmi", "amx" or "" (the ISA's base build)
+const char* table_variant(const KernelTable* kt);  // "vnni", "vbmi", "amx", "dotprod" or "" (the ISA's base build)
 Isa best_isa();
 Isa active_isa();                          // best_isa() unless MOEMESH_ISA forces one
 const char* isa_name(Isa isa);
@@ -125,6 +125,7 @@ bool amx_usable();                            // the CPU has AMX-INT8/BF16 and L
 #endif
 #if defined(__aarch64__)
 extern const KernelTable kNeonKernels;
+extern const KernelTable kNeonDotKernels;  // the same path with the dot-product instructions
 #endif
 
 }  // namespace moemesh

@@ -1,6 +1,10 @@
-// NEON kernels for AArch64 (phones, Raspberry Pi). Baseline ARMv8 only, so the same build runs on
-// a Cortex-A72 Pi: int16 products go through vmlal_s16.
+// NEON kernels for AArch64 (phones, Raspberry Pi), built twice: baseline ARMv8, which runs on a
+// Cortex-A72 Pi, and with MOEMESH_DOTPROD for the dot-product instructions (ARMv8.2 sdot).
 #include <arm_neon.h>
+
+#include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "formats.h"
 #include "kernels.h"
@@ -55,34 +59,154 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
 }
 
-// One block of 32 int8 weights (e0: elements 0..15, e1: 16..31) with scale ws against every token's
-// int16 block g: exact int32 sums through vmlal_s16, then one FMA per token.
-inline void accumulate_q16_block(int8x16_t e0, int8x16_t e1, float ws, const Q16Row* x, int n_tok, int64_t g,
-                                 float32x4_t* acc) {
+// The fast path: per block and token the exact int32 sum of weights times int16 codes, then the
+// scalar path's own float steps (acc += float(sum) * (ws * d), block by block), so its results are
+// the scalar kernels' to the bit whichever instructions made the integer sums.
+//
+// Integer sums, two ways. Baseline ARMv8 (Cortex-A53/A72, the Raspberry Pi 3 and 4): int8 weights
+// widened to int16 and multiplied through vmlal_s16, codes in element order. With the dot-product
+// extension (every phone core since Cortex-A55/A76, chosen from HWCAP at run time): codes split
+// into signed bytes x = 256 hi + lo (Q16Block::kMax keeps both in [-128, 127]) and laid out per
+// block as [hi of even elements | hi of odd | lo of even | lo of odd], 16 bytes each, which is how
+// an MXFP4 block's low and high nibbles come out of the table lookup: four sdot per block and token.
+#if defined(MOEMESH_DOTPROD)
+// A row of int16 codes -> each block's four byte planes (the q16_layout of the dot-product table).
+void activation_layout(int16_t* q, int64_t n_blocks) {
+    for (int64_t g = 0; g < n_blocks; ++g) {
+        int16_t* block = q + g * 32;
+        int8_t planes[64];
+        for (int e = 0; e < 32; ++e) {
+            const int h = (int(block[e]) + 128) >> 8;
+            planes[(e % 2) * 16 + e / 2] = int8_t(h);
+            planes[32 + (e % 2) * 16 + e / 2] = int8_t(int(block[e]) - 256 * h);
+        }
+        std::memcpy(block, planes, sizeof planes);
+    }
+}
+
+// A row of Q8 values -> per block [even elements | odd elements], as MXFP4 nibbles decode.
+void q8_weight_layout(int8_t* w, int64_t n_blocks) {
+    for (int64_t g = 0; g < n_blocks; ++g) {
+        int8_t* block = w + g * 32, tmp[32];
+        for (int e = 0; e < 32; ++e) tmp[(e % 2) * 16 + e / 2] = block[e];
+        std::memcpy(block, tmp, sizeof tmp);
+    }
+}
+
+// Partial sums of one block against a token's four planes: the lanes add up to its exact sum.
+inline int32x4_t block_partials(int8x16_t even, int8x16_t odd, const int16_t* codes) {
+    const int8_t* planes = reinterpret_cast<const int8_t*>(codes);
+    int32x4_t hi = vdotq_s32(vdupq_n_s32(0), even, vld1q_s8(planes));
+    hi = vdotq_s32(hi, odd, vld1q_s8(planes + 16));
+    int32x4_t lo = vdotq_s32(vdupq_n_s32(0), even, vld1q_s8(planes + 32));
+    lo = vdotq_s32(lo, odd, vld1q_s8(planes + 48));
+    return vaddq_s32(vshlq_n_s32(hi, 8), lo);
+}
+
+// One MXFP4 block's 32 doubled weights as [even | odd] elements.
+inline void mxfp4_weights(const uint8_t* codes, int8x16_t w[2]) {
+    const int8x16_t lut = vld1q_s8(Mxfp4::kDoubled);
+    const uint8x16_t b = vld1q_u8(codes);
+    w[0] = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F)));
+    w[1] = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+}
+#else
+// Partial sums of one block of int8 weights (elements 0..15, 16..31) against a token's codes.
+inline int32x4_t block_partials(int8x16_t e0, int8x16_t e1, const int16_t* q) {
     const int16x8_t w[4] = {vmovl_s8(vget_low_s8(e0)), vmovl_s8(vget_high_s8(e0)),
                             vmovl_s8(vget_low_s8(e1)), vmovl_s8(vget_high_s8(e1))};
-    for (int t = 0; t < n_tok; ++t) {
-        const int16_t* q = x[t].q + g * 32;
-        int32x4_t s = vdupq_n_s32(0);
-        for (int i = 0; i < 4; ++i) {
-            const int16x8_t qi = vld1q_s16(q + 8 * i);
-            s = vmlal_s16(s, vget_low_s16(w[i]), vget_low_s16(qi));
-            s = vmlal_s16(s, vget_high_s16(w[i]), vget_high_s16(qi));
-        }
-        acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), ws * x[t].d[g]);
+    int32x4_t s = vdupq_n_s32(0);
+    for (int i = 0; i < 4; ++i) {
+        const int16x8_t qi = vld1q_s16(q + 8 * i);
+        s = vmlal_s16(s, vget_low_s16(w[i]), vget_low_s16(qi));
+        s = vmlal_s16(s, vget_high_s16(w[i]), vget_high_s16(qi));
     }
+    return s;
+}
+
+// One MXFP4 block's 32 doubled weights in element order.
+inline void mxfp4_weights(const uint8_t* codes, int8x16_t w[2]) { decode_block_i8(codes, &w[0], &w[1]); }
+#endif
+
+struct Mxfp4Row {
+    const uint8_t* blocks;
+    const uint8_t* scales;
+    void weights(int64_t g, int8x16_t w[2]) const {
+        __builtin_prefetch(blocks + g * Mxfp4::kBlockBytes + kPrefetchBytes);
+        mxfp4_weights(blocks + g * Mxfp4::kBlockBytes, w);
+    }
+    float scale(int64_t g) const { return Mxfp4::scale(scales[g]) * 0.5f; }
+    // Four blocks' scale(g + k): 2^(s-127) from bits (s = 0: the denormal 2^-127), halved.
+    float32x4_t scales4(int64_t g) const {
+        uint32_t four;
+        std::memcpy(&four, scales + g, 4);
+        const uint32x4_t e = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(four))));
+        const uint32x4_t bits = vbslq_u32(vceqzq_u32(e), vdupq_n_u32(0x00400000u), vshlq_n_u32(e, 23));
+        return vmulq_n_f32(vreinterpretq_f32_u32(bits), 0.5f);
+    }
+};
+
+struct Q8Row {
+    const int8_t* values;
+    const uint16_t* scales;
+    void weights(int64_t g, int8x16_t w[2]) const {
+        __builtin_prefetch(values + g * Q8::kBlock + kPrefetchBytes);
+        w[0] = vld1q_s8(values + g * Q8::kBlock);
+        w[1] = vld1q_s8(values + g * Q8::kBlock + 16);
+    }
+    float scale(int64_t g) const { return f16_to_f32(scales[g]); }
+    float32x4_t scales4(int64_t g) const { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(scales + g))); }
+};
+
+// Per block and token acc += float(sum) * (ws * d), in block order: the scalar kernels' float
+// steps, so the same bits. Four blocks at a time their sums, scales and products are vectors
+// (lane k = block g + k) and only the additions go one by one. NT is a template parameter so the
+// token loop unrolls.
+template <int NT, typename Row>
+void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
+    float acc[NT] = {};
+    int64_t g = 0;
+    for (; g + 4 <= n_blocks; g += 4) {
+        int8x16_t w[4][2];
+        for (int k = 0; k < 4; ++k) row.weights(g + k, w[k]);
+        const float32x4_t ws = row.scales4(g);
+        for (int t = 0; t < NT; ++t) {
+            const int16_t* q = x[t].q + g * 32;
+            const int32x4_t sums = vpaddq_s32(vpaddq_s32(block_partials(w[0][0], w[0][1], q),
+                                                         block_partials(w[1][0], w[1][1], q + 32)),
+                                              vpaddq_s32(block_partials(w[2][0], w[2][1], q + 64),
+                                                         block_partials(w[3][0], w[3][1], q + 96)));
+            const float32x4_t p = vmulq_f32(vcvtq_f32_s32(sums), vmulq_f32(ws, vld1q_f32(x[t].d + g)));
+            acc[t] += vgetq_lane_f32(p, 0);
+            acc[t] += vgetq_lane_f32(p, 1);
+            acc[t] += vgetq_lane_f32(p, 2);
+            acc[t] += vgetq_lane_f32(p, 3);
+        }
+    }
+    for (; g < n_blocks; ++g) {
+        int8x16_t w[2];
+        row.weights(g, w);
+        const float ws = row.scale(g);
+        for (int t = 0; t < NT; ++t)
+            acc[t] += float(vaddvq_s32(block_partials(w[0], w[1], x[t].q + g * 32))) * (ws * x[t].d[g]);
+    }
+    for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
+
+// Calls fn(std::integral_constant<int, n_tok>{}): a runtime token count -> the instantiation for it.
+template <typename Fn, int... N>
+void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
+    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
+}
+template <typename Fn>
+void with_token_count(int n_tok, const Fn& fn) {
+    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
-    float32x4_t acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = vdupq_n_f32(0.f);
-    for (int64_t g = 0; g < n_blocks; ++g) {
-        int8x16_t e0, e1;
-        decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
-        accumulate_q16_block(e0, e1, Mxfp4::scale(scales[g]) * 0.5f, x, n_tok, g, acc);
-    }
-    for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
+    const Mxfp4Row row{blocks, scales};
+    with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
@@ -102,17 +226,17 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
 
 void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
                 float* out) {
-    float32x4_t acc[kMaxTokens];
-    for (int t = 0; t < kMaxTokens; ++t) acc[t] = vdupq_n_f32(0.f);
-    for (int64_t g = 0; g < n_blocks; ++g) {
-        const float ws = vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(scales[g]))), 0);
-        accumulate_q16_block(vld1q_s8(w + g * Q8::kBlock), vld1q_s8(w + g * Q8::kBlock + 16), ws, x, n_tok, g, acc);
-    }
-    for (int t = 0; t < n_tok; ++t) out[t] = hsum(acc[t]);
+    const Q8Row row{w, scales};
+    with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
 }  // namespace
 
+#if defined(MOEMESH_DOTPROD)
+const KernelTable kNeonDotKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout,
+                                     bf16_dot_f32, q8_dot_q16,    q8_weight_layout};
+#else
 const KernelTable kNeonKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32, q8_dot_q16, nullptr};
+#endif
 
 }  // namespace moemesh
