@@ -5,6 +5,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moemesh {
@@ -13,6 +15,18 @@ namespace moemesh {
 // task's rows go by (their q16 planes are 23 KB at gpt-oss's 2880); with 8 they were re-read from
 // L2 for every row: expert prefill 130 -> 185 GFLOP/s, q8 123 -> 158 (AVX-512, 2 threads).
 constexpr int kMaxTokens = 4;
+
+// Calls fn(std::integral_constant<int, n_tok>{}) for n_tok in [1, kMaxTokens]: a runtime token
+// count -> a kernel instantiated for it, so every token's accumulators stay in registers. (Each ISA
+// file calls it with its own lambdas, so no two files share an instantiation.)
+template <typename Fn, int... N>
+void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
+    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
+}
+template <typename Fn>
+void with_token_count(int n_tok, const Fn& fn) {
+    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
+}
 
 // How far ahead weight streams are prefetched (kernels, and the bandwidth yardstick that must read
 // as well as they do). Weights come from a file mapping with 4 KiB pages, where hardware

@@ -10,8 +10,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <type_traits>
-#include <utility>
 
 #include "byte_planes.h"
 #include "formats.h"
@@ -218,16 +216,6 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) out[t] = x86::hsum256(acc[t]) * Row::kRowFactor;
 }
 
-// Calls fn(std::integral_constant<int, n_tok>{}): a runtime token count -> the instantiation for it.
-template <typename Fn, int... N>
-void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
-    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
-}
-template <typename Fn>
-void with_token_count(int n_tok, const Fn& fn) {
-    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
-}
-
 void activation_layout(int16_t* q, int64_t n_blocks) { planes::activation_layout<kChunk>(q, n_blocks); }
 void q8_weight_layout(int8_t* w, int64_t n_blocks) { planes::q8_weight_layout<kChunk, Q8Row::kOffset>(w, n_blocks); }
 
@@ -299,14 +287,7 @@ void bf16_dot_n(const uint16_t* w, int64_t n, const float* const* x, float* out)
     }
 }
 
-// Every full 16-element group of an activation row becomes [even elements | odd elements].
-void bf16_activation_layout(float* x, int64_t n) {
-    for (int64_t c = 0; c + 16 <= n; c += 16) {
-        float tmp[16];
-        for (int j = 0; j < 8; ++j) tmp[j] = x[c + 2 * j], tmp[8 + j] = x[c + 2 * j + 1];
-        std::memcpy(x + c, tmp, sizeof tmp);
-    }
-}
+void bf16_activation_layout(float* x, int64_t n) { x86::even_odd_layout<16>(x, n); }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
     with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });

@@ -4,9 +4,6 @@
 // of offset bytes and 8-bit VNNI (vpdpbusd) against activation codes split into bytes.
 #include <immintrin.h>
 
-#include <cstring>
-#include <type_traits>
-#include <utility>
 
 #include "attention.h"
 #include "avx512_layout.h"
@@ -197,16 +194,6 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
 }
 
-// Calls fn(std::integral_constant<int, n_tok>{}): a runtime token count -> the instantiation for it.
-template <typename Fn, int... N>
-void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
-    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
-}
-template <typename Fn>
-void with_token_count(int n_tok, const Fn& fn) {
-    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
-}
-
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
                    int n_tok, float* out) {
     const Mxfp4Row row(blocks, scales);
@@ -247,14 +234,7 @@ void bf16_dot_n(const uint16_t* w, int64_t n, const float* const* x, float* out)
     }
 }
 
-// Every full 32-element chunk of an activation row becomes [even elements | odd elements].
-void bf16_activation_layout(float* x, int64_t n) {
-    for (int64_t c = 0; c + 32 <= n; c += 32) {
-        float tmp[32];
-        for (int j = 0; j < 16; ++j) tmp[j] = x[c + 2 * j], tmp[16 + j] = x[c + 2 * j + 1];
-        std::memcpy(x + c, tmp, sizeof tmp);
-    }
-}
+void bf16_activation_layout(float* x, int64_t n) { x86::even_odd_layout<32>(x, n); }
 
 void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
     with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });

@@ -3,8 +3,6 @@
 #include <arm_neon.h>
 
 #include <cstring>
-#include <type_traits>
-#include <utility>
 
 #include "formats.h"
 #include "kernels.h"
@@ -191,16 +189,6 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
             acc[t] += float(vaddvq_s32(block_partials(w[0], w[1], x[t].q + g * 32))) * (ws * x[t].d[g]);
     }
     for (int t = 0; t < NT; ++t) out[t] = acc[t];
-}
-
-// Calls fn(std::integral_constant<int, n_tok>{}): a runtime token count -> the instantiation for it.
-template <typename Fn, int... N>
-void with_token_count(int n_tok, const Fn& fn, std::integer_sequence<int, N...>) {
-    ((n_tok == N + 1 ? fn(std::integral_constant<int, N + 1>{}) : void()), ...);
-}
-template <typename Fn>
-void with_token_count(int n_tok, const Fn& fn) {
-    with_token_count(n_tok, fn, std::make_integer_sequence<int, kMaxTokens>{});
 }
 
 void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,

@@ -265,14 +265,17 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
     });
 }
 
+// A cache's size as Linux reports it (sysconf name), or `fallback` where it reports none.
+int64_t cache_bytes(int name, int64_t fallback) {
+    const long v = sysconf(name);
+    return v > 0 ? int64_t(v) : fallback;
+}
+
 // Rows of row_bytes that every token pass can re-read from L2: a quarter of it, as two hardware
 // threads may share one. (A task's 256 bf16 rows of 2880 are 1.5 MB: re-read from L3 for every
 // pass, the AVX2 prefill matmul ran at 37-75 GFLOP/s on two threads.)
 int64_t rows_held_in_l2(int64_t row_bytes) {
-    static const int64_t l2_bytes = [] {
-        const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-        return v > 0 ? int64_t(v) : int64_t(256 << 10);
-    }();
+    static const int64_t l2_bytes = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 256 << 10);
     return std::max<int64_t>(8, l2_bytes / 4 / std::max<int64_t>(row_bytes, 1));
 }
 
@@ -296,10 +299,7 @@ void for_rows_and_token_passes(int64_t N, int64_t T, int64_t row_bytes, const Do
 // L1 data cache while the weights stream by (K = 2880 on a 48 KB L1: 3 tokens, 108-111 GFLOP/s;
 // 4 tokens spill to L2, 79-90). Results do not depend on it: each token sums on its own.
 int bf16_tokens_per_pass(int64_t K) {
-    static const int64_t l1_bytes = [] {
-        const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-        return v > 0 ? int64_t(v) : int64_t(32768);
-    }();
+    static const int64_t l1_bytes = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32768);
     return int(std::clamp<int64_t>(l1_bytes * 3 / 4 / (K * int64_t(sizeof(float))), 1, kMaxTokens));
 }
 

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "formats.h"
 #include "kernels.h"
@@ -35,6 +36,18 @@ static inline float hsum256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+// Every full kGroup-element group of an activation row becomes [even elements | odd elements]:
+// the order in which the bf16 kernels widen a register of weights (even ones by a shift, odd ones
+// by a mask).
+template <int kGroup>
+void even_odd_layout(float* x, int64_t n) {
+    for (int64_t c = 0; c + kGroup <= n; c += kGroup) {
+        float tmp[kGroup];
+        for (int j = 0; j < kGroup / 2; ++j) tmp[j] = x[c + 2 * j], tmp[kGroup / 2 + j] = x[c + 2 * j + 1];
+        std::memcpy(x + c, tmp, sizeof tmp);
+    }
 }
 
 static inline __m256 bf16x8_to_f32(const uint16_t* p) {
