@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "byte_planes.h"
+#include "fma_tiles.h"
 #include "formats.h"
 #include "kernels.h"
 #include "x86_common.h"
@@ -293,6 +294,26 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
 }
 
+// fma_tiles' lanes: 8 rows per register; 2 x 6 accumulators, the strip's two weight registers and
+// a broadcast fill 15 of the 16 registers.
+struct TileLanes {
+    static constexpr int kLanes = 8, kTokens = 6;
+    using F = __m256;
+    static F zero() { return _mm256_setzero_ps(); }
+    static __m256i words(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static F even_elements(const uint32_t* p) { return _mm256_castsi256_ps(_mm256_slli_epi32(words(p), 16)); }
+    static F odd_elements(const uint32_t* p) {
+        return _mm256_castsi256_ps(_mm256_and_si256(words(p), _mm256_set1_epi32(int(0xFFFF0000u))));
+    }
+    static F broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static void store(float* p, F v) { _mm256_store_ps(p, v); }
+};
+
+void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out) {
+    fma_tiles::tile_f32<TileLanes>(w, K, n_rows, packed, n_groups, out);
+}
+
 }  // namespace
 }  // namespace avx2
 using namespace avx2;
@@ -303,6 +324,7 @@ const KernelTable kAvx2VnniKernels =
 const KernelTable kAvx2Kernels =
 #endif
     {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout,
-     bf16_activation_layout};
+     bf16_activation_layout, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+     fma_tiles::tile_bytes, fma_tiles::tile_pack, bf16_tile_f32};
 
 }  // namespace moemesh

@@ -7,6 +7,7 @@
 
 #include "attention.h"
 #include "avx512_layout.h"
+#include "fma_tiles.h"
 #include "formats.h"
 #include "kernels.h"
 #include "kernels_amx.h"
@@ -411,6 +412,28 @@ void attend_group(const float* q, int group, const float* k, const float* v, int
     });
 }
 
+// fma_tiles' lanes (the bf16 prefill of CPUs without AMX, Zen 4's among them): 16 rows per
+// register, 2 x 8 accumulators of the 32 registers. (Zen 4's vdpbf16ps multiplies bf16 by bf16:
+// exact fp32 products need the activations split into three bf16 parts as the AMX path does,
+// three instructions per pair of elements where the widened-weight FMA needs two.)
+struct TileLanes {
+    static constexpr int kLanes = 16, kTokens = 8;
+    using F = __m512;
+    static F zero() { return _mm512_setzero_ps(); }
+    static __m512i words(const uint32_t* p) { return _mm512_loadu_si512(p); }
+    static F even_elements(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(words(p), 16)); }
+    static F odd_elements(const uint32_t* p) {
+        return _mm512_castsi512_ps(_mm512_and_si512(words(p), _mm512_set1_epi32(int(0xFFFF0000u))));
+    }
+    static F broadcast(const float* p) { return _mm512_set1_ps(*p); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static void store(float* p, F v) { _mm512_store_ps(p, v); }
+};
+
+void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out) {
+    fma_tiles::tile_f32<TileLanes>(w, K, n_rows, packed, n_groups, out);
+}
+
 }  // namespace
 
 #if defined(MOEMESH_VBMI)
@@ -419,7 +442,9 @@ const KernelTable kAvx512VbmiKernels =
 const KernelTable kAvx512Kernels =
 #endif
     {"avx512",   mxfp4_dot_f32, mxfp4_dot_q16,   activation_layout,
-     bf16_dot_f32, q8_dot_q16,  q8_weight_layout, bf16_activation_layout, softmax_row, attend_group};
+     bf16_dot_f32, q8_dot_q16,  q8_weight_layout, bf16_activation_layout, softmax_row, attend_group,
+     nullptr,      nullptr,     nullptr,          nullptr,                fma_tiles::tile_bytes,
+     fma_tiles::tile_pack,      bf16_tile_f32};
 
 #if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
 const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
