@@ -9,8 +9,10 @@
 // scale and a broadcast per block and token: 3.7 GB/s expert decode, llama.cpp 10.3.)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
+#include "attention.h"
 #include "byte_planes.h"
 #include "fma_tiles.h"
 #include "formats.h"
@@ -294,6 +296,172 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
     with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
 }
 
+// attention.h's attention with 8 lanes (the AVX-512 kernels' scheme at half width): the same float
+// operations in the same order, so the same bits as the portable code, whose per-key dot products
+// are one serial chain of adds (the AVX2 prefill's attention took 470 ms of 4.8 s on it).
+
+// Lanes [0, n) of 8 as an all-ones mask, and lane j set where bit j of `bits` is.
+inline __m256i first_lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 lanes_of_bits(uint32_t bits) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), bit), bit));
+}
+
+// rows r[i] lane j = M[i][j] -> r[j] lane i = M[i][j].
+inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // u[i + c], 128-bit half H: rows i .. i + 3 of column 4H + c
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+        r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+        r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+}
+
+inline __m256 exp_nonpositive8(__m256 x) {
+    auto k = [](float v) { return _mm256_set1_ps(v); };
+    const __m256 xc = _mm256_max_ps(k(-87.f), x);  // NaN stays NaN, as std::max(x, -87.f)
+    const __m256 magic = k(12582912.f);              // round_half_even
+    const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(xc, k(1.44269504f)), magic), magic);
+    const __m256 r =
+        _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, k(0.693145752f))), _mm256_mul_ps(n, k(1.42860677e-6f)));
+    __m256 p = k(1.38888889e-3f);
+    for (float c : {8.33333333e-3f, 4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.f, 1.f})
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), k(c));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 under = _mm256_cmp_ps(x, k(-87.3f), _CMP_LT_OQ);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+void softmax_row(float* s, int64_t S, float sink, float m) {
+    __m256 part = _mm256_setzero_ps();  // partial sum i takes elements j with j % 8 == i
+    const __m256 mv = _mm256_set1_ps(m);
+    int64_t j = 0;
+    for (; j + 8 <= S; j += 8) {
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        part = _mm256_add_ps(part, e);
+    }
+    alignas(32) float parts[8];
+    _mm256_store_ps(parts, part);
+    for (; j < S; ++j) parts[0] += s[j] = attention::exp_nonpositive(s[j] - m);
+    const float z = attention::softmax_denominator(parts, sink, m);
+    const __m256 zv = _mm256_set1_ps(z);
+    int64_t i = 0;
+    for (; i + 8 <= S; i += 8) _mm256_storeu_ps(s + i, _mm256_div_ps(_mm256_loadu_ps(s + i), zv));
+    for (; i < S; ++i) s[i] /= z;
+}
+
+// Keys (and values) fetched ahead: a kv head's rows are a stride apart, which the hardware
+// prefetchers do not follow.
+constexpr int64_t kKeysAhead = 8;
+
+inline void prefetch_row(const float* row) { _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0); }
+
+// Raw scores q_h . k_j of keys [j0, j0 + 8) (fewer at the end) for every head: the keys' rows are
+// transposed 8 floats at a time, so lane j of a head's sum adds q[d] k_j[d] over d in order.
+template <int D>
+void score_block(const float* q, int group, const float* k, int64_t j0, int n, int64_t S, int64_t stride,
+                 uint32_t visible, float* scores) {
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    const __m256i lanes = first_lanes(n);
+    if (!visible) {
+        for (int h = 0; h < group; ++h) _mm256_maskstore_ps(scores + h * S + j0, lanes, minus_inf);
+        return;
+    }
+    alignas(32) float sums[attention::kMaxGroup][8] = {};
+    for (int r = 0; r < D / 8; ++r) {
+        __m256 kt[8];
+        for (int j = 0; j < 8; ++j) {
+            if (j0 + kKeysAhead + j < S) prefetch_row(k + (j0 + kKeysAhead + j) * stride + 8 * r);
+            kt[j] = j < n ? _mm256_loadu_ps(k + (j0 + j) * stride + 8 * r) : _mm256_setzero_ps();
+        }
+        transpose8(kt);  // kt[i] lane j = k_{j0 + j}[8 r + i]
+        for (int h = 0; h < group; ++h) {
+            const float* qh = q + h * D + 8 * r;
+            __m256 acc = _mm256_load_ps(sums[h]);
+            for (int i = 0; i < 8; ++i) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(qh[i]), kt[i]));
+            _mm256_store_ps(sums[h], acc);
+        }
+    }
+    const __m256 seen = lanes_of_bits(visible);
+    for (int h = 0; h < group; ++h)
+        _mm256_maskstore_ps(scores + h * S + j0, lanes, _mm256_blendv_ps(minus_inf, _mm256_load_ps(sums[h]), seen));
+}
+
+// out[h] += p_hj v_j over the visible keys in order, for HN heads whose accumulators stay in registers.
+template <int D, int HN>
+void weigh_values(const float* v, int64_t S, int64_t stride, const int64_t* k_pos, int64_t q_pos, int64_t window,
+                  const float* scores, float* out) {
+    constexpr int R = D / 8;
+    __m256 acc[HN * R];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) {
+        if (!attention::key_visible(k_pos[j], q_pos, window)) continue;
+        for (int r = 0; r < R; ++r) {
+            if (j + kKeysAhead < S) prefetch_row(v + (j + kKeysAhead) * stride + 8 * r);
+            const __m256 vj = _mm256_loadu_ps(v + j * stride + 8 * r);
+            for (int h = 0; h < HN; ++h)
+                acc[h * R + r] = _mm256_add_ps(acc[h * R + r], _mm256_mul_ps(_mm256_set1_ps(scores[h * S + j]), vj));
+        }
+    }
+    for (int h = 0; h < HN; ++h)
+        for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + h * D + 8 * r, acc[h * R + r]);
+}
+
+template <int D>
+void attend_group_n(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride,
+                    const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
+                    float* scores, float* out) {
+    for (int64_t j0 = 0; j0 < S; j0 += 8) {
+        const int n = int(std::min<int64_t>(8, S - j0));
+        uint32_t visible = 0;
+        for (int j = 0; j < n; ++j) visible |= uint32_t(attention::key_visible(k_pos[j0 + j], q_pos, window)) << j;
+        score_block<D>(q, group, k, j0, n, S, stride, visible, scores);
+    }
+    // Then per head, 8 scores at a time: / sqrt_d (-inf stays -inf) and the max with the sink
+    // (exact whatever the order; a NaN score is passed over, as std::max passes it).
+    const __m256 root = _mm256_set1_ps(sqrt_d), minus_inf = _mm256_set1_ps(-INFINITY);
+    for (int h = 0; h < group; ++h) {
+        float* sh = scores + h * S;
+        __m256 mv = _mm256_set1_ps(sinks[h]);
+        for (int64_t i = 0; i < S; i += 8) {
+            const __m256i lanes = first_lanes(S - i);
+            const __m256 sv = _mm256_div_ps(
+                _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(sh + i, lanes), _mm256_castsi256_ps(lanes)), root);
+            _mm256_maskstore_ps(sh + i, lanes, sv);
+            mv = _mm256_max_ps(sv, mv);
+        }
+        alignas(32) float lane_max[8];
+        _mm256_store_ps(lane_max, mv);
+        softmax_row(sh, S, sinks[h], *std::max_element(lane_max, lane_max + 8));
+    }
+    // Accumulators for as many heads as 12 of the 16 registers hold.
+    constexpr int kHeads = D >= 96 ? 1 : 96 / D;
+    int h = 0;
+    for (; h + kHeads <= group; h += kHeads)
+        weigh_values<D, kHeads>(v, S, stride, k_pos, q_pos, window, scores + h * S, out + h * D);
+    for (; h < group; ++h) weigh_values<D, 1>(v, S, stride, k_pos, q_pos, window, scores + h * S, out + h * D);
+}
+
+void attend_group(const float* q, int group, const float* k, const float* v, int64_t S, int64_t stride, int64_t d,
+                  const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window, float sqrt_d,
+                  float* scores, float* out) {
+    attention::with_head_dim(d, [&](auto D) {
+        attend_group_n<D()>(q, group, k, v, S, stride, sinks, k_pos, q_pos, window, sqrt_d, scores, out);
+    });
+}
+
 // fma_tiles' lanes: 8 rows per register; 2 x 6 accumulators, the strip's two weight registers and
 // a broadcast fill 15 of the 16 registers.
 struct TileLanes {
@@ -324,7 +492,7 @@ const KernelTable kAvx2VnniKernels =
 const KernelTable kAvx2Kernels =
 #endif
     {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout,
-     bf16_activation_layout, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+     bf16_activation_layout, softmax_row, attend_group, nullptr, nullptr, nullptr, nullptr,
      fma_tiles::tile_bytes, fma_tiles::tile_pack, bf16_tile_f32};
 
 }  // namespace moemesh
