@@ -15,6 +15,7 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint, CheckpointError
 from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
 
+from .drafting import DraftParams
 from .generation import ContextLimitError, ConversationCache, Generation, NonFiniteError
 from .models import family_of
 from .models.gpt_oss import LayerOps, attention_with_sinks, reference_linear
@@ -259,18 +260,22 @@ class Engine:
         return logits[-1]
 
     def stream(self, ids: Iterable[int], max_new_tokens: int = 128, params: SamplingParams | None = None,
-               stop_ids: Iterable[int] = (), tokenizer=None, conversation: ConversationCache | None = None
-               ) -> Generation:
+               stop_ids: Iterable[int] = (), tokenizer=None, conversation: ConversationCache | None = None,
+               draft: DraftParams | None = None, drafter=None) -> Generation:
         """The streaming generator: iterate it for Steps; its .stats holds the timings. A
         conversation keeps the KV cache between turns, so a prompt extending the last one
-        prefills only its new tokens."""
+        prefills only its new tokens. draft: speculative decoding with prompt-lookup drafts
+        (coordinator.drafting), lossless."""
         return Generation(self, [int(i) for i in ids], params or SamplingParams(), max_new_tokens, stop_ids,
-                          tokenizer, conversation)
+                          tokenizer, conversation, draft or DraftParams(), drafter)
 
     def generate(self, ids: Iterable[int], max_new_tokens: int = 128, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
-                 stop_ids: Iterable[int] = ()) -> Iterator[int]:
-        """Yield up to max_new_tokens sampled ids; a stop id is yielded, then generation ends."""
+                 stop_ids: Iterable[int] = (), draft: int = 0, draft_ngram: tuple[int, int] = (2, 4)
+                 ) -> Iterator[int]:
+        """Yield up to max_new_tokens sampled ids; a stop id is yielded, then generation ends.
+        draft: most draft tokens verified per round (0 = no speculation); draft_ngram: the n-gram
+        sizes a draft's lookup matches (coordinator.drafting)."""
         params = SamplingParams(temperature, top_p, top_k, min_p, seed)
-        for step in self.stream(ids, max_new_tokens, params, stop_ids):
+        for step in self.stream(ids, max_new_tokens, params, stop_ids, draft=DraftParams(draft, *draft_ngram)):
             yield step.token

@@ -1,9 +1,14 @@
 """The one streaming generator that the CLI, chat, profiler and benchmarks all consume.
 
-`Generation` prefills a prompt (in chunks), then samples token by token, yielding a `Step` per
+`Generation` prefills a prompt (in chunks), then decodes in rounds, yielding a `Step` per
 token: the id, the text it completes (UTF-8 safe across tokens), and the finish reason on the last
-one. Timings accumulate in `Generation.stats` as it runs (prefill and decode rates, time to
-first token), so a consumer that stops early still has correct figures.
+one. A round forwards the last chosen token and, with speculation on, the drafts that
+coordinator.drafting proposes after it, in one chunk: each draft is kept or replaced by
+sampling.verify_draft (so the output is distributed exactly as without drafts, and identical at
+temperature 0), the cache is truncated to what was kept, and a round whose drafts all held adds
+one more token from the last logits. Timings accumulate in `Generation.stats` as it runs (prefill
+and decode rates, time to first token, drafts), so a consumer that stops early still has correct
+figures.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .sampling import SamplingParams, sample
+from .drafting import DraftParams, NgramDrafter
+from .sampling import SamplingParams, sample, verify_draft
 
 
 class ContextLimitError(ValueError):
@@ -64,6 +70,9 @@ class GenerationStats:
     decode_seconds: float = 0.0  # time spent producing tokens after the first
     time_to_first_token: float = 0.0
     finish_reason: str | None = None
+    rounds: int = 0  # forward passes after the first token, each verifying its drafts
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def prefill_tps(self) -> float:
@@ -74,11 +83,17 @@ class GenerationStats:
         n = self.generated_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
 
+    @property
+    def tokens_per_round(self) -> float:
+        return (self.generated_tokens - 1) / self.rounds if self.rounds else 0.0
+
     def summary(self) -> str:
         cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        drafts = (f", drafted {self.drafted} accepted {self.accepted} ({self.tokens_per_round:.2f} tok/round)"
+                  if self.drafted else "")
         return (f"prompt {self.prompt_tokens} tok{cached} @ {self.prefill_tps:.1f} tok/s, "
                 f"generated {self.generated_tokens} tok @ {self.decode_tps:.1f} tok/s, "
-                f"first token {self.time_to_first_token * 1e3:.0f} ms")
+                f"first token {self.time_to_first_token * 1e3:.0f} ms{drafts}")
 
 
 class IncrementalDetokenizer:
@@ -100,7 +115,9 @@ class IncrementalDetokenizer:
 
 @dataclass
 class Generation:
-    """Iterate to generate. `conversation` carries the KV cache between a chat's turns."""
+    """Iterate to generate. `conversation` carries the KV cache between a chat's turns; `draft`
+    turns speculation on (prompt lookup), or `drafter` supplies the drafts (an object with
+    NgramDrafter's push, propose and feedback: benchmarks use an oracle)."""
 
     engine: object
     prompt_ids: list[int]
@@ -109,6 +126,8 @@ class Generation:
     stop_ids: Iterable[int] = ()
     tokenizer: object = None
     conversation: ConversationCache | None = None
+    draft: DraftParams = field(default_factory=DraftParams)
+    drafter: object = None
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[Step]:
@@ -135,20 +154,52 @@ class Generation:
         if self.conversation is not None:
             self.conversation.remember(self.prompt_ids)
         stats.prompt_seconds = time.perf_counter() - t0
-        t_first = None
-        for i in range(budget):
+        drafter = self.drafter
+        if drafter is None and self.draft.max_tokens > 0:
+            drafter = NgramDrafter(self.draft, self.prompt_ids)
+        t_first, emitted = None, 0
+        with model.tracer.span("sample"):
+            chosen = [sample(logits, self.params, rng)]  # tokens to yield; the last is not in the cache yet
+        while True:
+            for token in chosen:
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.time_to_first_token = now - t0
+                emitted += 1
+                stats.generated_tokens = emitted
+                stats.decode_seconds = now - t_first
+                finish = "stop" if token in stops else ("length" if emitted == budget else None)
+                stats.finish_reason = finish
+                yield Step(token, detok.push(token), finish)
+                if finish:
+                    return
+                if drafter is not None:
+                    drafter.push(token)
+            current = chosen[-1]
+            drafts = drafter.propose(budget - emitted - 1) if drafter is not None else []
+            base = cache.length
+            with model.tracer.span("decode", track="steps", position=int(base), drafts=len(drafts)):
+                logits = engine.forward(np.array([current, *drafts]), cache, all_logits=bool(drafts))
             with model.tracer.span("sample"):
-                token = sample(logits, self.params, rng)
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                stats.time_to_first_token = now - t0
-            stats.generated_tokens = i + 1
-            stats.decode_seconds = now - t_first
-            finish = "stop" if token in stops else ("length" if i == budget - 1 else None)
-            stats.finish_reason = finish
-            yield Step(token, detok.push(token), finish)
-            if finish:
-                return
-            with model.tracer.span("decode", track="steps", position=int(cache.length)):
-                logits = engine.forward(np.array([token]), cache, all_logits=False)[-1]
+                chosen, accepted = self.verify(logits, drafts, stops, rng)
+            if drafts:
+                cache.truncate(base + 1 + accepted)
+                drafter.feedback(len(drafts), accepted)
+            stats.rounds += 1
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+
+    def verify(self, logits: np.ndarray, drafts: list[int], stops: set, rng) -> tuple[list[int], int]:
+        """(the tokens a round yields, how many drafts held): the drafts up to the first one
+        replaced (its replacement last) or up to a stop token, or all of them and one more from the
+        last position."""
+        chosen = []
+        for row, d in zip(logits, drafts):
+            kept = verify_draft(row, d, self.params, rng)
+            if kept != d:
+                return chosen + [kept], len(chosen)
+            chosen.append(kept)
+            if kept in stops:
+                return chosen, len(chosen)
+        return chosen + [sample(logits[len(drafts)], self.params, rng)], len(drafts)

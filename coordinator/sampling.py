@@ -134,3 +134,26 @@ def draw(weights: np.ndarray, rng: np.random.Generator, block: int = 1024) -> in
     inner = np.cumsum(weights[starts[b]:starts[b] + block], dtype=np.float64)
     rest = target - (cum[b - 1] if b else 0.0)
     return int(starts[b]) + min(int(np.searchsorted(inner, rest, side="right")), inner.size - 1)
+
+
+def verify_draft(logits: np.ndarray, draft: int, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The token to keep where `draft` was guessed: the draft itself, or the token that replaces
+    it, distributed exactly as sample(logits, params) is. The drafts are certain guesses (a point
+    mass), so speculative sampling's rule reduces to: keep the draft with probability p(draft), else
+    draw from p without it, renormalised — P(x) = p(x) for every x. Greedy: the argmax, which is
+    the draft exactly when the model agrees with it."""
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    ids, weights = fast_distribution(logits, params)
+    if ids is None:
+        at = draft
+    else:
+        hit = np.flatnonzero(ids == draft)
+        at = int(hit[0]) if hit.size else None
+    if at is not None and rng.random() * weights.sum(dtype=np.float64) < weights[at]:
+        return int(draft)
+    if at is not None:
+        weights = weights.copy()
+        weights[at] = 0
+    i = draw(weights, rng)
+    return i if ids is None else int(ids[i])

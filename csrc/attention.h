@@ -62,15 +62,20 @@ inline float softmax_denominator(const float* part, float sink, float m) {
            exp_nonpositive(sink - m);
 }
 
+// Partial sums of a softmax denominator: element j adds to sum j % kParts, so keys may be passed
+// from any multiple of kParts on and with any masked keys after them (each adds an exact zero)
+// without changing a bit: a decoded token and the same token in a verified chunk, whose key arrays
+// differ only there, get the same weights (ops.cpp's attend, coordinator's KVCache).
+constexpr int kParts = 8;
+
 // Scaled scores s[0, S) (masked keys -inf), whose max together with the sink is m -> attention
-// weights in place: e^(s - m) / (their sum + e^(sink - m)); element j adds to partial sum j % 8
-// (the tail's to the first).
+// weights in place: e^(s - m) / (their sum + e^(sink - m)); element j adds to partial sum j % 8.
 inline void softmax_row(float* s, int64_t S, float sink, float m) {
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float part[kParts] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t j = 0;
-    for (; j + 8 <= S; j += 8)
-        for (int i = 0; i < 8; ++i) part[i] += s[j + i] = exp_nonpositive(s[j + i] - m);
-    for (; j < S; ++j) part[0] += s[j] = exp_nonpositive(s[j] - m);
+    for (; j + kParts <= S; j += kParts)
+        for (int i = 0; i < kParts; ++i) part[i] += s[j + i] = exp_nonpositive(s[j + i] - m);
+    for (; j < S; ++j) part[j % kParts] += s[j] = exp_nonpositive(s[j] - m);
     const float z = softmax_denominator(part, sink, m);
     for (int64_t i = 0; i < S; ++i) s[i] /= z;
 }

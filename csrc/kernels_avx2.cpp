@@ -354,7 +354,7 @@ void softmax_row(float* s, int64_t S, float sink, float m) {
     }
     alignas(32) float parts[8];
     _mm256_store_ps(parts, part);
-    for (; j < S; ++j) parts[0] += s[j] = attention::exp_nonpositive(s[j] - m);
+    for (; j < S; ++j) parts[j % attention::kParts] += s[j] = attention::exp_nonpositive(s[j] - m);
     const float z = attention::softmax_denominator(parts, sink, m);
     const __m256 zv = _mm256_set1_ps(z);
     int64_t i = 0;

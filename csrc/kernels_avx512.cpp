@@ -302,7 +302,7 @@ void softmax_row(float* s, int64_t S, float sink, float m) {
     }
     alignas(32) float parts[8];
     _mm256_store_ps(parts, part);
-    for (; j < S; ++j) parts[0] += s[j] = attention::exp_nonpositive(s[j] - m);
+    for (; j < S; ++j) parts[j % attention::kParts] += s[j] = attention::exp_nonpositive(s[j] - m);
     const __m512 z = _mm512_set1_ps(attention::softmax_denominator(parts, sink, m));
     for (int64_t i = 0; i < S; i += 16) {
         const __mmask16 lanes = first_lanes(S - i);

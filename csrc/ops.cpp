@@ -322,8 +322,10 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
     auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
     // Matrix tiles take groups of 16 tokens over the rows in whole groups of 64 (prefill).
     int64_t tiled_tokens = 0, tiled_rows = 0;
+    // Whole groups only: fewer than kTileTokens tokens (a verified chunk of drafts) take the vector
+    // kernels, where each token gets the bits it would get alone.
     if (kt.bf16_tile_f32 && K % 32 == 0 && N >= kBf16TileRows) {
-        const int64_t groups = tile_groups_for(T);
+        const int64_t groups = T / kTileTokens;
         tiled_tokens = std::min(T, groups * kTileTokens);
         tiled_rows = N / kBf16TileRows * kBf16TileRows;
         if (groups > 0) {
@@ -535,7 +537,10 @@ void attend(const KernelTable& kt, const float* q, int64_t T, int64_t nq, int64_
         int64_t lo = 0, hi = S;
         if (in_order) {
             hi = std::upper_bound(k_pos, k_pos + S, q_pos[t]) - k_pos;
-            if (window > 0) lo = std::upper_bound(k_pos, k_pos + hi, q_pos[t] - window) - k_pos;
+            // From a multiple of the softmax's partial sums (the keys before lo add zeros), so the
+            // weights do not depend on which keys were skipped (attention::kParts).
+            if (window > 0)
+                lo = (std::upper_bound(k_pos, k_pos + hi, q_pos[t] - window) - k_pos) / attention::kParts * attention::kParts;
         }
         thread_local std::vector<float> scores;
         scores.resize(size_t(group * std::max<int64_t>(hi - lo, 1)));

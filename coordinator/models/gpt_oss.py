@@ -264,14 +264,23 @@ class KVCache:
     """Per-layer keys (already rotated) and values with their absolute positions.
 
     Full-attention layers append into a buffer that doubles when full (amortised O(1) per token);
-    sliding layers keep a ring of the last `sliding_window` entries, all any later query can see,
-    so their memory is O(window) however long the context grows.
+    sliding layers keep a ring of the last `sliding_window` + RING_SLACK entries (slot = position
+    mod its size), so their memory is O(window) however long the context grows.
+
+    Speculative decoding forwards a chunk of drafts and then truncates the cache to what was
+    accepted. The slack lets a chunk of up to RING_SLACK tokens go into the ring slot by slot
+    without overwriting an entry any of its queries sees, and makes truncation free: a rejected
+    token overwrote only an entry no later query can see. The chunk's queries then attend over the
+    same array, at the same indices, as each token decoded alone would (only masked keys differ),
+    so they get the same bits (see csrc/attention.h, kParts).
     """
+
+    RING_SLACK = 16
 
     def __init__(self, cfg: GptOssConfig, initial_capacity: int = 256):
         self.cfg = cfg
         shape = (cfg.num_key_value_heads, cfg.head_dim)
-        self._cap = [cfg.sliding_window if cfg.is_sliding(i) else initial_capacity
+        self._cap = [cfg.sliding_window + self.RING_SLACK if cfg.is_sliding(i) else initial_capacity
                      for i in range(cfg.num_hidden_layers)]
         self.k = [np.zeros((c, *shape), np.float32) for c in self._cap]
         self.v = [np.zeros((c, *shape), np.float32) for c in self._cap]
@@ -294,10 +303,21 @@ class KVCache:
         for i, (k, v, pos) in rings.items():
             self.k[i][:], self.v[i][:], self.pos[i][:] = k, v, pos
 
+    def truncate(self, length: int) -> None:
+        """Forget every token from position `length` on (rejected drafts: at most RING_SLACK back)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if self.length - length > self.RING_SLACK:
+            raise ValueError(f"a cache rolls back at most {self.RING_SLACK} tokens, not {self.length - length}")
+        for i in range(self.cfg.num_hidden_layers):
+            if self.cfg.is_sliding(i):
+                self.pos[i][self.pos[i] >= length] = -1
+        self.length = length
+
     def extend(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
         """Store new entries; return the keys, values and positions the new queries attend to."""
-        if self.cfg.is_sliding(layer) and len(pos) == 1:
-            return self._ring_step(layer, k, v, int(pos[0]))
+        if self.cfg.is_sliding(layer) and len(pos) <= self.RING_SLACK:
+            return self._ring_steps(layer, k, v, pos)
         if self.cfg.is_sliding(layer):
             filled = self.pos[layer] >= 0
             keys = np.concatenate([self.k[layer][filled], k])
@@ -321,13 +341,13 @@ class KVCache:
         self.k[layer][n:end], self.v[layer][n:end], self.pos[layer][n:end] = k, v, pos
         return self.k[layer][:end], self.v[layer][:end], self.pos[layer][:end]
 
-    def _ring_step(self, layer: int, k: np.ndarray, v: np.ndarray, p: int):
-        """A decoded token in a sliding layer takes the slot of the entry a window behind it, which
-        no query from now on sees; the ring's filled slots (positions 0.. fill slots 0.., so a
-        prefix) are then exactly its keys, returned as views in ring order (no copies)."""
-        slot = p % self._cap[layer]
-        self.k[layer][slot], self.v[layer][slot], self.pos[layer][slot] = k[0], v[0], p
-        n = min(p + 1, self._cap[layer])
+    def _ring_steps(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray):
+        """Decoded tokens (or a verified chunk) in a sliding layer take the slots of entries a ring
+        behind them, which none of their queries sees; the ring's slots up to the last one written
+        (positions 0.. fill slots 0.., so a prefix) are returned as views in ring order (no copies)."""
+        slots = pos % self._cap[layer]
+        self.k[layer][slots], self.v[layer][slots], self.pos[layer][slots] = k, v, pos
+        n = min(int(pos[-1]) + 1, self._cap[layer])
         return self.k[layer][:n], self.v[layer][:n], self.pos[layer][:n]
 
 
