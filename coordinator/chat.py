@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from . import harmony
 from .generation import ContextLimitError, ConversationCache, GenerationStats
+from .drafting import DraftParams
 from .sampling import SamplingParams
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -24,6 +25,7 @@ class ChatOptions:
     system: str | None = None  # developer instructions
     reasoning_effort: str = "medium"
     params: SamplingParams = field(default_factory=SamplingParams)
+    draft: DraftParams = field(default_factory=DraftParams)
     max_tokens: int = 2048
     show_reasoning: bool = False
 
@@ -47,7 +49,7 @@ class ChatSession:
         prompt = harmony.render_prompt(self.tok, self.history, self.options.reasoning_effort, self.options.system)
         parser = harmony.StreamParser(self.tok)
         gen = self.engine.stream(prompt, self.options.max_tokens, self.options.params, harmony.STOP_IDS,
-                                 conversation=self.conversation)
+                                 conversation=self.conversation, draft=self.options.draft)
         try:
             for step in gen:
                 yield from parser.feed(step.token)

@@ -106,6 +106,44 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_or_minus_one("a random seed"), default=None, help="sampling seed (-1: a random one, printed)")
 
 
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    from .drafting import DEFAULT_DRAFT, DraftParams
+
+    g = p.add_argument_group("speculative decoding (lossless: the same text, faster when it repeats itself)")
+    g.add_argument("--draft", type=draft_tokens, default=DEFAULT_DRAFT, metavar="N",
+                   help=f"most draft tokens verified per round, looked up in the prompt and the text so far "
+                        f"(0 = off, at most {DraftParams.MAX_DRAFT}; default {DEFAULT_DRAFT})")
+    g.add_argument("--draft-ngram", type=ngram_sizes, default=(DraftParams.ngram_min, DraftParams.ngram_max),
+                   metavar="MIN:MAX", help="n-gram sizes a draft's lookup matches, longest first (default "
+                                           f"{DraftParams.ngram_min}:{DraftParams.ngram_max})")
+
+
+def draft_tokens(text: str) -> int:
+    from .drafting import DraftParams
+
+    try:
+        return DraftParams(int(text)).max_tokens
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "draft" in str(e) else f"expected a number, got {text!r}") from None
+
+
+def ngram_sizes(text: str) -> tuple[int, int]:
+    from .drafting import DraftParams
+
+    try:
+        sizes = DraftParams.parse_ngram(text)
+        DraftParams(0, *sizes)
+        return sizes
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def draft_params(args):
+    from .drafting import DraftParams
+
+    return DraftParams(args.draft, *args.draft_ngram)
+
+
 def sampling_params(args):
     """SamplingParams from the flags; --seed -1 draws a seed and says which (to reproduce the run)."""
     import secrets
@@ -320,7 +358,7 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--tokens: token ids must be in [0, {vocab})")
     params = sampling_params(args)
     gen = engine.stream(prompt_ids, args.max_tokens, params, stop_ids=STOP_IDS if args.max_tokens < 0 else (),
-                        tokenizer=None if args.json or tok is None else tok)
+                        tokenizer=None if args.json or tok is None else tok, draft=draft_params(args))
     generated = []
     try:
         for step in gen:
@@ -354,7 +392,7 @@ def cmd_chat(args) -> int:
     tok = Tokenizer.from_dir(engine.checkpoint.folder)
     options = chat.ChatOptions(
         system=args.system, reasoning_effort=args.reasoning_effort,
-        params=sampling_params(args),
+        params=sampling_params(args), draft=draft_params(args),
         max_tokens=args.max_tokens, show_reasoning=args.show_reasoning)
     return chat.run_repl(chat.ChatSession(engine, tok, options))
 
@@ -366,7 +404,7 @@ def cmd_profile(args) -> int:
     engine = load_engine(args)
     engine.warm()
     prompt_ids = Tokenizer.from_dir(engine.checkpoint.folder).encode(args.prompt)
-    result = profile.run_profile(engine, prompt_ids, args.max_tokens)
+    result = profile.run_profile(engine, prompt_ids, args.max_tokens, draft=draft_params(args))
     if args.trace:
         result["tracer"].write(args.trace)
     if args.plot:
@@ -517,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-p", "--prompt", help="prompt text (special tokens like <|start|> are honoured)")
     src.add_argument("--tokens", type=parse_ids, help="prompt as comma-separated token ids")
     add_sampling_args(p)
+    add_draft_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_generate)
 
@@ -524,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, default_precision="fast")
     add_cluster_args(p)
     add_sampling_args(p)
+    add_draft_args(p)
     p.set_defaults(max_tokens=2048)
     p.add_argument("--system", help="developer instructions for the assistant")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
@@ -538,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", help="write Chrome trace JSON (open in Perfetto or chrome://tracing)")
     p.add_argument("--plot", help="write a per-layer PNG of one token (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_draft_args(p)
     p.set_defaults(func=cmd_profile)
 
     node = sub.add_parser("node", help="run an expert node").add_subparsers(dest="node_command", required=True)

@@ -17,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# The CLI's --draft: see the README ("Speculative decoding") for why it is on by default.
+DEFAULT_DRAFT = 4
+
+
 @dataclass(frozen=True)
 class DraftParams:
     """max_tokens: most drafts verified in one round (0 = no speculation); an n-gram of between

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .drafting import DraftParams
 from .sampling import SamplingParams
 from .tracing import COORDINATOR, NULL_TRACER, Tracer
 
@@ -91,9 +92,10 @@ def critical_path(tracer: Tracer) -> dict:
             "slowest_node_share": {n: c / len(per_layer) for n, c in slowest.most_common()}}
 
 
-def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2) -> dict:
+def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2, draft: DraftParams | None = None) -> dict:
     """Untraced and traced runs, alternating order (the second of two runs tends to be slower on a
-    busy machine), so the tracing overhead is measured, not the order."""
+    busy machine), so the tracing overhead is measured, not the order. With drafts, a decode step
+    is a round that may yield several tokens."""
     params = SamplingParams(temperature=0)
     for _ in engine.stream(prompt_ids, 2, params):  # warm up: threads, caches, streams
         pass
@@ -105,7 +107,7 @@ def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2) -> dict
                 if mode == "traced":
                     tracer = Tracer()
                 engine.set_tracer(tracer if mode == "traced" else NULL_TRACER)
-                gen = engine.stream(prompt_ids, n, params)
+                gen = engine.stream(prompt_ids, n, params, draft=draft)
                 for _ in gen:
                     pass
                 runs[mode].append(gen)
@@ -121,7 +123,8 @@ def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2) -> dict
             "decode_tps_traced": traced_tps, "decode_tps_untraced": plain_tps,
             "ttft_s": float(np.median([g.stats.time_to_first_token for g in runs["plain"]])),
             "tracing_overhead": 1 - traced_tps / plain_tps if plain_tps else 0.0,
-            "tokens": traced.stats.generated_tokens}
+            "tokens": traced.stats.generated_tokens, "rounds": traced.stats.rounds,
+            "drafted": traced.stats.drafted, "accepted": traced.stats.accepted}
 
 
 def render(result: dict) -> str:
@@ -136,6 +139,9 @@ def render(result: dict) -> str:
                      f"network {cp['network_share']:.0%} of a token; slowest node per layer: {slow}")
     lines.append(f"decode {result['decode_tps_traced']:.2f} tok/s traced, {result['decode_tps_untraced']:.2f} "
                  f"untraced (tracing overhead {result['tracing_overhead']:.1%}); prefill {result['prefill_tps']:.1f} tok/s")
+    if result["drafted"]:
+        lines.append(f"drafts: {result['drafted']} proposed, {result['accepted']} accepted; "
+                     f"{(result['tokens'] - 1) / max(result['rounds'], 1):.2f} tokens per round")
     return "\n".join(lines)
 
 

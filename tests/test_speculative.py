@@ -193,3 +193,21 @@ def test_draft_flags_are_checked():
     assert DraftParams.parse_ngram("2:5") == (2, 5) and DraftParams.parse_ngram("3") == (3, 3)
     with pytest.raises(ValueError, match="MIN:MAX"):
         DraftParams.parse_ngram("a:b")
+
+
+def test_cli_draft_flags(tiny_dir):
+    import json
+    import subprocess
+
+    from support import MOEMESH, TESTS
+
+    def generate(*flags):
+        proc = subprocess.run([*MOEMESH, "generate", "-m", str(tiny_dir), "--tokens", "5,6,7,5,6,7,5,6", "-n", "12",
+                               "--temp", "0", "--json", *flags], capture_output=True, text=True, timeout=120, cwd=TESTS)
+        return proc
+
+    plain, drafted = generate("--draft", "0"), generate("--draft", "6", "--draft-ngram", "1:2")
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert json.loads(drafted.stdout) == json.loads(plain.stdout)
+    bad = generate("--draft-ngram", "3:1")
+    assert bad.returncode == 2 and "1 <= MIN <= MAX" in bad.stderr and "Traceback" not in bad.stderr
