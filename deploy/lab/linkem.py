@@ -98,8 +98,11 @@ async def serve(listen: str, connect: str, link: Link, seed: int | None) -> None
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(pump(client_r, server_w, link, rng), pump(server_r, client_w, link, rng),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(pump(client_r, server_w, link, rng), pump(server_r, client_w, link, rng),
+                                 return_exceptions=True)
+        except asyncio.CancelledError:  # the proxy is stopping: its open connections just end
+            pass
 
     server = await asyncio.start_server(handle, lhost, int(lport))
     host, port = server.sockets[0].getsockname()[:2]
