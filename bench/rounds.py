@@ -75,7 +75,8 @@ class AlwaysWrong(NgramDrafter):
 
 
 def decode(engine: Engine, n: int, k: int, source: str, continuation: list[int], tracer=None) -> dict:
-    drafter = {"oracle": Oracle, "wrong": AlwaysWrong}[source](continuation, k) if source in ("oracle", "wrong") else None
+    scripted = {"oracle": Oracle, "wrong": AlwaysWrong}.get(source)
+    drafter = scripted(continuation, k) if scripted else None
     draft = DraftParams(k) if source == "lookup" else None
     engine.set_tracer(tracer or NULL_TRACER)
     gen = engine.stream(PROMPT, n, GREEDY, draft=draft, drafter=drafter)
@@ -166,7 +167,7 @@ def main() -> None:
                 per_round = spans_by_round(tracer)
                 coordinator_s[T] = float(np.median([
                     (b - a - sum(s.dur_us for s in spans if s.name == "experts")) / 1e6 for (a, b), _, spans in per_round]))
-                for (_, _), tokens, spans in per_round:
+                for _, tokens, spans in per_round:
                     for s in spans:
                         if s.name == "experts":
                             expert_samples.append((lm.expected_union(shape.experts, shape.top_k, tokens),
@@ -201,7 +202,7 @@ def main() -> None:
         for k in (0, 2, 4, 8):
             tracer = Tracer()
             decode(engine, n, k, "oracle" if k else "none", continuation, tracer)
-            for (_, _), tokens, spans in spans_by_round(tracer):
+            for _, tokens, spans in spans_by_round(tracer):
                 for s in spans:
                     if s.name == "node compute":
                         share_union = lm.expected_union(shape.experts, shape.top_k, tokens) / 2

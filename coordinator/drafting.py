@@ -45,12 +45,11 @@ class DraftParams:
         """'MIN:MAX' (or one number for both) -> (min, max)."""
         parts = text.split(":")
         try:
-            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+            if len(parts) <= 2:
+                return int(parts[0]), int(parts[-1])
         except ValueError:
-            lo = hi = None
-        if lo is None or hi is None:
-            raise ValueError(f"expected MIN:MAX (for example 2:4), got {text!r}")
-        return lo, hi
+            pass
+        raise ValueError(f"expected MIN:MAX (for example 2:4), got {text!r}")
 
 
 class NgramDrafter:
@@ -67,7 +66,6 @@ class NgramDrafter:
         self.length = params.max_tokens  # drafts to propose next
         self.pause = 0  # rounds left without drafting
         self.next_pause = self.PAUSE_FIRST
-        self.drafted = self.accepted = 0
         for token in history or ():
             self.push(token)
 
@@ -103,7 +101,6 @@ class NgramDrafter:
         """How the last proposal fared: adapt the next length (see the module docstring)."""
         if drafted == 0:
             return
-        self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
         if accepted == drafted:
             self.length = min(self.params.max_tokens, self.length + 1)
             self.next_pause = self.PAUSE_FIRST

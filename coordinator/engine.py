@@ -271,8 +271,8 @@ class Engine:
 
     def generate(self, ids: Iterable[int], max_new_tokens: int = 128, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
-                 stop_ids: Iterable[int] = (), draft: int = 0, draft_ngram: tuple[int, int] = (2, 4)
-                 ) -> Iterator[int]:
+                 stop_ids: Iterable[int] = (), draft: int = 0,
+                 draft_ngram: tuple[int, int] = (DraftParams.ngram_min, DraftParams.ngram_max)) -> Iterator[int]:
         """Yield up to max_new_tokens sampled ids; a stop id is yielded, then generation ends.
         draft: most draft tokens verified per round (0 = no speculation); draft_ngram: the n-gram
         sizes a draft's lookup matches (coordinator.drafting)."""

@@ -124,7 +124,8 @@ def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2, draft: 
             "ttft_s": float(np.median([g.stats.time_to_first_token for g in runs["plain"]])),
             "tracing_overhead": 1 - traced_tps / plain_tps if plain_tps else 0.0,
             "tokens": traced.stats.generated_tokens, "rounds": traced.stats.rounds,
-            "drafted": traced.stats.drafted, "accepted": traced.stats.accepted}
+            "drafted": traced.stats.drafted, "accepted": traced.stats.accepted,
+            "tokens_per_round": traced.stats.tokens_per_round}
 
 
 def render(result: dict) -> str:
@@ -141,7 +142,7 @@ def render(result: dict) -> str:
                  f"untraced (tracing overhead {result['tracing_overhead']:.1%}); prefill {result['prefill_tps']:.1f} tok/s")
     if result["drafted"]:
         lines.append(f"drafts: {result['drafted']} proposed, {result['accepted']} accepted; "
-                     f"{(result['tokens'] - 1) / max(result['rounds'], 1):.2f} tokens per round")
+                     f"{result['tokens_per_round']:.2f} tokens per round")
     return "\n".join(lines)
 
 

@@ -145,15 +145,11 @@ def verify_draft(logits: np.ndarray, draft: int, params: SamplingParams, rng: np
     if params.temperature == 0:
         return int(np.argmax(logits))
     ids, weights = fast_distribution(logits, params)
-    if ids is None:
-        at = draft
-    else:
-        hit = np.flatnonzero(ids == draft)
-        at = int(hit[0]) if hit.size else None
-    if at is not None and rng.random() * weights.sum(dtype=np.float64) < weights[at]:
-        return int(draft)
-    if at is not None:
+    hit = [draft] if ids is None else np.flatnonzero(ids == draft)
+    if len(hit):  # the draft is in the support: keep it with its probability, else leave it out
+        if rng.random() * weights.sum(dtype=np.float64) < weights[hit[0]]:
+            return int(draft)
         weights = weights.copy()
-        weights[at] = 0
+        weights[hit[0]] = 0
     i = draw(weights, rng)
     return i if ids is None else int(ids[i])

@@ -320,13 +320,13 @@ void dense_tile_rows(int64_t rows, const TiledRows& tiled, const Tile& tile, con
 void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
                  int64_t N, const uint16_t* bias, float* y) {
     auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
-    // Matrix tiles take groups of 16 tokens over the rows in whole groups of 64 (prefill).
+    // Matrix tiles take whole groups of 16 tokens over the rows in whole groups of 64 (prefill);
+    // fewer than kTileTokens tokens (a verified chunk of drafts) take the vector kernels, where each
+    // token gets the bits it would get alone.
     int64_t tiled_tokens = 0, tiled_rows = 0;
-    // Whole groups only: fewer than kTileTokens tokens (a verified chunk of drafts) take the vector
-    // kernels, where each token gets the bits it would get alone.
     if (kt.bf16_tile_f32 && K % 32 == 0 && N >= kBf16TileRows) {
         const int64_t groups = T / kTileTokens;
-        tiled_tokens = std::min(T, groups * kTileTokens);
+        tiled_tokens = groups * kTileTokens;
         tiled_rows = N / kBf16TileRows * kBf16TileRows;
         if (groups > 0) {
             thread_local std::vector<int8_t> storage;
