@@ -7,7 +7,8 @@ first use) unless -m names a checkpoint. Decodes with all experts in-process, th
 `moemesh node serve` processes on 127.0.0.1 (one kernel thread each, so they run side by side on
 this 2-core machine), and reports per hop: round trip, the node's own time (decode, queue,
 compute, encode) and the difference — the software overhead of a hop — next to grpcio's own
-floor measured in the same run (an echo in another process that does no work). Last line: JSON.
+floor measured in the same run (echoes in other processes that hold each request for the node's
+time on a busy core and answer as many bytes: see grpc_floor_us). Last line: JSON.
 """
 from __future__ import annotations
 
@@ -62,10 +63,17 @@ def start_node(i: int, *extra: str, threads: int = 1) -> tuple[subprocess.Popen,
     return proc, f"127.0.0.1:{port}"
 
 
-def serve_echo() -> None:
-    """A bidi-stream echo server (for grpc_floor_us), in this process until killed."""
+def serve_echo(hold_us: float, reply_bytes: int) -> None:
+    """A bidi-stream echo server (for grpc_floor_us), in this process until killed: each request
+    is held hold_us on a busy core (a node computing) and answered with reply_bytes."""
+    reply = bytes(reply_bytes)
+
     def echo(requests, context):
-        yield from requests
+        for _ in requests:
+            until = time.perf_counter() + hold_us * 1e-6
+            while time.perf_counter() < until:
+                pass
+            yield reply
 
     ident = lambda b: b  # noqa: E731
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -76,38 +84,63 @@ def serve_echo() -> None:
     server.wait_for_termination()
 
 
-def grpc_floor_us(n: int = 2000) -> np.ndarray:
-    """Round trips of one token's activations through an echo in another process that does no
-    work, driven like ComputeSession (request queue, reader thread, Future), 1 ms apart: what
-    grpcio itself costs a hop on this machine, the floor under hop_overhead."""
-    proc = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{int(proc.stdout.readline())}")
-        stream = channel.stream_stream("/bench.Echo/Stream", request_serializer=bytes, response_deserializer=bytes)
-        requests: queue.Queue = queue.Queue()
-        call = stream(iter(requests.get, None))
-        pending: list[Future] = []
+class EchoStream:
+    """One stream to an echo server, driven like ComputeSession (request queue, reader thread, Future)."""
 
-        def read():
-            for reply in call:
-                pending.pop(0).set_result(reply)
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+    def __init__(self, channel: grpc.Channel):
+        stream = channel.stream_stream("/bench.Echo/Stream", request_serializer=bytes, response_deserializer=bytes)
+        self.requests: queue.Queue = queue.Queue()
+        self.call = stream(iter(self.requests.get, None))
+        self.pending: list[Future] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for _ in self.call:
+            fut = self.pending.pop(0)
+            fut.arrived = time.perf_counter()
+            fut.set_result(None)
+
+    def submit(self, payload: bytes) -> Future:
+        fut: Future = Future()
+        self.pending.append(fut)
+        self.requests.put(payload)
+        return fut
+
+    def close(self) -> None:
+        self.requests.put(None)  # the stream ends, then the reader
+        self.reader.join(timeout=10)
+
+
+def grpc_floor_us(n: int = 1000, hold_us: float = 0.0, servers: int = 1, reply_bytes: int = 2880 * 2 + 400,
+                  gap_s: float = 0.001) -> np.ndarray:
+    """What grpcio itself costs a hop on this machine: round trips minus hold_us through `servers`
+    echo processes that do no work of ours but hold each request hold_us on a busy core (as a
+    node computing does), sent to all at once and awaited together as RemoteExpertBackend does.
+
+    The hold matters on this VM: a thread that waited 4 ms wakes far slower than one that waited
+    0.4 (a halted vCPU), so an echo that answers at once measured 390 us where the same echo
+    holding 4 ms measured 680-820. A floor without the hold was a yardstick the real hop could
+    never reach for reasons that are not our software."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--echo-server", str(hold_us), str(reply_bytes)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(servers)]
+    try:
+        streams = [EchoStream(grpc.insecure_channel(f"127.0.0.1:{int(p.stdout.readline())}")) for p in procs]
         payload, times = bytes(2880 * 2 + 400), []
         for _ in range(n):
-            fut: Future = Future()
-            pending.append(fut)
             t = time.perf_counter()
-            requests.put(payload)
-            fut.result(timeout=10)
-            times.append((time.perf_counter() - t) * 1e6)
-            time.sleep(0.001)
-        requests.put(None)  # the stream ends, then the reader
-        reader.join(timeout=10)
-        return np.array(times[n // 10:])
+            futs = [s.submit(payload) for s in streams]
+            for fut in futs:
+                fut.result(timeout=10)
+                times.append((fut.arrived - t) * 1e6 - hold_us)
+            time.sleep(gap_s)
+        for s in streams:
+            s.close()
+        return np.array(times[len(times) // 10:])
     finally:
-        proc.kill()
-        proc.wait()
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def main() -> None:
@@ -115,10 +148,10 @@ def main() -> None:
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--precision", default="fast", choices=("fast", "exact"))
-    ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--echo-server", nargs=2, type=float, metavar=("HOLD_US", "REPLY_BYTES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo_server:
-        serve_echo()
+        serve_echo(args.echo_server[0], int(args.echo_server[1]))
         return
     folder = Path(args.model) if args.model else default_model()
     machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
@@ -144,23 +177,29 @@ def main() -> None:
         for proc, _ in nodes:
             proc.terminate()
             proc.wait()
-    floor = grpc_floor_us()
     rtt = np.array([h.dur_us for h in hops])
     node_time = np.array([h.args["node_us"] for h in hops])
-    overhead = rtt - compute
+    config = Checkpoint(folder).config
+    # the same pattern without our software: 2 echo servers holding each request for a node's time,
+    # each answering its share of a token's expert rows (q16: 2 bytes a value, 4 per 32 for scales)
+    row_bytes = config["hidden_size"] * 2 + config["hidden_size"] // 32 * 4
+    floor = grpc_floor_us(hold_us=float(np.median(node_time)), servers=2,
+                          reply_bytes=row_bytes * config["num_experts_per_tok"] // 2)
+    overhead = rtt - node_time
     pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731
     print(f"machine: {machine}; model: {folder} ({Checkpoint(folder).config['num_hidden_layers']} layers); "
           f"precision {args.precision}")
     print(f"{'per decode hop (us)':<28}{'p50':>10}{'p99':>10}")
     for name, a in (("round trip", rtt), ("node total", node_time), ("node compute", compute),
-                    ("overhead = rtt - compute", overhead), ("wire + gRPC = rtt - node", rtt - node_time),
-                    ("gRPC floor (echo, no work)", floor)):
+                    ("overhead = rtt - node total", overhead), ("rtt - node compute", rtt - compute),
+                    ("gRPC floor (busy echo)", floor)):
         print(f"{name:<28}{pct(a, 50):>10.0f}{pct(a, 99):>10.0f}")
     print(f"hop overhead p50 = {pct(overhead, 50) / pct(floor, 50):.2f} x grpcio's own floor measured in this run")
     print(f"decode: single device {tps_single:.2f} tok/s, 2-node cluster {tps_cluster:.2f} tok/s "
           f"(ratio {tps_cluster / tps_single:.2f})")
     print(json.dumps({"machine": machine, "hops": len(hops), "hop_overhead_us_p50": pct(overhead, 50),
                       "hop_overhead_us_p99": pct(overhead, 99), "hop_rtt_us_p50": pct(rtt, 50),
+                      "hop_rtt_minus_compute_us_p50": pct(rtt - compute, 50),
                       "grpc_echo_floor_us_p50": pct(floor, 50),
                       "node_compute_us_p50": pct(compute, 50), "decode_tps_single": tps_single,
                       "decode_tps_cluster2": tps_cluster, "cluster2_ratio": tps_cluster / tps_single}))
