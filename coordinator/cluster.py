@@ -32,7 +32,7 @@ from expert_node.protocol import (PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, WireErro
                                   decode_tensor, encode_tensor)
 from expert_node.store import piece_sha256
 
-from .generation import NonFiniteError
+from .generation import PREFILL_CHUNK, NonFiniteError
 from .models import family_of
 from .placement import NodeCapacity, Placement, plan_placement, repair_placement, restore_roles
 from .tokenizer import cache_dir
@@ -653,8 +653,6 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
         raise ClusterError("no expert node answered: " + "; ".join(skipped))
     for why in skipped:
         print(f"moemesh: skipping {why}", file=sys.stderr)
-    from .engine import PREFILL_CHUNK
-
     for c in clients.values():
         if c.info.max_tokens < PREFILL_CHUNK:
             raise ClusterError(f"node {c.address} takes {c.info.max_tokens} tokens per request; this coordinator "

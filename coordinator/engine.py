@@ -23,7 +23,6 @@ from .sampling import SamplingParams
 
 PRECISIONS = ("reference", "exact", "fast")
 DENSE_FORMATS = ("bf16", "q8")  # q8: an 8-bit copy of the dense matrices, with the fast precision
-PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
 
 
 def native_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -237,11 +236,16 @@ class Engine:
     def forward(self, ids: np.ndarray, cache, all_logits: bool) -> np.ndarray:
         """The model's forward pass, with logits checked finite: NaN or Inf from the weights (a
         corrupt checkpoint) is reported by file and tensor, not by the activation it reached."""
+        return self.forward_batch([(ids, cache, all_logits)])[0]
+
+    def forward_batch(self, batch: list[tuple[np.ndarray, object, bool]]) -> list[np.ndarray]:
+        """forward() for several sequences in one pass (coordinator.batching): (ids, cache,
+        all_logits) each; every sequence's logits are what forward() would give it alone."""
         from expert_node import native
 
         try:
-            logits = self.model.forward(ids, cache, all_logits=all_logits)
-            if np.isfinite(native.max_abs(np.ascontiguousarray(logits, np.float32))):
+            logits = self.model.forward_batch(batch)
+            if all(np.isfinite(native.max_abs(np.ascontiguousarray(a, np.float32))) for a in logits):
                 return logits
         except NonFiniteError:
             pass
@@ -252,12 +256,6 @@ class Engine:
         raise CheckpointError(f"{where} contains NaN or Inf" if where else
                               "the forward pass produced NaN or Inf from finite weights (the expert weights' "
                               "scales may be corrupt)")
-
-    def prefill(self, ids: np.ndarray, cache) -> np.ndarray:
-        """Feed ids in chunks; logits [vocab] after the last one."""
-        for start in range(0, ids.size, PREFILL_CHUNK):
-            logits = self.forward(ids[start:start + PREFILL_CHUNK], cache, all_logits=False)
-        return logits[-1]
 
     def stream(self, ids: Iterable[int], max_new_tokens: int = 128, params: SamplingParams | None = None,
                stop_ids: Iterable[int] = (), tokenizer=None, conversation: ConversationCache | None = None,

@@ -21,6 +21,8 @@ import numpy as np
 from .drafting import DraftParams, NgramDrafter
 from .sampling import SamplingParams, sample, verify_draft
 
+PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
+
 
 class ContextLimitError(ValueError):
     """The prompt does not fit the model's context."""
@@ -117,7 +119,12 @@ class IncrementalDetokenizer:
 class Generation:
     """Iterate to generate. `conversation` carries the KV cache between a chat's turns; `draft`
     turns speculation on (prompt lookup), or `drafter` supplies the drafts (an object with
-    NgramDrafter's push, propose and feedback: benchmarks use an oracle)."""
+    NgramDrafter's push, propose and feedback: benchmarks use an oracle).
+
+    Iterating drives the steps itself, one forward pass each. A batch scheduler
+    (coordinator.batching) drives many generations instead: start(), then for each pass
+    next_input() -> (ids, all_logits), the logits of those ids through the engine, take(logits) ->
+    the Steps they complete, until `finished`. Both give a sequence the same numbers."""
 
     engine: object
     prompt_ids: list[int]
@@ -129,66 +136,106 @@ class Generation:
     draft: DraftParams = field(default_factory=DraftParams)
     drafter: object = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+    finished: bool = False
 
     def __iter__(self) -> Iterator[Step]:
+        tracer = self.engine.model.tracer
+        self.start()
+        with tracer.span("prefill", track="steps", tokens=self.stats.prompt_tokens):
+            while self.prefilling:
+                ids, all_logits = self.next_input()
+                steps = self.take(self.engine.forward(ids, self.cache, all_logits))
+        yield from steps
+        while not self.finished:
+            ids, all_logits = self.next_input()
+            with tracer.span("decode", track="steps", position=int(self.cache.length), drafts=len(ids) - 1):
+                logits = self.engine.forward(ids, self.cache, all_logits)
+            yield from self.take(logits)
+
+    def start(self) -> None:
+        """Check the prompt and take a cache (a conversation's, holding a prefix, or a fresh one)."""
         engine, model = self.engine, self.engine.model
         ids = np.asarray(self.prompt_ids, np.int64)
         limit = engine.context_length
         if ids.size == 0:
             raise ValueError("the prompt is empty")
         if ids.size >= limit:
-            raise ContextLimitError(f"the prompt has {ids.size} tokens; the model's context holds {limit}")
+            raise ContextLimitError(f"the prompt has {ids.size} tokens; the context holds {limit}")
         # -1: until a stop token or the context is full (llama.cpp's -n -1)
-        budget = limit - ids.size if self.max_new_tokens < 0 else min(self.max_new_tokens, limit - ids.size)
-        stops = set(self.stop_ids)
-        rng = np.random.default_rng(self.params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer)
+        self._budget = limit - ids.size if self.max_new_tokens < 0 else min(self.max_new_tokens, limit - ids.size)
+        self._stops = set(self.stop_ids)
+        self._rng = np.random.default_rng(self.params.seed)
+        self._detok = IncrementalDetokenizer(self.tokenizer)
         if self.conversation is None:
-            cache, cached = model.new_cache(), 0
+            self.cache, cached = model.new_cache(), 0
         else:
-            cache, cached = self.conversation.start(model, self.prompt_ids)
-        self.stats = stats = GenerationStats(prompt_tokens=int(ids.size) - cached, cached_tokens=cached)
-        t0 = time.perf_counter()
-        with model.tracer.span("prefill", track="steps", tokens=int(ids.size) - cached):
-            logits = engine.prefill(ids[cached:], cache)
-        if self.conversation is not None:
-            self.conversation.remember(self.prompt_ids)
-        stats.prompt_seconds = time.perf_counter() - t0
+            self.cache, cached = self.conversation.start(model, self.prompt_ids)
+        self.stats = GenerationStats(prompt_tokens=int(ids.size) - cached, cached_tokens=cached)
+        self._unfed = ids[cached:]  # prompt tokens not in the cache yet
+        self._t0 = time.perf_counter()
+        self._t_first = None
+        self._emitted = 0
+        self._drafts: list[int] = []
+        self._chosen: list[int] = []  # the last token yielded is not in the cache yet
+        if self.drafter is None and self.draft.max_tokens > 0:
+            self.drafter = NgramDrafter(self.draft, self.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self._unfed.size > 0
+
+    def next_input(self) -> tuple[np.ndarray, bool]:
+        """The ids of the next forward pass and whether it needs logits at every position: the
+        prompt's next chunk, or the last token with the drafts proposed after it."""
+        if self.prefilling:
+            return self._unfed[:PREFILL_CHUNK], False
         drafter = self.drafter
-        if drafter is None and self.draft.max_tokens > 0:
-            drafter = NgramDrafter(self.draft, self.prompt_ids)
-        t_first, emitted = None, 0
-        with model.tracer.span("sample"):
-            chosen = [sample(logits, self.params, rng)]  # tokens to yield; the last is not in the cache yet
-        while True:
-            for token in chosen:
-                now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
-                    stats.time_to_first_token = now - t0
-                emitted += 1
-                stats.generated_tokens = emitted
-                stats.decode_seconds = now - t_first
-                finish = "stop" if token in stops else ("length" if emitted == budget else None)
-                stats.finish_reason = finish
-                yield Step(token, detok.push(token), finish)
-                if finish:
-                    return
-                if drafter is not None:
-                    drafter.push(token)
-            current = chosen[-1]
-            drafts = drafter.propose(budget - emitted - 1) if drafter is not None else []
-            base = cache.length
-            with model.tracer.span("decode", track="steps", position=int(base), drafts=len(drafts)):
-                logits = engine.forward(np.array([current, *drafts]), cache, all_logits=bool(drafts))
-            with model.tracer.span("sample"):
-                chosen, accepted = self.verify(logits, drafts, stops, rng)
-            if drafts:
-                cache.truncate(base + 1 + accepted)
-                drafter.feedback(len(drafts), accepted)
-            stats.rounds += 1
-            stats.drafted += len(drafts)
-            stats.accepted += accepted
+        self._drafts = drafter.propose(self._budget - self._emitted - 1) if drafter is not None else []
+        return np.array([self._chosen[-1], *self._drafts], np.int64), bool(self._drafts)
+
+    def take(self, logits: np.ndarray) -> list[Step]:
+        """The Steps that the logits of next_input()'s ids complete (none while prefilling)."""
+        tracer, stats = self.engine.model.tracer, self.stats
+        if self.prefilling:
+            self._unfed = self._unfed[PREFILL_CHUNK:]
+            if self.prefilling:
+                return []
+            if self.conversation is not None:
+                self.conversation.remember(self.prompt_ids)
+            stats.prompt_seconds = time.perf_counter() - self._t0
+            with tracer.span("sample"):
+                return self._emit([sample(logits[-1], self.params, self._rng)])
+        drafts = self._drafts
+        with tracer.span("sample"):
+            chosen, accepted = self.verify(logits, drafts, self._stops, self._rng)
+        if drafts:
+            self.cache.truncate(self.cache.length - len(drafts) + accepted)
+            self.drafter.feedback(len(drafts), accepted)
+        stats.rounds += 1
+        stats.drafted += len(drafts)
+        stats.accepted += accepted
+        return self._emit(chosen)
+
+    def _emit(self, chosen: list[int]) -> list[Step]:
+        steps, stats = [], self.stats
+        for token in chosen:
+            now = time.perf_counter()
+            if self._t_first is None:
+                self._t_first = now
+                stats.time_to_first_token = now - self._t0
+            self._emitted += 1
+            stats.generated_tokens = self._emitted
+            stats.decode_seconds = now - self._t_first
+            finish = "stop" if token in self._stops else ("length" if self._emitted == self._budget else None)
+            stats.finish_reason = finish
+            steps.append(Step(token, self._detok.push(token), finish))
+            if finish:
+                self.finished = True
+                return steps
+            if self.drafter is not None:
+                self.drafter.push(token)
+        self._chosen = chosen
+        return steps
 
     def verify(self, logits: np.ndarray, drafts: list[int], stops: set, rng) -> tuple[list[int], int]:
         """(the tokens a round yields, how many drafts held): the drafts up to the first one

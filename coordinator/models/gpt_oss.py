@@ -155,6 +155,9 @@ def rotate_half_split(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.nda
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# Rows from which the native bf16 matmul uses matrix tiles (csrc/kernels.h kTileTokens): a batch of
+# sequences stays below it (GptOssModel.forward_batch).
+BATCH_ROWS_ALONE = 16
 ATTENTION_QUERY_CHUNK = 128  # queries per score matrix: bounds its memory on long prompts
 
 
@@ -412,24 +415,27 @@ class GptOssModel:
             arrays += list(vars(w).values())
         return arrays
 
-    def attention(self, i: int, x: np.ndarray, cache: KVCache, pos: np.ndarray,
-                  rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """rope: rope_tables at pos."""
+    def attention(self, i: int, x: np.ndarray, rows: list[slice], caches: list[KVCache], pos: np.ndarray,
+                  rope: tuple[np.ndarray, np.ndarray], linear: Linear) -> np.ndarray:
+        """rope: rope_tables at pos. Projections run over every row at once; each sequence's rows
+        (`rows`, with their `caches`) attend over their own cache."""
         cfg, w = self.cfg, self.layers[i]
         xn = self.ops.rmsnorm(x, w.input_norm, cfg.rms_norm_eps)
         T, d = x.shape[0], cfg.head_dim
-        q = self.linear(xn, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, d)
-        k = self.linear(xn, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, d)
-        v = self.linear(xn, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, d)
+        q = linear(xn, w.q, w.q_bias).reshape(T, cfg.num_attention_heads, d)
+        k = linear(xn, w.k, w.k_bias).reshape(T, cfg.num_key_value_heads, d)
+        v = linear(xn, w.v, w.v_bias).reshape(T, cfg.num_key_value_heads, d)
         q, k = self.ops.rotate(q, *rope), self.ops.rotate(k, *rope)
-        keys, vals, kpos = cache.extend(i, k, v, pos)
         window = cfg.sliding_window if cfg.is_sliding(i) else None
-        o = self.ops.attend(q, keys, vals, w.sinks, pos, kpos, window)
-        return self.linear(o, w.o, w.o_bias)
+        parts = []
+        for r, cache in zip(rows, caches):
+            keys, vals, kpos = cache.extend(i, k[r], v[r], pos[r])
+            parts.append(self.ops.attend(q[r], keys, vals, w.sinks, pos[r], kpos, window))
+        return linear(parts[0] if len(parts) == 1 else np.concatenate(parts), w.o, w.o_bias)
 
-    def route(self, i: int, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, i: int, xn: np.ndarray, linear: Linear) -> tuple[np.ndarray, np.ndarray]:
         w = self.layers[i]
-        return self.ops.topk(self.linear(xn, w.router, w.router_bias), self.cfg.num_experts_per_tok)
+        return self.ops.topk(linear(xn, w.router, w.router_bias), self.cfg.num_experts_per_tok)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True,
                 router_log: list | None = None) -> np.ndarray:
@@ -437,33 +443,66 @@ class GptOssModel:
 
         router_log, if given, receives (layer, expert ids [T, k]) for every layer.
         """
+        return self.forward_batch([(ids, cache, all_logits)], router_log)[0]
+
+    def forward_batch(self, batch: list[tuple[np.ndarray, KVCache, bool]],
+                      router_log: list | None = None) -> list[np.ndarray]:
+        """One pass over several sequences, each (ids, its cache, all_logits): the rows of all of
+        them go through every matmul and the experts together (a cluster: one round per layer
+        for all), each attends over its own cache. Logits per sequence, as forward() returns them.
+
+        Batching must not change a sequence's numbers, and the bf16 matrix tiles round
+        differently from the vector kernels a lone decode uses (csrc/ops.cpp bf16_matmul: whole
+        groups of 16 rows), so with more than one sequence the matmuls go kTileTokens - 1 rows at
+        a time: every row then gets the bits it gets alone. The tiles stay for prefill, which runs
+        one sequence per pass. (The experts' tiles are bit-identical to their vector kernels.)
+        """
         cfg = self.cfg
-        ids = np.asarray(ids, np.int64)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("ids: expected a non-empty 1-D sequence of token ids")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            raise ValueError(f"ids: token ids must be in [0, {cfg.vocab_size})")
-        pos = np.arange(cache.length, cache.length + ids.size, dtype=np.int64)
+        rows, start, pos, all_ids = [], 0, [], []
+        for ids, cache, _ in batch:
+            ids = np.asarray(ids, np.int64)
+            if ids.ndim != 1 or ids.size == 0:
+                raise ValueError("ids: expected a non-empty 1-D sequence of token ids")
+            if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+                raise ValueError(f"ids: token ids must be in [0, {cfg.vocab_size})")
+            rows.append(slice(start, start + ids.size))
+            start += ids.size
+            pos.append(np.arange(cache.length, cache.length + ids.size, dtype=np.int64))
+            all_ids.append(ids)
+        ids, pos = np.concatenate(all_ids), np.concatenate(pos)
+        caches = [cache for _, cache, _ in batch]
+        linear = self.linear if len(batch) == 1 else self._rows_alone
         tr = self.tracer
         with tr.span("embed", tokens=int(ids.size)):
             x = bf16_to_f32(self.embed[ids])
         rope = rope_tables(pos, self.inv_freq, self.concentration)
         for i in range(cfg.num_hidden_layers):
             with tr.span("attention", layer=i):
-                x = x + self.attention(i, x, cache, pos, rope)
+                x = x + self.attention(i, x, rows, caches, pos, rope, linear)
             with tr.span("router", layer=i):
                 xn = self.ops.rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
-                expert_ids, weights = self.route(i, xn)
+                expert_ids, weights = self.route(i, xn, linear)
             if router_log is not None:
                 router_log.append((i, expert_ids))
             with tr.span("experts", layer=i):
                 outputs = self.experts.run(i, xn, expert_ids)
             with tr.span("combine", layer=i):
                 x = self.ops.add_experts(x, outputs, weights)
-        cache.length += ids.size
+        for r, cache in zip(rows, caches):
+            cache.length += r.stop - r.start
+        keep = [r if all_logits else slice(r.stop - 1, r.stop) for r, (_, _, all_logits) in zip(rows, batch)]
         with tr.span("unembed"):
-            h = self.ops.rmsnorm(x if all_logits else x[-1:], self.final_norm, cfg.rms_norm_eps)
-            return self.linear(h, self.lm_head, None)
+            h = self.ops.rmsnorm(np.concatenate([x[r] for r in keep]), self.final_norm, cfg.rms_norm_eps)
+            logits = linear(h, self.lm_head, None)
+        bounds = np.cumsum([0] + [r.stop - r.start for r in keep])
+        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _rows_alone(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        """`linear` kTileTokens - 1 rows at a time (see forward_batch)."""
+        if x.shape[0] < BATCH_ROWS_ALONE:
+            return self.linear(x, w, b)
+        return np.concatenate([self.linear(x[a:a + BATCH_ROWS_ALONE - 1], w, b)
+                               for a in range(0, x.shape[0], BATCH_ROWS_ALONE - 1)])
 
 
 def expert_shape(config: dict) -> ExpertShape:

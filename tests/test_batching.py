@@ -1,0 +1,120 @@
+"""Continuous batching (issue 20): sequences that share forward passes get exactly the tokens they
+get alone — greedy, sampled with a seed, with speculative drafts, joining while others decode,
+with a prompt longer than a prefill chunk — and a cancelled request frees its slot."""
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from coordinator import Engine
+from coordinator.batching import Scheduler, SchedulerFull
+from coordinator.drafting import DraftParams
+from coordinator.generation import PREFILL_CHUNK
+from coordinator.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def prompts(n: int, length: int = 12, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, 1000, length + 3 * i)] for i in range(n)]
+
+
+class Collector:
+    """deliver() target: the tokens of one request, its error, and when it ended."""
+
+    def __init__(self):
+        self.tokens, self.error, self.done = [], None, threading.Event()
+
+    def __call__(self, item):
+        if isinstance(item, Exception):
+            self.error = item
+            self.done.set()
+        elif item is None:
+            self.done.set()
+        else:
+            self.tokens += [s.token for s in item]
+
+
+def alone(engine, prompt, n, params=GREEDY, draft=None) -> list[int]:
+    return [s.token for s in engine.stream(prompt, n, params, draft=draft)]
+
+
+def run_batched(engine, jobs, parallel=4) -> list[Collector]:
+    """jobs: (prompt, max_tokens, params, draft); all submitted at once."""
+    scheduler = Scheduler(engine, parallel=parallel)
+    try:
+        outs = []
+        for prompt, n, params, draft in jobs:
+            c = Collector()
+            scheduler.submit(engine.stream(prompt, n, params, draft=draft), c)
+            outs.append(c)
+        for c in outs:
+            assert c.done.wait(120)
+        return outs
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_batched_sequences_equal_their_lone_runs(tiny_dir, precision):
+    engine = Engine.load(tiny_dir, precision=precision)
+    sampled = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    jobs = [(p, 10 + 2 * i, GREEDY if i % 2 == 0 else sampled, DraftParams(4) if i == 1 else None)
+            for i, p in enumerate(prompts(5))]
+    outs = run_batched(engine, jobs, parallel=4)  # the fifth joins when a slot frees up
+    for (prompt, n, params, draft), c in zip(jobs, outs):
+        assert c.error is None
+        assert c.tokens == alone(engine, prompt, n, params, draft)
+
+
+def test_rows_beyond_a_tile_group_keep_their_numbers(wide_dir):
+    """Three 7-token chunks after their prompts in one pass: more rows than the bf16 tiles' group
+    of 16, yet every sequence's logits are the bits of its chunk forwarded alone."""
+    engine = Engine.load(wide_dir, precision="fast")
+    seqs = prompts(3, length=20, seed=3)
+    chunks = prompts(3, length=7, seed=4)
+
+    def prefilled(prompt):
+        cache = engine.model.new_cache()
+        engine.forward(np.array(prompt), cache, all_logits=False)
+        return cache
+
+    batched = engine.forward_batch([(np.array(c[:7]), prefilled(p), True) for p, c in zip(seqs, chunks)])
+    for p, c, got in zip(seqs, chunks, batched):
+        assert np.array_equal(got, engine.forward(np.array(c[:7]), prefilled(p), all_logits=True))
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_dir):
+    engine = Engine.load(tiny_dir, precision="fast")
+    long_prompt = prompts(1, length=PREFILL_CHUNK + 200, seed=5)[0]
+    short = prompts(1, seed=6)[0]
+    scheduler = Scheduler(engine, parallel=2)
+    try:
+        first, second = Collector(), Collector()
+        scheduler.submit(engine.stream(short, 40, GREEDY), first)
+        scheduler.submit(engine.stream(long_prompt, 5, GREEDY), second)
+        assert first.done.wait(120) and second.done.wait(120)
+    finally:
+        scheduler.close()
+    assert first.tokens == alone(engine, short, 40)
+    assert second.tokens == alone(engine, long_prompt, 5)
+
+
+def test_cancel_frees_the_slot_and_a_full_scheduler_refuses(tiny_dir):
+    engine = Engine.load(tiny_dir, precision="fast")
+    scheduler = Scheduler(engine, parallel=1, waiting=1)
+    try:
+        steps: queue.Queue = queue.Queue()
+        running = scheduler.submit(engine.stream(prompts(1)[0], -1, GREEDY), steps.put)
+        assert steps.get(timeout=60)  # generating
+        waiting = Collector()
+        scheduler.submit(engine.stream(prompts(1, seed=1)[0], 3, GREEDY), waiting)
+        with pytest.raises(SchedulerFull):
+            scheduler.submit(engine.stream(prompts(1, seed=2)[0], 3, GREEDY), Collector())
+        running.cancel()
+        assert waiting.done.wait(60) and len(waiting.tokens) == 3
+        assert scheduler.busy == (0, 0)
+    finally:
+        scheduler.close()
