@@ -81,8 +81,41 @@ def test_parser_accepts_recipient_and_constraint_headers(tok):
                        "<|message|>{\"city\": \"Paris\"}<|call|>")
     parser = StreamParser(tok)
     deltas = feed_all(parser, reply)
-    assert [(d.channel, d.text) for d in deltas][-1][0] == "commentary"
-    assert parser.messages == [Message("assistant", '{"city": "Paris"}', "commentary")]
+    assert {(d.channel, d.recipient) for d in deltas} == {("commentary", "functions.get_weather")}
+    assert parser.messages == [Message("assistant", '{"city": "Paris"}', "commentary", "functions.get_weather",
+                                       "<|constrain|>json")]
+    after = StreamParser(tok)  # the recipient after the channel, as the spec also allows
+    feed_all(after, tok.encode("<|channel|>commentary to=functions.ping <|constrain|>json<|message|>{}<|call|>"))
+    assert after.messages[0].recipient == "functions.ping" and after.messages[0].channel == "commentary"
+
+
+WEATHER = harmony.Tool("get_weather", "Gets the weather.", {
+    "type": "object", "required": ["location"], "properties": {
+        "location": {"type": "string", "description": "City"}, "unit": {"type": "string", "enum": ["c", "f"], "default": "c"},
+        "days": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}})
+PING = harmony.Tool("ping", "No args.")
+
+
+@pytest.mark.parametrize("instructions", ["Be brief.", None])
+def test_tools_and_a_call_chain_render_like_the_library(tok, oh, instructions):
+    h, enc = oh
+    history = [Message("user", "Weather?"), Message("assistant", "need weather", "analysis"),
+               Message("assistant", '{"location":"Paris"}', "commentary", "functions.get_weather", "<|constrain|>json"),
+               Message("functions.get_weather", '{"t":20}', "commentary", "assistant")]
+    ours = render_prompt(tok, history, "medium", instructions, tools=[WEATHER, PING])
+    dev = h.DeveloperContent.new().with_function_tools(
+        [h.ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in (WEATHER, PING)])
+    msgs = [h.Message.from_role_and_content(h.Role.SYSTEM, h.SystemContent.new().with_reasoning_effort(h.ReasoningEffort.MEDIUM)),
+            h.Message.from_role_and_content(h.Role.DEVELOPER, dev.with_instructions(instructions) if instructions else dev),
+            h.Message.from_role_and_content(h.Role.USER, "Weather?"),
+            h.Message.from_role_and_content(h.Role.ASSISTANT, "need weather").with_channel("analysis"),
+            h.Message.from_role_and_content(h.Role.ASSISTANT, '{"location":"Paris"}').with_channel("commentary")
+            .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"),
+            h.Message.from_author_and_content(h.Author.new(h.Role.TOOL, "functions.get_weather"), '{"t":20}')
+            .with_recipient("assistant").with_channel("commentary")]
+    theirs = enc.render_conversation_for_completion(h.Conversation.from_messages(msgs), h.Role.ASSISTANT)
+    assert tok.decode(ours) == enc.decode(theirs)
+    assert ours == theirs
 
 
 def test_malformed_output_is_shown_as_final_text(tok):
