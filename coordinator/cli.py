@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,16 +29,28 @@ def parse_ids(text: str) -> list[int]:
 
 
 def resolve_model(path: str | None) -> str:
+    """The checkpoint folder: -m's folder or Hugging Face repository id (coordinator.hub), else the demo model."""
     if path:
-        return path
+        from .hub import resolve
+
+        return str(resolve(path))
     from .demo import RANDOM_WEIGHTS_NOTICE, demo_model_dir
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     return str(demo_model_dir())
 
 
+MODEL_HELP = "Hugging Face snapshot folder, or a repository id in the local Hugging Face cache " \
+             "(openai/gpt-oss-20b); default: the embedded demo model"
+
+
 def add_model_args(p: argparse.ArgumentParser, default_precision: str = "exact") -> None:
-    p.add_argument("-m", "--model", help="Hugging Face snapshot folder (default: the embedded demo model)")
+    p.add_argument("-m", "--model", help=MODEL_HELP)
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="kernel threads (default: MOEMESH_THREADS, else every core)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="most tokens a sequence holds, prompt and answer (caps the KV cache's memory; "
+                        "default: the model's context)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=default_precision,
                    help="exact: fp32 activations; fast: int16-block activations in the experts; reference: pure numpy")
     p.add_argument("--dense", choices=("bf16", "q8"), default="bf16",
@@ -103,7 +116,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int_or_minus_one("a random seed"), default=None, help="sampling seed (-1: a random one, printed)")
+    p.add_argument("-s", "--seed", type=int_or_minus_one("a random seed"), default=None,
+                   help="sampling seed (-1: a random one, printed)")
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
@@ -238,14 +252,23 @@ def connect_cluster(args, folder: str):
 def load_engine(args):
     from .engine import Engine
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        from expert_node import native
+
+        native.set_threads(args.threads)
     folder = resolve_model(args.model)
-    if not getattr(args, "cluster", False):
-        return Engine.load(folder, precision=args.precision, dense=args.dense, mmap=not args.no_mmap)
-    experts, reports = connect_cluster(args, folder)
-    for r in reports:
-        print(f"node {r.info.name} ({r.address}): {r.pieces} experts, {r.bytes_pushed / 1e6:.1f} MB pushed",
-              file=sys.stderr)
-    return Engine.load(folder, precision=args.precision, experts=experts, dense=args.dense, mmap=not args.no_mmap)
+    experts = None
+    if getattr(args, "cluster", False):
+        experts, reports = connect_cluster(args, folder)
+        for r in reports:
+            print(f"node {r.info.name} ({r.address}): {r.pieces} experts, {r.bytes_pushed / 1e6:.1f} MB pushed",
+                  file=sys.stderr)
+    engine = Engine.load(folder, precision=args.precision, experts=experts, dense=args.dense, mmap=not args.no_mmap)
+    if args.ctx_size is not None:
+        engine.limit_context(args.ctx_size)
+    return engine
 
 
 def topology_table(rows: list[dict]) -> str:
@@ -350,7 +373,7 @@ def cmd_generate(args) -> int:
     # Token ids in, token ids out need no tokenizer (`text` is null then).
     has_tokenizer = (engine.checkpoint.folder / "tokenizer.json").exists()
     tok = Tokenizer.from_dir(engine.checkpoint.folder) if has_tokenizer or args.tokens is None else None
-    prompt_ids = args.tokens if args.tokens is not None else tok.encode(args.prompt)
+    prompt_ids = args.tokens if args.tokens is not None else tok.encode(prompt_text(args))
     if not prompt_ids:
         raise ValueError("the prompt is empty (-p \"\" encodes to no tokens)")
     vocab = engine.config.vocab_size
@@ -373,6 +396,51 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps({"prompt_ids": list(prompt_ids), "generated_ids": generated,
                           "text": tok.decode(generated) if tok is not None else None}))
+    return 0
+
+
+def prompt_text(args) -> str:
+    """-p TEXT, -p - (standard input) or -f FILE."""
+    if args.file is not None:
+        return Path(args.file).read_text(encoding="utf-8")
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def model_name(given: str | None, folder: Path) -> str:
+    """What /v1/models calls the model: the repository id it was named by, else its folder's name."""
+    return given if given and not Path(given).expanduser().is_dir() else folder.name
+
+
+def cmd_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from .server import ServeConfig, Service, create_app
+    from .tokenizer import Tokenizer
+
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, got {args.parallel}")
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    if not local and not args.api_key and not args.no_api_key:
+        print(f"moemesh serve: --host {args.host} lets other devices in: give --api-key KEY, or --no-api-key to "
+              "serve without one", file=sys.stderr)
+        return 2
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)  # bound first: a taken port fails before the model loads
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(128)
+    engine = load_engine(args)
+    engine.warm()
+    service = Service(engine, Tokenizer.from_dir(engine.checkpoint.folder),
+                      ServeConfig(model_name(args.model, engine.checkpoint.folder), args.api_key or None, args.parallel,
+                                  draft_params(args)))
+    host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    print(f"moemesh serve: http://{host}:{sock.getsockname()[1]}/ (OpenAI API at /v1, chat page at /; "
+          f"{args.parallel} sequences at once)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False))
+    server.run(sockets=[sock])
     return 0
 
 
@@ -527,7 +595,13 @@ def parse_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="moemesh", description="Mixture-of-Experts LLMs across your devices")
+    try:
+        parser.add_argument("--version", action="version", version=f"moemesh {version('moemesh')}")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        parser.add_argument("--version", action="version", version="moemesh (not installed)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a random gpt-oss checkpoint in the Hugging Face layout")
@@ -552,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_cluster_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-p", "--prompt", help="prompt text (special tokens like <|start|> are honoured)")
+    src.add_argument("-p", "--prompt", help="prompt text (special tokens like <|start|> are honoured; - reads "
+                                            "standard input)")
+    src.add_argument("-f", "--file", help="read the prompt from this file")
     src.add_argument("--tokens", type=parse_ids, help="prompt as comma-separated token ids")
     add_sampling_args(p)
     add_draft_args(p)
@@ -580,6 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     add_draft_args(p)
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API server and a chat page, for every device in the house")
+    add_model_args(p, default_precision="fast")
+    add_cluster_args(p)
+    add_draft_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, which "
+                                                       "needs --api-key or --no-api-key)")
+    p.add_argument("--port", type=tcp_port, default=8080, help="HTTP port (0 = any free port)")
+    p.add_argument("-np", "--parallel", type=int, default=4,
+                   help="sequences generated at once (they share every forward pass); more requests wait")
+    p.add_argument("--api-key", default=os.environ.get("MOEMESH_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY' (default: $MOEMESH_API_KEY)")
+    p.add_argument("--no-api-key", action="store_true", help="serve other devices without a key")
+    p.set_defaults(func=cmd_serve)
 
     node = sub.add_parser("node", help="run an expert node").add_subparsers(dest="node_command", required=True)
     p = node.add_parser("serve", help="host experts for a coordinator (gRPC + mDNS advertisement)")

@@ -149,6 +149,7 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, model, precision: str):
         self.checkpoint, self.model, self.precision = ckpt, model, precision
         self.config = model.cfg
+        self._context_cap: int | None = None
 
     @classmethod
     def load(cls, folder, precision: str = "exact", experts: ExpertBackend | None = None,
@@ -224,7 +225,14 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.config.max_position_embeddings
+        """Tokens a sequence may hold: the model's context, or less (limit_context)."""
+        return min(self.config.max_position_embeddings, self._context_cap or self.config.max_position_embeddings)
+
+    def limit_context(self, n: int) -> None:
+        """Cap every sequence at n tokens (-c/--ctx-size): the KV cache never grows past it."""
+        if n < 2:
+            raise ValueError(f"the context must hold at least 2 tokens, got {n}")
+        self._context_cap = n
 
     def logits(self, ids: Iterable[int]) -> np.ndarray:
         """float32 [T, vocab] logits of one forward pass over `ids` from an empty context."""
