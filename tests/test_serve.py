@@ -3,6 +3,7 @@ server process on loopback (and a 2-node cluster in a private network namespace)
 checked against the engine run in this process on the same prompt, token for token."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,3 +231,37 @@ def test_cluster_in_a_private_namespace_serves_the_same_answers(tiny_dir, netns,
     for i in range(2):
         assert result["answers"][i] == expected_chat(local, [harmony.Message("user", f"Hello {i}")], 10)[0]
     assert [d["up"] for d in result["devices"]] == [True, True, True]
+
+
+def test_chat_page_in_a_real_browser(server):
+    """Debian's chromium, headless, driven by selenium: load the page, send a message, see the
+    streamed answer with its token rate; the screenshot is kept in tests/artifacts."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        driver.find_element(By.ID, "input").send_keys("Hello from the browser")
+        driver.find_element(By.ID, "send").click()
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "tok/s" in d.find_element(By.CSS_SELECTOR, ".msg.assistant .meta").text)
+        answer = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text
+        devices = driver.find_element(By.ID, "devices").text
+        artifacts = TESTS / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        driver.save_screenshot(str(artifacts / "chat-page.png"))
+    finally:
+        driver.quit()
+    assert answer.strip()
+    assert "coordinator" in devices

@@ -33,6 +33,7 @@ async function showDevices() {
     }));
     const models = await getJSON("/v1/models");
     $("model").textContent = models.data[0]?.id || "";
+    $("status").textContent = "";
   } catch (e) {
     $("status").textContent = e.message;
   }
