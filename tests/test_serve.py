@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from support import MOEMESH, TESTS, wait_until
+from support import MOEMESH, TESTS, require_tools, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -240,9 +240,8 @@ def test_chat_page_in_a_real_browser(server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    require_tools("chromium", "chromedriver", install="apt-get install chromium chromium-driver")
     browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (browser and driver_path):
-        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
