@@ -17,14 +17,12 @@ class ModelNotFound(FileNotFoundError):
 
 
 def resolve(name: str) -> Path:
-    """A checkpoint folder: `name` itself when it is a folder, else the cached snapshot of the
-    Hugging Face repository it names."""
+    """A checkpoint folder: `name` itself when it is a folder or cannot be a repository id (the
+    checkpoint reader then says what is wrong with it), else the cached snapshot of the Hugging
+    Face repository it names."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or not REPO_ID.match(name) or name.startswith((".", "~")):
         return path
-    if not REPO_ID.match(name) or name.startswith((".", "~")):
-        raise ModelNotFound(f"{name}: no such folder (give a Hugging Face snapshot folder or a repository id "
-                            "such as openai/gpt-oss-20b)")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
