@@ -594,15 +594,34 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size like 6G, 6GiB or 512M, got {text!r}") from None
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every help page shows each option's default (argparse's ArgumentDefaultsHelpFormatter, but
+    silent where there is none to show or the text already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS, []) and action.option_strings
+        if shown and "default" not in text and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def subcommands(parser: argparse.ArgumentParser, dest: str):
+    """add_subparsers whose pages use HelpFormatter too."""
+    return parser.add_subparsers(dest=dest, required=True,
+                                 parser_class=lambda **kw: argparse.ArgumentParser(formatter_class=HelpFormatter, **kw))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
-    parser = argparse.ArgumentParser(prog="moemesh", description="Mixture-of-Experts LLMs across your devices")
+    parser = argparse.ArgumentParser(prog="moemesh", description="Mixture-of-Experts LLMs across your devices",
+                                     formatter_class=HelpFormatter)
     try:
         parser.add_argument("--version", action="version", version=f"moemesh {version('moemesh')}")
     except PackageNotFoundError:  # running from a source tree that was never installed
         parser.add_argument("--version", action="version", version="moemesh (not installed)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = subcommands(parser, "command")
 
     p = sub.add_parser("synth", help="write a random gpt-oss checkpoint in the Hugging Face layout")
     from .synth import DEFAULT_SHARD_BYTES, PRESETS
@@ -671,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-api-key", action="store_true", help="serve other devices without a key")
     p.set_defaults(func=cmd_serve)
 
-    node = sub.add_parser("node", help="run an expert node").add_subparsers(dest="node_command", required=True)
+    node = subcommands(sub.add_parser("node", help="run an expert node"), "node_command")
     p = node.add_parser("serve", help="host experts for a coordinator (gRPC + mDNS advertisement)")
     p.add_argument("--port", type=tcp_port, default=7070, help="gRPC port (0 = any free port)")
     p.add_argument("--host", default="[::]", help="address to listen on")
@@ -687,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node_serve)
 
     cl = sub.add_parser("cluster", help="bring a cluster of expert nodes up, inspect it, release it")
-    cls = cl.add_subparsers(dest="cluster_command", required=True)
+    cls = subcommands(cl, "cluster_command")
     p = cls.add_parser("up", help="discover nodes, place and push the experts, save the plan")
     p.add_argument("-m", "--model", help="Hugging Face snapshot folder (default: the embedded demo model)")
     p.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="static node list (repeatable)")

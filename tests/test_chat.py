@@ -1,4 +1,5 @@
 """`moemesh chat` and the streaming generator: scripted sessions, real subprocesses."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,23 @@ def test_chat_survives_invalid_utf8_input(tiny_dir):
     proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "chat", "-m", str(tiny_dir), "-n", "4"],
                           input=b"caf\xe9 \xff\n/exit\n", capture_output=True, timeout=300, cwd=Path(__file__).parent)
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr and b"generated 4 tok" in proc.stderr
+
+
+def test_chat_commands_set_save_load_and_unknown(tiny_dir, tmp_path):
+    saved = tmp_path / "talk.json"
+    proc = run_chat(tiny_dir, f"/set temperature 0\n/set top_k x\n/wat\nHello\n/save {saved}\n/reset\n"
+                              f"/load {saved}\n/load {tmp_path / 'missing.json'}\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "(set temperature 0)" in proc.stderr and "/set top_k: bad value 'x'" in proc.stderr
+    assert "unknown command /wat" in proc.stderr and proc.stderr.count("generated 8 tok") == 1
+    assert "(loaded 2 messages" in proc.stderr and "not a saved conversation" in proc.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello"
+
+
+def test_a_full_context_drops_the_oldest_turns(tiny_dir):
+    turns = "".join(f"Turn {i}: " + "words and more words " * 6 + "\n" for i in range(6))
+    proc = run_chat(tiny_dir, turns, "-c", "200")
+    assert proc.returncode == 0, proc.stderr
+    assert "the context is full: dropped the" in proc.stderr
+    assert proc.stderr.count("generated 8 tok") == 6 and "error" not in proc.stderr
