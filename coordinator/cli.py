@@ -421,6 +421,7 @@ def cmd_serve(args) -> int:
 
     if args.parallel < 1:
         raise ValueError(f"--parallel must be at least 1, got {args.parallel}")
+    args.api_key = args.api_key or os.environ.get("MOEMESH_API_KEY")
     local = args.host in ("127.0.0.1", "localhost", "::1")
     if not local and not args.api_key and not args.no_api_key:
         print(f"moemesh serve: --host {args.host} lets other devices in: give --api-key KEY, or --no-api-key to "
@@ -685,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=tcp_port, default=8080, help="HTTP port (0 = any free port)")
     p.add_argument("-np", "--parallel", type=int, default=4,
                    help="sequences generated at once (they share every forward pass); more requests wait")
-    p.add_argument("--api-key", default=os.environ.get("MOEMESH_API_KEY"),
+    p.add_argument("--api-key", default=None,  # not shown in help: it may be a secret
                    help="clients must send 'Authorization: Bearer KEY' (default: $MOEMESH_API_KEY)")
     p.add_argument("--no-api-key", action="store_true", help="serve other devices without a key")
     p.set_defaults(func=cmd_serve)
