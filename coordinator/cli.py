@@ -66,8 +66,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", action="store_true", help="compute the experts on expert nodes")
     g.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
                    help="an expert node's address (repeatable); without it nodes are found by mDNS")
-    g.add_argument("--expect", type=int, default=None, help="wait for this many nodes on mDNS")
-    g.add_argument("--discover-timeout", type=float, default=3.0, help="seconds to browse mDNS")
+    g.add_argument("--expect", type=int, default=None, help="wait until this many nodes are found (at most --timeout seconds); fewer is an error")
+    g.add_argument("--timeout", "--discover-timeout", dest="discover_timeout", type=float, default=3.0,
+                   help="seconds to wait for nodes on mDNS (the same flag as in discover and cluster up)")
     g.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
     g.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
     g.add_argument("--plan", default=None, help="cluster plan saved by `moemesh cluster up` (default: the last one)")
@@ -470,6 +471,8 @@ def cmd_profile(args) -> int:
     from . import profile
     from .tokenizer import Tokenizer
 
+    if args.plot:
+        profile.require_matplotlib()
     engine = load_engine(args)
     engine.warm()
     prompt_ids = Tokenizer.from_dir(engine.checkpoint.folder).encode(args.prompt)
@@ -566,6 +569,10 @@ def cmd_discover(args) -> int:
                 print(f"{n.node_id}  {n.address}  cores={n.properties.get('cores')} isa={n.properties.get('isa')} "
                       f"mem={int(n.properties.get('mem', 0)) / 1e9:.1f}GB")
             print(f"{len(nodes)} expert node(s) found", file=sys.stderr)
+        if args.expect and len(nodes) < args.expect:
+            print(f"moemesh discover: error: {len(nodes)} of the {args.expect} expected nodes answered within "
+                  f"{args.timeout:g} s", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -711,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cls.add_parser("up", help="discover nodes, place and push the experts, save the plan")
     p.add_argument("-m", "--model", help="Hugging Face snapshot folder (default: the embedded demo model)")
     p.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="static node list (repeatable)")
-    p.add_argument("--expect", type=int, default=None, help="wait until this many nodes answer on mDNS")
+    p.add_argument("--expect", type=int, default=None, help="wait until this many nodes are found (at most --timeout seconds); fewer is an error")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for nodes on mDNS")
     p.add_argument("--replicas", type=int, default=1, help="copies of every expert on distinct nodes")
     p.add_argument("--plan", default=None, help="where to save the plan (default: ~/.cache/moemesh/cluster.json)")
@@ -746,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", help="list the expert nodes advertising on mDNS")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
-    p.add_argument("--expect", type=int, default=None, help="stop as soon as this many are found")
+    p.add_argument("--expect", type=int, default=None, help="wait until this many nodes are found (at most --timeout seconds); fewer is an error")
     p.add_argument("--interface", default=None, help="IP address of the interface for mDNS (default: all)")
     p.add_argument("--watch", action="store_true", help="print nodes appearing and leaving until --timeout")
     p.add_argument("--json", action="store_true")

@@ -150,8 +150,17 @@ def to_json(result: dict) -> str:
     return json.dumps({k: v for k, v in result.items() if k != "tracer"})
 
 
+def require_matplotlib() -> None:
+    """--plot needs matplotlib: say so before any model is loaded."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'moemesh[plot]' (or pip install matplotlib)") from None
+
+
 def plot(result: dict, path: str) -> None:
-    """Per-layer stacked bars of one decode token: attention, router, experts (by node), combine."""
+    """Stacked bars of one decode token: per layer attention, router, the experts (in a cluster
+    each node's network and compute apart) and combine, then the unembedding."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,20 +169,33 @@ def plot(result: dict, path: str) -> None:
     tracer: Tracer = result["tracer"]
     windows = decode_windows(tracer)
     a, b = windows[len(windows) // 2]  # a typical token: the middle one
-    by_layer: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    bars: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # x label -> part -> ms
+    remote = False
     for s in tracer.spans:
-        if a <= s.start_us <= b and s.device == COORDINATOR and "layer" in s.args and s.name in COORDINATOR_STAGES:
-            by_layer[s.args["layer"]][s.name] += s.dur_us / 1e3
-    layers = sorted(by_layer)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    bottom = np.zeros(len(layers))
-    for stage in ("attention", "router", "experts", "combine"):
-        v = np.array([by_layer[l][stage] for l in layers])
-        ax.bar(layers, v, bottom=bottom, label=stage)
-        bottom += v
+        if not a <= s.start_us <= b or s.device != COORDINATOR:
+            continue
+        if s.name == "round trip":  # a hop: the node's own time and the rest (network + gRPC)
+            remote = True
+            node = s.args["node"].split()[1]
+            bars[str(s.args["layer"])][f"{node} compute"] += s.args["node_us"] / 1e3
+            bars[str(s.args["layer"])][f"{node} network"] += s.args["wire_us"] / 1e3
+        elif "layer" in s.args and s.name in COORDINATOR_STAGES:
+            bars[str(s.args["layer"])][s.name] += s.dur_us / 1e3
+        elif s.name == "unembed":
+            bars["unembed"]["unembed"] += s.dur_us / 1e3
+    labels = sorted((k for k in bars if k != "unembed"), key=int) + (["unembed"] if "unembed" in bars else [])
+    parts = [p for p in ("attention", "router", "experts", "combine", "unembed") if not (remote and p == "experts")]
+    parts[3:3] = sorted({p for bar in bars.values() for p in bar if p.endswith(("compute", "network"))})
+    fig, ax = plt.subplots(figsize=(11, 4))
+    bottom = np.zeros(len(labels))
+    for part in parts:
+        v = np.array([bars[x][part] for x in labels])
+        if v.any():
+            ax.bar(labels, v, bottom=bottom, label=part)
+            bottom += v
     ax.set_xlabel("layer")
     ax.set_ylabel("ms")
-    ax.set_title("one decode token, per layer")
-    ax.legend()
+    ax.set_title("one decode token")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)

@@ -67,7 +67,7 @@ def test_mdns_discovery_across_processes_in_a_namespace(tiny_dir, start_node, ne
     watch = subprocess.Popen(["ip", "netns", "exec", netns, *MOEMESH, "discover", "--watch", "--json", "--timeout", "12",
                               "--interface", "127.0.0.1"], stdout=subprocess.PIPE, text=True, cwd=TESTS)
     gen = ["generate", "-m", tiny_dir, "--tokens", ",".join(map(str, PROMPT)), "-n", 8, "--temp", 0, "--json"]
-    out = run_cli(*gen, "--cluster", "--expect", 3, "--discover-timeout", 10, "--interface", "127.0.0.1", netns=netns)
+    out = run_cli(*gen, "--cluster", "--expect", 3, "--timeout", 10, "--interface", "127.0.0.1", netns=netns)
     assert out.stderr.count("experts,") == 3
     assert json.loads(out.stdout) == json.loads(run_cli(*gen).stdout)
     nodes[0].stop()  # graceful shutdown withdraws the advertisement (goodbye packets)

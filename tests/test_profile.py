@@ -1,6 +1,8 @@
 """The profiler: a node behind an emulated link of known added delay gets that delay as wire
 time (not compute); traces are valid Chrome JSON that nests; single-device runs have no hops."""
 import json
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -50,6 +52,8 @@ def test_added_link_delay_is_attributed_to_the_wire(tiny_dir, start_node, tmp_pa
         names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
         assert "coordinator" in names and any(link.address in n for n in names) and len(names) == 3
         check_nesting(trace)
+        profile.plot(result, tmp_path / "cluster.png")  # each node's network and compute apart
+        assert (tmp_path / "cluster.png").read_bytes()[:4] == b"\x89PNG"
         experts.close()
     finally:
         link.stop()
@@ -67,3 +71,10 @@ def test_plot_writes_a_png(tiny_dir, tmp_path):
     result = profile.run_profile(Engine.load(tiny_dir, precision="fast"), PROMPT, 4, repeats=1)
     profile.plot(result, tmp_path / "token.png")
     assert (tmp_path / "token.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_loading(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from coordinator.cli import main; "
+            f"sys.exit(main(['profile', '-m', '{tmp_path / 'absent'}', '--plot', 'x.png']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and "pip install 'moemesh[plot]'" in proc.stderr and "Traceback" not in proc.stderr
