@@ -5,10 +5,14 @@
 set -euo pipefail
 SRC=${1:-$HOME/moemesh}
 pkg update -y
-# clang/cmake/ninja build the native kernels (NEON path); numpy and grpcio come prebuilt from
-# Termux's repository (building grpcio on a phone takes an hour).
-pkg install -y python clang cmake ninja python-numpy python-grpcio termux-services
+# clang/cmake/ninja build the native kernels (NEON path); numpy, grpcio and cryptography come
+# prebuilt from Termux's repository; rust builds `tokenizers`, which has no Android wheel.
+pkg install -y python clang cmake ninja rust python-numpy python-grpcio python-cryptography termux-services
 python -m venv --system-site-packages "$HOME/.moemesh-venv"
+# moemesh's generated gRPC stubs need grpcio >= 1.85.1; an older Termux package is rebuilt by pip.
+if ! "$HOME/.moemesh-venv/bin/python" -c 'import grpc, sys; sys.exit(tuple(map(int, grpc.__version__.split(".")[:2])) < (1, 85))'; then
+  echo "Termux's grpcio is older than 1.85.1: pip builds it from source (this takes about an hour)."
+fi
 "$HOME/.moemesh-venv/bin/pip" install "$SRC"
 mkdir -p "$HOME/.termux/boot"
 cat > "$HOME/.termux/boot/moemesh-node" <<'BOOT'
@@ -17,5 +21,6 @@ termux-wake-lock   # keep the CPU awake while serving experts
 exec "$HOME/.moemesh-venv/bin/moemesh" node serve --port 7070 --max-memory 3G >> "$HOME/moemesh-node.log" 2>&1
 BOOT
 chmod +x "$HOME/.termux/boot/moemesh-node"
-echo "Installed. Open the Termux:Boot app once; the node starts on every boot (log: ~/moemesh-node.log)."
+echo "Installed. Pair with your coordinator first: ~/.moemesh-venv/bin/moemesh pair COORDINATOR_IP:7079 --code CODE"
+echo "Then open the Termux:Boot app once; the node starts on every boot (log: ~/moemesh-node.log)."
 echo "Start it now with: ~/.termux/boot/moemesh-node &"
