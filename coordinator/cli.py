@@ -331,7 +331,9 @@ def cmd_cluster_status(args) -> int:
             verdict = ("the plan runs as saved" if not problems else "the plan cannot run as saved:\n  " +
                        "\n  ".join(problems) + "\nthe next `--cluster` run repairs what it can (the coordinator "
                        "computes the rest), or run `moemesh cluster up` again")
-            print(f"model {plan['model']}\n" + topology_table(rows) + "\n" + verdict, flush=True)
+            redraw = args.watch and sys.stdout.isatty()  # in place, as top does; a pipe gets every frame
+            print(("\x1b[H\x1b[J" if redraw else "") + f"model {plan['model']}\n" + topology_table(rows) + "\n" +
+                  verdict + (f"\n(every {args.interval:g} s; Ctrl-C to stop)" if redraw else ""), flush=True)
         if not args.watch:
             return 0 if not problems else 1
         _time.sleep(args.interval)
