@@ -92,6 +92,50 @@ def critical_path(tracer: Tracer) -> dict:
             "slowest_node_share": {n: c / len(per_layer) for n, c in slowest.most_common()}}
 
 
+WIFI = (3e-3, 200e6 / 8)  # a phone and a laptop on one Wi-Fi: 3 ms round trip, 200 Mbit/s (deploy/lab's wifi)
+
+
+def cluster_predictions(tracer: Tracer, config) -> dict:
+    """What the latency model (coordinator.latency) says this cluster would decode, from the terms
+    this profile measured per decoded token: the coordinator's own time, and per node its
+    compute and our overhead per hop (round trip minus compute), the experts split evenly.
+    Two cases: the same devices each on their own CPU and memory (this machine shares its cores
+    between all of them), and a phone coordinator with one laptop node that computes every
+    expert (the nodes' compute added up), over 3 ms Wi-Fi; for the phone, its coordinator time
+    is this machine's, and twice it (a phone half as fast)."""
+    from . import latency as lm
+
+    windows = decode_windows(tracer)
+    per_layer: dict[tuple[int, int], float] = defaultdict(float)
+    compute, rtt = defaultdict(list), defaultdict(list)
+    for s in tracer.spans:
+        if s.name != "round trip" or not in_windows(s.start_us, windows) or s.args["tokens"] != 1:
+            continue
+        step = next(i for i, (a, b) in enumerate(windows) if a <= s.start_us <= b)
+        per_layer[(step, s.args["layer"])] = max(per_layer[(step, s.args["layer"])], s.dur_us)
+    for s in tracer.spans:
+        if s.name == "node compute" and in_windows(s.start_us, windows) and s.args.get("tokens") == 1:
+            compute[s.args["node"]].append(s.dur_us / 1e6)
+        if s.name == "round trip" and in_windows(s.start_us, windows) and s.args["tokens"] == 1:
+            rtt[s.args["node"]].append(s.dur_us / 1e6)
+    if not compute:
+        return {}
+    waits = defaultdict(float)
+    for (step, _), us in per_layer.items():
+        waits[step] += us
+    coordinator_s = float(np.median([(b - a - waits[i]) / 1e6 for i, (a, b) in enumerate(windows) if i in waits]))
+    shape = lm.Shape(config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok, config.hidden_size)
+    nodes = [lm.Node(lm.Link(), lm.Compute(float(np.median(compute[n]))),  # placement splits the experts evenly
+                     float(np.median(rtt[n]) - np.median(compute[n])), 1.0 / len(compute)) for n in compute]
+    own = lm.decode_tps(lm.cluster_round_seconds(shape, coordinator_s, nodes, 1), 1)
+    laptop = lm.Node(lm.Link(*WIFI), lm.Compute(sum(n.compute.fixed_s for n in nodes)),
+                     float(np.median([n.overhead_s for n in nodes])), 1.0)
+    phone = {f"phone_x{f}": lm.decode_tps(lm.cluster_round_seconds(shape, coordinator_s * f, [laptop], 1), 1)
+             for f in (1, 2)}
+    return {"coordinator_ms": coordinator_s * 1e3, "separate_devices_tps": own, **{k + "_laptop_wifi_tps": v
+                                                                                  for k, v in phone.items()}}
+
+
 def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2, draft: DraftParams | None = None) -> dict:
     """Untraced and traced runs, alternating order (the second of two runs tends to be slower on a
     busy machine), so the tracing overhead is measured, not the order. With drafts, a decode step
@@ -125,7 +169,8 @@ def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2, draft: 
             "tracing_overhead": 1 - traced_tps / plain_tps if plain_tps else 0.0,
             "tokens": traced.stats.generated_tokens, "rounds": traced.stats.rounds,
             "drafted": traced.stats.drafted, "accepted": traced.stats.accepted,
-            "tokens_per_round": traced.stats.tokens_per_round}
+            "tokens_per_round": traced.stats.tokens_per_round,
+            "model": cluster_predictions(tracer, engine.config)}
 
 
 def render(result: dict) -> str:
@@ -140,6 +185,12 @@ def render(result: dict) -> str:
                      f"network {cp['network_share']:.0%} of a token; slowest node per layer: {slow}")
     lines.append(f"decode {result['decode_tps_traced']:.2f} tok/s traced, {result['decode_tps_untraced']:.2f} "
                  f"untraced (tracing overhead {result['tracing_overhead']:.1%}); prefill {result['prefill_tps']:.1f} tok/s")
+    m = result.get("model")
+    if m:
+        lines.append(f"latency model (coordinator {m['coordinator_ms']:.1f} ms a token): these devices each on "
+                     f"their own CPU and memory {m['separate_devices_tps']:.2f} tok/s; a phone coordinator + one "
+                     f"laptop node on 3 ms Wi-Fi {m['phone_x1_laptop_wifi_tps']:.2f} tok/s "
+                     f"({m['phone_x2_laptop_wifi_tps']:.2f} with a phone half this fast)")
     if result["drafted"]:
         lines.append(f"drafts: {result['drafted']} proposed, {result['accepted']} accepted; "
                      f"{result['tokens_per_round']:.2f} tokens per round")

@@ -46,6 +46,10 @@ def test_added_link_delay_is_attributed_to_the_wire(tiny_dir, start_node, tmp_pa
         compute = next(r for (d, k), r in rows.items() if k == "compute" and link.address in d)
         assert compute["p50_ms"] < 0.1 * ADDED_RTT_MS
         assert set(result["critical_path"]["slowest_node_share"]) == {slow_label}
+        model = result["model"]  # the latency model's lines: a 3 ms Wi-Fi costs more than loopback
+        assert 0 < model["phone_x2_laptop_wifi_tps"] < model["phone_x1_laptop_wifi_tps"]
+        assert model["coordinator_ms"] > 0 and model["separate_devices_tps"] > 0
+        assert "latency model" in profile.render(result)
         path = tmp_path / "trace.json"
         result["tracer"].write(path)
         trace = json.loads(path.read_text())
