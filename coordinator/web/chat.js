@@ -8,7 +8,10 @@ const messages = [];
 let controller = null;
 
 $("key").value = localStorage.getItem("moemesh-key") || "";
-$("key").addEventListener("change", () => localStorage.setItem("moemesh-key", $("key").value));
+$("key").addEventListener("change", () => {
+  localStorage.setItem("moemesh-key", $("key").value);
+  showDevices();
+});
 
 function headers() {
   const h = { "Content-Type": "application/json" };
