@@ -1,11 +1,14 @@
 """Helpers shared by the tests (importable: pytest's pythonpath includes tests/)."""
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -109,3 +112,44 @@ def wait_until(pred, timeout: float) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+class ServeProcess:
+    """`moemesh serve` on port 0 in a subprocess (optionally in a network namespace); its log in a temp file."""
+
+    def __init__(self, *args, netns=None):
+        cmd = MOEMESH + ["serve", "--port", "0", *args]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns] + cmd
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=TESTS)
+        line = self.proc.stdout.readline()
+        m = re.search(r"(http://\S+:\d+)/", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"serve did not start: {line!r} {self.stderr()}")
+        self.url = m.group(1)
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def client(self, key: str, **kw):
+        """The official openai client for this server."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()

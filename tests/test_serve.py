@@ -2,19 +2,16 @@
 server process on loopback (and a 2-node cluster in a private network namespace). Answers are
 checked against the engine run in this process on the same prompt, token for token."""
 import json
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
 
-from support import MOEMESH, TESTS, require_tools, wait_until
+from support import MOEMESH, TESTS, ServeProcess, require_tools, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -24,42 +21,6 @@ from coordinator.tokenizer import Tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 KEY = "test-key-123"
-
-
-class ServeProcess:
-    def __init__(self, *args, netns=None):
-        cmd = MOEMESH + ["serve", "--port", "0", *args]
-        if netns:
-            cmd = ["ip", "netns", "exec", netns] + cmd
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=TESTS)
-        line = self.proc.stdout.readline()
-        m = re.search(r"(http://\S+:\d+)/", line)
-        if not m:
-            self.stop()
-            raise RuntimeError(f"serve did not start: {line!r} {self.stderr()}")
-        self.url = m.group(1)
-
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def client(self, key=KEY, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +51,14 @@ def expected_chat(local, messages, max_tokens, **render):
 
 
 def test_models_health_and_page(server, tiny_dir):
-    assert [m.id for m in server.client().models.list().data] == [tiny_dir.name]
+    assert [m.id for m in server.client(KEY).models.list().data] == [tiny_dir.name]
     assert server.get("/health")["status"] == "ok"
     with urllib.request.urlopen(server.url + "/", timeout=30) as r:
         assert b"chat.js" in r.read()
 
 
 def test_chat_completion_streamed_and_not_equals_the_engine(server, local):
-    client = server.client()
+    client = server.client(KEY)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     reply = client.chat.completions.create(model="x", messages=messages, max_tokens=12, temperature=0)
     final, reasoning, n = expected_chat(local, [harmony.Message("user", "What is 2+2?")], 12,
@@ -113,10 +74,10 @@ def test_chat_completion_streamed_and_not_equals_the_engine(server, local):
 
 def test_completion_equals_the_engine(server, local):
     engine, tok = local
-    reply = server.client().completions.create(model="x", prompt="Once upon a time", max_tokens=10, temperature=0)
+    reply = server.client(KEY).completions.create(model="x", prompt="Once upon a time", max_tokens=10, temperature=0)
     ids = [s.token for s in engine.stream(tok.encode("Once upon a time"), 10, SamplingParams(temperature=0))]
     assert reply.choices[0].text == tok.decode(ids)
-    streamed = server.client().completions.create(model="x", prompt="Once upon a time", max_tokens=10,
+    streamed = server.client(KEY).completions.create(model="x", prompt="Once upon a time", max_tokens=10,
                                                   temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == tok.decode(ids)
 
@@ -130,7 +91,7 @@ def test_tool_call_history_and_tools_are_rendered_and_answered(server, local):
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'}]
-    reply = server.client().chat.completions.create(model="x", messages=messages, tools=tools, max_tokens=8,
+    reply = server.client(KEY).chat.completions.create(model="x", messages=messages, tools=tools, max_tokens=8,
                                                     temperature=0)
     history = [harmony.Message("user", "Weather in Paris?"),
                harmony.Message("assistant", '{"city":"Paris"}', "commentary", "functions.get_weather", "<|constrain|>json"),
@@ -141,7 +102,7 @@ def test_tool_call_history_and_tools_are_rendered_and_answered(server, local):
 
 
 def test_bad_requests_and_keys(server):
-    client = server.client()
+    client = server.client(KEY)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=5)
     with pytest.raises(openai.BadRequestError, match="messages"):
@@ -149,7 +110,7 @@ def test_bad_requests_and_keys(server):
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="x", messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.AuthenticationError):
-        server.client(key="wrong").models.list()
+        server.client("wrong").models.list()
     req = urllib.request.Request(server.url + "/v1/chat/completions", data=b"{not json",
                                  headers={"Authorization": f"Bearer {KEY}"})
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -161,7 +122,7 @@ def test_bad_requests_and_keys(server):
 
 
 def test_concurrent_clients_get_their_sequential_answers(server):
-    client = server.client()
+    client = server.client(KEY)
     questions = [f"Question number {i}: tell me about {w}." for i, w in enumerate(["cats", "rivers", "MoE", "tea"])]
     ask = lambda q: client.chat.completions.create(  # noqa: E731
         model="x", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0,
@@ -180,7 +141,7 @@ def test_concurrent_clients_get_their_sequential_answers(server):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    stream = server.client().chat.completions.create(
+    stream = server.client(KEY).chat.completions.create(
         model="x", messages=[{"role": "user", "content": "Write forever."}], max_tokens=100000, stream=True)
     next(iter(stream))
     assert server.get("/health")["slots_busy"] == 1
@@ -269,7 +230,7 @@ def test_a_full_server_answers_503(tiny_dir):
     the ones beyond five are refused with 503 at once; the others are answered."""
     full = ServeProcess("-m", str(tiny_dir), "--parallel", "1", "--no-api-key", "--draft", "0")
     try:
-        client = full.client()
+        client = full.client("none")
         outcomes = []
 
         def ask():
