@@ -52,7 +52,6 @@ class Scheduler:
         self._active: list[Request] = []
         self._wake = threading.Condition()
         self._closed = False
-        self.steps = 0  # forward passes so far (tests and the status page read it)
         self._thread = threading.Thread(target=self._run, daemon=True, name="moemesh-batching")
         self._thread.start()
 
@@ -133,7 +132,6 @@ class Scheduler:
                 self._remove(r)
                 r.deliver(e)
             return
-        self.steps += 1
         for r, rows in zip(requests, logits):
             steps = r.generation.take(rows)
             if steps:

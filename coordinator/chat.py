@@ -178,21 +178,23 @@ def command(session: ChatSession, text: str, err) -> None:
 
 def set_option(options: ChatOptions, key: str, value: str) -> None:
     """/set KEY VALUE on the options the next answer uses; ValueError for a bad key or value."""
-    sampling = {"temperature": float, "temp": float, "top_p": float, "top_k": int, "min_p": float, "seed": int}
-    try:
-        if key in sampling:
-            field_name = "temperature" if key == "temp" else key
-            options.params = replace(options.params, **{field_name: sampling[key](value)})
-        elif key == "max_tokens":
-            options.max_tokens = int(value)
-        elif key in ("effort", "reasoning_effort") and value in harmony.REASONING_EFFORTS:
-            options.reasoning_effort = value
-        elif key == "reasoning" and value in ("on", "off"):
-            options.show_reasoning = value == "on"
-        else:
-            raise ValueError(f"/set {key} {value}: see /help for what can be set")
-    except ValueError as e:
-        raise ValueError(str(e) if "/set" in str(e) or "must" in str(e) else f"/set {key}: bad value {value!r}") from None
+    numbers = {"temperature": float, "temp": float, "top_p": float, "top_k": int, "min_p": float, "seed": int,
+               "max_tokens": int}
+    if key in numbers:
+        try:
+            number = numbers[key](value)
+        except ValueError:
+            raise ValueError(f"/set {key}: bad value {value!r}") from None
+        if key == "max_tokens":
+            options.max_tokens = number
+        else:  # SamplingParams says what is out of range ("... must be ...")
+            options.params = replace(options.params, **{"temperature" if key == "temp" else key: number})
+    elif key in ("effort", "reasoning_effort") and value in harmony.REASONING_EFFORTS:
+        options.reasoning_effort = value
+    elif key == "reasoning" and value in ("on", "off"):
+        options.show_reasoning = value == "on"
+    else:
+        raise ValueError(f"/set {key} {value}: see /help for what can be set")
 
 
 def answer(session: ChatSession, text: str, out, err, color: bool) -> None:

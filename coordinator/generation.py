@@ -174,7 +174,6 @@ class Generation:
         self._unfed = ids[cached:]  # prompt tokens not in the cache yet
         self._t0 = time.perf_counter()
         self._t_first = None
-        self._emitted = 0
         self._drafts: list[int] = []
         self._chosen: list[int] = []  # the last token yielded is not in the cache yet
         if self.drafter is None and self.draft.max_tokens > 0:
@@ -190,7 +189,7 @@ class Generation:
         if self.prefilling:
             return self._unfed[:PREFILL_CHUNK], False
         drafter = self.drafter
-        self._drafts = drafter.propose(self._budget - self._emitted - 1) if drafter is not None else []
+        self._drafts = drafter.propose(self._budget - self.stats.generated_tokens - 1) if drafter is not None else []
         return np.array([self._chosen[-1], *self._drafts], np.int64), bool(self._drafts)
 
     def take(self, logits: np.ndarray) -> list[Step]:
@@ -223,10 +222,9 @@ class Generation:
             if self._t_first is None:
                 self._t_first = now
                 stats.time_to_first_token = now - self._t0
-            self._emitted += 1
-            stats.generated_tokens = self._emitted
+            stats.generated_tokens += 1
             stats.decode_seconds = now - self._t_first
-            finish = "stop" if token in self._stops else ("length" if self._emitted == self._budget else None)
+            finish = "stop" if token in self._stops else ("length" if stats.generated_tokens == self._budget else None)
             stats.finish_reason = finish
             steps.append(Step(token, self._detok.push(token), finish))
             if finish:

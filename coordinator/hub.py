@@ -21,7 +21,7 @@ def resolve(name: str) -> Path:
     checkpoint reader then says what is wrong with it), else the cached snapshot of the Hugging
     Face repository it names."""
     path = Path(name).expanduser()
-    if path.is_dir() or not REPO_ID.match(name) or name.startswith((".", "~")):
+    if path.is_dir() or not REPO_ID.match(name):
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

@@ -249,25 +249,22 @@ class ChatReply:
     content: str = ""
     reasoning: str = ""
     tool_calls: list[dict] = field(default_factory=list)
+    calling: str | None = None  # the function whose call's arguments are streaming now
 
     def add(self, delta: harmony.Delta) -> list[dict]:
         """The stream deltas (choices[0].delta objects) that one harmony delta makes."""
         if delta.recipient and delta.recipient.startswith("functions."):
-            name = delta.recipient.removeprefix("functions.")
-            if not self.tool_calls or self.tool_calls[-1]["_open"] is False or self.tool_calls[-1]["function"]["name"] != name:
-                self.close_call()
-                call = {"id": f"call_{secrets.token_hex(12)}", "type": "function",
-                        "function": {"name": name, "arguments": ""}, "_open": True}
-                self.tool_calls.append(call)
-                index = len(self.tool_calls) - 1
-                out = [{"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                        "function": {"name": name, "arguments": ""}}]}]
-            else:
-                out = []
+            out = []
+            if delta.recipient != self.calling:
+                self.calling = delta.recipient
+                name, call_id = delta.recipient.removeprefix("functions."), f"call_{secrets.token_hex(12)}"
+                self.tool_calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}})
+                out.append({"tool_calls": [{"index": len(self.tool_calls) - 1, "id": call_id, "type": "function",
+                                            "function": {"name": name, "arguments": ""}}]})
             self.tool_calls[-1]["function"]["arguments"] += delta.text
             return out + [{"tool_calls": [{"index": len(self.tool_calls) - 1,
                                            "function": {"arguments": delta.text}}]}]
-        self.close_call()
+        self.calling = None
         if delta.channel == "analysis":
             self.reasoning += delta.text
             return [{"reasoning_content": delta.text}]
@@ -275,12 +272,9 @@ class ChatReply:
         self.content += text
         return [{"content": text}] if text else []
 
-    def close_call(self) -> None:
-        if self.tool_calls:
-            self.tool_calls[-1]["_open"] = False
-
     def finish(self) -> list[dict]:
         """What the stop matcher still held (no stop string came)."""
+        self.calling = None
         text = self.stop.flush()
         self.content += text
         return [{"content": text}] if text else []
@@ -290,7 +284,7 @@ class ChatReply:
         if self.reasoning:
             msg["reasoning_content"] = self.reasoning
         if self.tool_calls:
-            msg["tool_calls"] = [{k: v for k, v in c.items() if k != "_open"} for c in self.tool_calls]
+            msg["tool_calls"] = self.tool_calls
         return msg
 
 
@@ -298,7 +292,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, stats) -> dict:
+    """The usage object; stats is the generation's (None when it produced nothing)."""
+    completion_tokens = stats.generated_tokens if stats else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 

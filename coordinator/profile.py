@@ -68,17 +68,24 @@ def hop_rows(tracer: Tracer) -> tuple[list[Row], float]:
     return [Row(dev, kind, rows[(dev, kind)]) for dev, kind in keys], total
 
 
-def critical_path(tracer: Tracer) -> dict:
-    """Per decode token and layer, the node whose round trip was longest."""
-    windows = decode_windows(tracer)
+def slowest_hops(tracer: Tracer, windows, tokens: int | None = None) -> dict[tuple[int, int], tuple[float, str, float]]:
+    """Per (decode step, layer): the longest round trip's (duration us, node, wire us); with
+    `tokens`, among the hops that carried that many tokens only."""
     per_layer: dict[tuple[int, int], tuple[float, str, float]] = {}
     for s in tracer.spans:
-        if s.name != "round trip" or not in_windows(s.start_us, windows):
+        if s.name != "round trip" or not in_windows(s.start_us, windows) or tokens not in (None, s.args["tokens"]):
             continue
         step = next(i for i, (a, b) in enumerate(windows) if a <= s.start_us <= b)
         key = (step, s.args["layer"])
         if s.dur_us > per_layer.get(key, (-1.0, "", 0.0))[0]:
             per_layer[key] = (s.dur_us, s.args["node"], s.args["wire_us"])
+    return per_layer
+
+
+def critical_path(tracer: Tracer) -> dict:
+    """Per decode token and layer, the node whose round trip was longest."""
+    windows = decode_windows(tracer)
+    per_layer = slowest_hops(tracer, windows)
     if not per_layer:
         return {}
     slowest = Counter(node for _, node, _ in per_layer.values())
@@ -106,13 +113,7 @@ def cluster_predictions(tracer: Tracer, config) -> dict:
     from . import latency as lm
 
     windows = decode_windows(tracer)
-    per_layer: dict[tuple[int, int], float] = defaultdict(float)
     compute, rtt = defaultdict(list), defaultdict(list)
-    for s in tracer.spans:
-        if s.name != "round trip" or not in_windows(s.start_us, windows) or s.args["tokens"] != 1:
-            continue
-        step = next(i for i, (a, b) in enumerate(windows) if a <= s.start_us <= b)
-        per_layer[(step, s.args["layer"])] = max(per_layer[(step, s.args["layer"])], s.dur_us)
     for s in tracer.spans:
         if s.name == "node compute" and in_windows(s.start_us, windows) and s.args.get("tokens") == 1:
             compute[s.args["node"]].append(s.dur_us / 1e6)
@@ -120,8 +121,8 @@ def cluster_predictions(tracer: Tracer, config) -> dict:
             rtt[s.args["node"]].append(s.dur_us / 1e6)
     if not compute:
         return {}
-    waits = defaultdict(float)
-    for (step, _), us in per_layer.items():
+    waits = defaultdict(float)  # per step, what the coordinator waited for the experts
+    for (step, _), (us, _, _) in slowest_hops(tracer, windows, tokens=1).items():
         waits[step] += us
     coordinator_s = float(np.median([(b - a - waits[i]) / 1e6 for i, (a, b) in enumerate(windows) if i in waits]))
     shape = lm.Shape(config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok, config.hidden_size)

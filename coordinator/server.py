@@ -58,12 +58,13 @@ class Service:
                           "up": experts.is_up(node_id)})
         return [me] + nodes
 
-    async def run(self, prompt_ids: list[int], max_tokens: int, params, stop_ids, is_disconnected):
-        """Submit a generation; yield (step list) as the scheduler produces them. A client gone
-        (is_disconnected) or a consumer that stops iterating cancels the sequence."""
+    async def run(self, prompt_ids: list[int], max_tokens: int, params, stop_ids, is_disconnected, tokenizer=None):
+        """Submit a generation; yield (step list) as the scheduler produces them (with a tokenizer,
+        each Step carries its text). A client gone (is_disconnected) or a consumer that stops
+        iterating cancels the sequence."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        generation = self.engine.stream(prompt_ids, max_tokens, params, stop_ids, draft=self.config.draft)
+        generation = self.engine.stream(prompt_ids, max_tokens, params, stop_ids, tokenizer, draft=self.config.draft)
         try:
             request = self.scheduler.submit(generation, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
         except SchedulerFull as e:
@@ -144,7 +145,6 @@ def create_app(service: Service):
                     break
             for d in parser.feed(harmony.END):
                 yield reply.add(d), None, stats
-            reply.close_call()
             yield reply.finish(), finish, stats
 
         if not req.stream:
@@ -153,7 +153,7 @@ def create_app(service: Service):
                 finish = fin or finish
             return JSONResponse(chunk("chat.completion", rid, model, created,
                                       {"message": reply.message(), "finish_reason": finish, "logprobs": None},
-                                      usage=usage(len(prompt), stats.generated_tokens if stats else 0),
+                                      usage=usage(len(prompt), stats),
                                       timings=timings(stats) if stats else None))
         first = await first_or_error(deltas())
 
@@ -169,7 +169,7 @@ def create_app(service: Service):
                                     timings=timings(stats) if stats else None))
             if req.include_usage:
                 yield sse(chunk("chat.completion.chunk", rid, model, created, None,
-                                usage=usage(len(prompt), stats.generated_tokens if stats else 0)))
+                                usage=usage(len(prompt), stats)))
             yield "data: [DONE]\n\n"
         return StreamingResponse(guarded(events()), media_type="text/event-stream")
 
@@ -180,21 +180,15 @@ def create_app(service: Service):
             raise bad("the prompt encodes to no tokens", "prompt")
         rid, created, model = new_id("cmpl"), now(), config.model_name
         stop = StopMatcher(req.stop)
-        steps = service.run(prompt, req.max_tokens, req.params, (), request.is_disconnected)
+        steps = service.run(prompt, req.max_tokens, req.params, (), request.is_disconnected, service.tok)
 
         async def pieces():
-            finish, stats, ids, shown = "length", None, [], ""
+            finish, stats = "length", None
             async for batch, stats in steps:
-                for step in batch:
-                    ids.append(step.token)
-                    if step.finish_reason:
-                        finish = step.finish_reason
-                text = service.tok.decode(ids)
-                if not text.endswith("\ufffd"):
-                    piece, shown = text[len(shown):], text
-                    out = stop.feed(piece)
-                    if out:
-                        yield out, None, stats
+                finish = batch[-1].finish_reason or finish
+                out = stop.feed("".join(step.text for step in batch))
+                if out:
+                    yield out, None, stats
                 if stop.stopped:
                     finish = "stop"
                     break
@@ -207,7 +201,7 @@ def create_app(service: Service):
                 finish = fin or finish
             return JSONResponse(chunk("text_completion", rid, model, created,
                                       {"text": text, "finish_reason": finish, "logprobs": None},
-                                      usage=usage(len(prompt), stats.generated_tokens if stats else 0)))
+                                      usage=usage(len(prompt), stats)))
         first = await first_or_error(pieces())
 
         async def events():
@@ -218,7 +212,7 @@ def create_app(service: Service):
                                     {"text": piece, "finish_reason": finish, "logprobs": None}))
             if req.include_usage:
                 yield sse(chunk("text_completion", rid, model, created, None,
-                                usage=usage(len(prompt), stats.generated_tokens if stats else 0)))
+                                usage=usage(len(prompt), stats)))
             yield "data: [DONE]\n\n"
         return StreamingResponse(guarded(events()), media_type="text/event-stream")
 
