@@ -63,8 +63,10 @@ struct KernelTable {
     // Reorders one row of int16 activations in place into the order this ISA's mxfp4_dot_q16
     // decodes weights in (nullptr: natural element order).
     void (*q16_layout)(int16_t* q, int64_t n_blocks);
-    // out[t] = sum_k W[k] * x[t][k], W one bf16 row of length n (any n), x laid out by bf16_layout.
-    void (*bf16_dot_f32)(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out);
+    // out[r * n_tok + t] = sum_k W[r][k] * x[t][k], W n_rows consecutive bf16 rows of length n (any
+    // n), x laid out by bf16_layout. Each row gets the same bits whatever n_rows is.
+    void (*bf16_dot_f32)(const uint16_t* w, int64_t n_rows, int64_t n, const float* const* x, int n_tok,
+                         float* out);
     // out[t] = sum_k W[k] * x[t][k], W one Q8 row (int8 values reordered by q8_layout, fp16 scales).
     void (*q8_dot_q16)(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
                        float* out);

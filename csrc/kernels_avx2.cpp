@@ -292,8 +292,11 @@ void bf16_dot_n(const uint16_t* w, int64_t n, const float* const* x, float* out)
 
 void bf16_activation_layout(float* x, int64_t n) { x86::even_odd_layout<16>(x, n); }
 
-void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
-    with_token_count(n_tok, [&](auto nt) { bf16_dot_n<decltype(nt)::value>(w, n, x, out); });
+void bf16_dot_f32(const uint16_t* w, int64_t n_rows, int64_t n, const float* const* x, int n_tok, float* out) {
+    with_token_count(n_tok, [&](auto nt) {
+        constexpr int NT = decltype(nt)::value;
+        for (int64_t r = 0; r < n_rows; ++r) bf16_dot_n<NT>(w + r * n, n, x, out + r * NT);
+    });
 }
 
 // attention.h's attention with 8 lanes (the AVX-512 kernels' scheme at half width): the same float

@@ -197,7 +197,7 @@ void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
-void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
+void bf16_dot_row(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
     float32x4_t acc[kMaxTokens];
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = vdupq_n_f32(0.f);
     int64_t i = 0;
@@ -210,6 +210,10 @@ void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok
         for (int64_t j = i; j < n; ++j) s += bf16_to_f32(w[j]) * x[t][j];
         out[t] = s;
     }
+}
+
+void bf16_dot_f32(const uint16_t* w, int64_t n_rows, int64_t n, const float* const* x, int n_tok, float* out) {
+    for (int64_t r = 0; r < n_rows; ++r) bf16_dot_row(w + r * n, n, x, n_tok, out + r * n_tok);
 }
 
 void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,

@@ -40,12 +40,13 @@ void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
     for (int t = 0; t < n_tok; ++t) out[t] = acc[t];
 }
 
-void bf16_dot_f32(const uint16_t* w, int64_t n, const float* const* x, int n_tok, float* out) {
-    for (int t = 0; t < n_tok; ++t) {
-        float s = 0.f;
-        for (int64_t i = 0; i < n; ++i) s += bf16_to_f32(w[i]) * x[t][i];
-        out[t] = s;
-    }
+void bf16_dot_f32(const uint16_t* w, int64_t n_rows, int64_t n, const float* const* x, int n_tok, float* out) {
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int t = 0; t < n_tok; ++t) {
+            float s = 0.f;
+            for (int64_t i = 0; i < n; ++i) s += bf16_to_f32(w[r * n + i]) * x[t][i];
+            out[r * n_tok + t] = s;
+        }
 }
 
 void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,

@@ -279,28 +279,18 @@ int64_t rows_held_in_l2(int64_t row_bytes) {
     return std::max<int64_t>(8, l2_bytes / 4 / std::max<int64_t>(row_bytes, 1));
 }
 
-// Calls dot(r, t0, cnt) for every row of [0, N) and every pass of up to kMaxTokens tokens, in
+// Calls dot(r0, r1, t0, cnt) over rows [0, N) for every pass of up to kMaxTokens tokens, in
 // parallel over row tasks; within a task, each pass goes over a block of rows that stays in L2
-// while its activations stay in L1. Each (row, pass) is one call, so results do not depend on the
-// grouping.
+// while its activations stay in L1. Each row's result does not depend on the grouping.
 template <typename Dot>
-void for_rows_and_token_passes(int64_t N, int64_t T, int64_t row_bytes, const Dot& dot, int pass = kMaxTokens) {
+void for_rows_and_token_passes(int64_t N, int64_t T, int64_t row_bytes, const Dot& dot) {
     const int64_t block = rows_held_in_l2(row_bytes);
     for_ranges(N, kRowsPerTask, [&](int64_t r0, int64_t r1) {
         for (int64_t b0 = r0; b0 < r1; b0 += block) {
             const int64_t b1 = std::min(r1, b0 + block);
-            for (int64_t t0 = 0; t0 < T; t0 += pass)
-                for (int64_t r = b0; r < b1; ++r) dot(r, t0, int(std::min<int64_t>(pass, T - t0)));
+            for (int64_t t0 = 0; t0 < T; t0 += kMaxTokens) dot(b0, b1, t0, int(std::min<int64_t>(kMaxTokens, T - t0)));
         }
     });
-}
-
-// Tokens per pass of a bf16 matmul: as many as keep their fp32 activation rows within 3/4 of the
-// L1 data cache while the weights stream by (K = 2880 on a 48 KB L1: 3 tokens, 108-111 GFLOP/s;
-// 4 tokens spill to L2, 79-90). Results do not depend on it: each token sums on its own.
-int bf16_tokens_per_pass(int64_t K) {
-    static const int64_t l1_bytes = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32768);
-    return int(std::clamp<int64_t>(l1_bytes * 3 / 4 / (K * int64_t(sizeof(float))), 1, kMaxTokens));
 }
 
 // Matrix tiles over rows [0, rows) in tasks of kRowsPerTask: tile(r0, n, res) fills res for rows
@@ -343,22 +333,28 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
             }, bias_of, N, y);
         }
     }
-    thread_local std::vector<float> laid_out;
-    if (kt.bf16_layout) {
-        laid_out.assign(x, x + T * K);
-        for (int64_t t = 0; t < T; ++t) kt.bf16_layout(laid_out.data() + t * K, K);
-        x = laid_out.data();
+    // The vector kernels' activations: laid out for the ISA, each row on a cache line of its own
+    // (a 64-byte load across two lines costs two: std::vector's 16-byte alignment halved the
+    // unembedding's speed at 4 tokens).
+    const int64_t ldx = (K + 15) / 16 * 16;
+    thread_local std::vector<float> storage;
+    float* laid_out = cache_aligned(storage, size_t(T * ldx));
+    for (int64_t t = 0; t < T; ++t) {
+        std::copy(x + t * K, x + (t + 1) * K, laid_out + t * ldx);
+        if (kt.bf16_layout) kt.bf16_layout(laid_out + t * ldx, K);
     }
     // Rows [r_begin, N) x tokens [t_begin, t_end) on the vector kernels.
     auto vector_part = [&](int64_t r_begin, int64_t t_begin, int64_t t_end) {
-        for_rows_and_token_passes(N - r_begin, t_end - t_begin, K * 2, [&](int64_t i, int64_t i0, int cnt) {
-            const int64_t r = r_begin + i, t0 = t_begin + i0;
+        for_rows_and_token_passes(N - r_begin, t_end - t_begin, K * 2, [&](int64_t i0, int64_t i1, int64_t p0, int cnt) {
+            const int64_t t0 = t_begin + p0;
             const float* xs[kMaxTokens];
-            float res[kMaxTokens];
-            for (int j = 0; j < cnt; ++j) xs[j] = x + (t0 + j) * K;
-            kt.bf16_dot_f32(w + r * K, K, xs, cnt, res);
-            for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r] = res[j] + bias_of(r);
-        }, bf16_tokens_per_pass(K));
+            thread_local std::vector<float> res;
+            res.resize(size_t((i1 - i0) * cnt));
+            for (int j = 0; j < cnt; ++j) xs[j] = laid_out + (t0 + j) * ldx;
+            kt.bf16_dot_f32(w + (r_begin + i0) * K, i1 - i0, K, xs, cnt, res.data());
+            for (int64_t i = i0; i < i1; ++i)
+                for (int j = 0; j < cnt; ++j) y[(t0 + j) * N + r_begin + i] = res[(i - i0) * cnt + j] + bias_of(r_begin + i);
+        });
     };
     vector_part(0, tiled_tokens, T);
     if (tiled_tokens > 0 && tiled_rows < N) vector_part(tiled_rows, 0, tiled_tokens);
@@ -399,12 +395,14 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
             kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, n, tiled.groups, tiled.n_groups(), res);
         }, [](int64_t) { return 0.f; }, N, y);
     const int64_t t_rest = tiled.n;
-    for_rows_and_token_passes(N, T - t_rest, K + nb * 2, [&](int64_t r, int64_t i0, int cnt) {
+    for_rows_and_token_passes(N, T - t_rest, K + nb * 2, [&](int64_t r0, int64_t r1, int64_t i0, int cnt) {
         Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
         for (int j = 0; j < cnt; ++j) xs[j] = act.row(t_rest + i0 + j);
-        kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
-        for (int j = 0; j < cnt; ++j) y[(t_rest + i0 + j) * N + r] = res[j];
+        for (int64_t r = r0; r < r1; ++r) {
+            kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
+            for (int j = 0; j < cnt; ++j) y[(t_rest + i0 + j) * N + r] = res[j];
+        }
     });
 }
 

@@ -116,6 +116,15 @@ int main() {
         bf16_matmul(scalar, in.x.data(), T, K, w.data(), N, nullptr, ref.data());
         bf16_matmul(*kt, in.x.data(), T, K, w.data(), N, nullptr, got.data());
         expect_close("bf16_matmul (K tail)", kt->name, got, ref, 2e-5f);
+        {  // A row's bits do not depend on the rows it is computed with (a lone decode vs a batch).
+            const float* xs[kMaxTokens];
+            for (int t = 0; t < kMaxTokens; ++t) xs[t] = in.x.data() + t * K;
+            std::vector<float> together(size_t(N * kMaxTokens)), alone(together.size());
+            kt->bf16_dot_f32(w.data(), N, K, xs, kMaxTokens, together.data());
+            for (int64_t r = 0; r < N; ++r)
+                kt->bf16_dot_f32(w.data() + r * K, 1, K, xs, kMaxTokens, alone.data() + r * kMaxTokens);
+            expect(together == alone, kt->name, "bf16 rows identical alone and together");
+        }
         {  // 40 tokens x 130 rows, K = 608: matrix tiles (where the CPU has them) and the vector rest
             const int64_t TB = 40, NB = 130, KB = 608;
             std::vector<uint16_t> wb(size_t(NB * KB));
