@@ -2,9 +2,10 @@
 step for all of them, so in a cluster one round per layer serves every sequence.
 
 A Scheduler owns the engine on its own thread. Requests join between steps. A step forwards the
-next token (with its drafts) of every decoding sequence in one Engine.forward_batch, then one
-prompt chunk (PREFILL_CHUNK tokens) of the oldest sequence still prefilling, so a long prompt
-holds the others up by one chunk a step, never by its whole length. Each sequence keeps its own
+next token (with its drafts) of every decoding sequence, and every prompt shorter than a matrix
+tile, in one Engine.forward_batch, then one prompt chunk (PREFILL_CHUNK tokens) of the oldest
+sequence still prefilling a longer prompt, so a long prompt holds the others up by one chunk a
+step, never by its whole length. Each sequence keeps its own
 cache and random generator and gets the numbers it would get alone (GptOssModel.forward_batch),
 so at temperature 0 its output is identical to a lone run, and its prompt is chunked as a lone
 run chunks it.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .generation import Generation
+from .models.gpt_oss import BATCH_ROWS_ALONE
 
 # A request's outputs: a list of Steps after a pass that completed any, an Exception when it
 # failed, None when it ended (finished or cancelled).
@@ -94,10 +96,14 @@ class Scheduler:
             for r in admitted:
                 self._admit(r)
             self._drop_cancelled()
-            decoding = [r for r in self._active if not r.generation.prefilling]
-            if decoding:
-                self._step(decoding)
-            prefilling = next((r for r in self._active if r.generation.prefilling), None)
+            # Prompts too short for the matrix tiles get the bits of a lone prefill in any batch:
+            # they ride along with the decoding sequences (four new requests start together
+            # instead of one a step, and a cluster pays no extra round for them).
+            short = [r for r in self._active if 0 < r.generation.prompt_left < BATCH_ROWS_ALONE]
+            together = [r for r in self._active if not r.generation.prefilling] + short
+            if together:
+                self._step(together)
+            prefilling = next((r for r in self._active if r.generation.prefilling and r not in short), None)
             if prefilling is not None:
                 self._step([prefilling])
 

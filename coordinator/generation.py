@@ -183,6 +183,11 @@ class Generation:
     def prefilling(self) -> bool:
         return self._unfed.size > 0
 
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet forwarded."""
+        return int(self._unfed.size)
+
     def next_input(self) -> tuple[np.ndarray, bool]:
         """The ids of the next forward pass and whether it needs logits at every position: the
         prompt's next chunk, or the last token with the drafts proposed after it."""

@@ -46,10 +46,11 @@ def run_batched(engine, jobs, parallel=4) -> list[Collector]:
     scheduler = Scheduler(engine, parallel=parallel)
     try:
         outs = []
-        for prompt, n, params, draft in jobs:
-            c = Collector()
-            scheduler.submit(engine.stream(prompt, n, params, draft=draft), c)
-            outs.append(c)
+        with scheduler._wake:  # the scheduler admits none before all are in line
+            for prompt, n, params, draft in jobs:
+                c = Collector()
+                scheduler.submit(engine.stream(prompt, n, params, draft=draft), c)
+                outs.append(c)
         for c in outs:
             assert c.done.wait(120)
         return outs
@@ -84,6 +85,22 @@ def test_rows_beyond_a_tile_group_keep_their_numbers(wide_dir):
     batched = engine.forward_batch([(np.array(c[:7]), prefilled(p), True) for p, c in zip(seqs, chunks)])
     for p, c, got in zip(seqs, chunks, batched):
         assert np.array_equal(got, engine.forward(np.array(c[:7]), prefilled(p), all_logits=True))
+
+
+def test_short_prompts_start_together_with_their_lone_numbers(wide_dir):
+    """Prompts shorter than a matrix tile are forwarded in one pass (with whoever decodes), and
+    still give every request the tokens it gets alone; a longer prompt gets a pass of its own."""
+    engine = Engine.load(wide_dir, precision="fast")
+    jobs = [(p, 6, GREEDY, None) for p in prompts(3, length=5, seed=8)] + [(prompts(1, length=40, seed=9)[0], 6, GREEDY, None)]
+    passes = []
+    forward_batch = engine.forward_batch
+    engine.forward_batch = lambda batch: passes.append([len(ids) for ids, _, _ in batch]) or forward_batch(batch)
+    outs = run_batched(engine, jobs, parallel=4)
+    engine.forward_batch = forward_batch
+    assert passes[0] == [5, 8, 11] and passes[1] == [40]
+    for (prompt, n, params, draft), c in zip(jobs, outs):
+        assert c.error is None
+        assert c.tokens == alone(engine, prompt, n, params, draft)
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_dir):
