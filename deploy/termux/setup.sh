@@ -9,9 +9,15 @@ pkg update -y
 # prebuilt from Termux's repository; rust builds `tokenizers`, which has no Android wheel.
 pkg install -y python clang cmake ninja rust python-numpy python-grpcio python-cryptography termux-services
 python -m venv --system-site-packages "$HOME/.moemesh-venv"
-# moemesh's generated gRPC stubs need grpcio >= 1.85.1; an older Termux package is rebuilt by pip.
+# moemesh needs grpcio >= 1.85.1 (deploy/README.md says why); Termux shipped 1.83.0 in 2026-08.
+# An older one is built from source against Termux's libraries, with the switches Termux's own
+# python-grpcio recipe sets.
 if ! "$HOME/.moemesh-venv/bin/python" -c 'import grpc, sys; sys.exit(tuple(map(int, grpc.__version__.split(".")[:2])) < (1, 85))'; then
-  echo "Termux's grpcio is older than 1.85.1: pip builds it from source (this takes about an hour)."
+  echo "Termux's grpcio is older than 1.85.1: building grpcio from source (about an hour)."
+  pkg install -y abseil-cpp c-ares libre2 openssl zlib
+  GRPC_PYTHON_BUILD_SYSTEM_OPENSSL=1 GRPC_PYTHON_BUILD_SYSTEM_ZLIB=1 GRPC_PYTHON_BUILD_SYSTEM_CARES=1 \
+  GRPC_PYTHON_BUILD_SYSTEM_RE2=1 GRPC_PYTHON_BUILD_SYSTEM_ABSL=1 \
+    "$HOME/.moemesh-venv/bin/pip" install --no-binary grpcio "grpcio>=1.85.1"
 fi
 "$HOME/.moemesh-venv/bin/pip" install "$SRC"
 mkdir -p "$HOME/.termux/boot"
