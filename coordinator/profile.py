@@ -163,7 +163,9 @@ def run_profile(engine, prompt_ids: list[int], n: int, repeats: int = 2, draft: 
     plain_tps = float(np.median([g.stats.decode_tps for g in runs["plain"]]))
     traced_tps = float(np.median([g.stats.decode_tps for g in runs["traced"]]))
     rows, total = hop_rows(tracer)
-    return {"tracer": tracer, "rows": [r.stats(total) for r in rows], "decode_ms_total": total / 1e3,
+    stats = [r.stats(total) for r in rows]
+    return {"tracer": tracer, "rows": stats, "decode_ms_total": total / 1e3,
+            "between_stages_share": 1 - sum(r["share"] for r in stats if r["device"] == COORDINATOR),
             "critical_path": critical_path(tracer), "prefill_tps": traced.stats.prefill_tps,
             "decode_tps_traced": traced_tps, "decode_tps_untraced": plain_tps,
             "ttft_s": float(np.median([g.stats.time_to_first_token for g in runs["plain"]])),
@@ -179,6 +181,8 @@ def render(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['device'][:33]:<34}{r['kind']:<13}{r['count']:>6}{r['p50_ms']:>9.3f}{r['p95_ms']:>9.3f}"
                      f"{r['p99_ms']:>9.3f}{r['max_ms']:>9.3f}{r['share']:>8.1%}")
+    lines.append(f"{'coordinator':<34}{'between':<13}{'':>42}{result['between_stages_share']:>8.1%}"
+                 "   (Python between the stages above)")
     cp = result["critical_path"]
     if cp:
         slow = ", ".join(f"{n} {s:.0%}" for n, s in cp["slowest_node_share"].items())
