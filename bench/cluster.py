@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import queue
-import re
 import subprocess
 import sys
 import threading
@@ -30,15 +29,16 @@ import grpc
 import numpy as np
 
 from coordinator import Engine, cluster, synth
+from coordinator.local_node import LocalNode
 from coordinator.sampling import SamplingParams
-from coordinator.tokenizer import cache_dir
 from coordinator.tracing import Tracer
 from expert_node import native
 from expert_node.checkpoint import Checkpoint
+from expert_node.paths import cache_root
 
 
 def default_model() -> Path:
-    folder = cache_dir() / "models" / "gpt-oss-20b-4layers"
+    folder = cache_root() / "models" / "gpt-oss-20b-4layers"
     if not (folder / "config.json").exists():
         synth.write_checkpoint(folder, synth.make_config("gpt-oss-20b", {"num_hidden_layers": 4}), seed=0)
     return folder
@@ -52,15 +52,11 @@ def decode_tps(engine: Engine, n: int) -> float:
 
 
 def start_node(i: int, *extra: str, threads: int = 1) -> tuple[subprocess.Popen, str]:
-    """A node on 127.0.0.1 (no mDNS) with `threads` kernel threads; returns (process, address)."""
-    env = dict(os.environ, MOEMESH_THREADS=str(threads))
-    if "--cache-dir" not in extra:  # each node its own folder (its id lives there); kept between runs
-        extra = ("--cache-dir", str(cache_dir() / "bench-nodes" / f"node{i}"), *extra)
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "node", "serve", "--port", "0", "--no-mdns",
-                             "--host", "127.0.0.1", "--name", f"bench{i}", *extra], stdout=subprocess.PIPE, text=True,
-                            env=env, cwd="/")
-    port = re.search(r"port (\d+)", proc.stdout.readline()).group(1)
-    return proc, f"127.0.0.1:{port}"
+    """A node on 127.0.0.1 (no mDNS) with `threads` kernel threads, its own folder (its id lives
+    there) kept between runs unless extra names one; returns (process, address)."""
+    node = LocalNode(cache_root() / "bench-nodes" / f"node{i}", "--no-mdns", "--host", "127.0.0.1", "--name",
+                     f"bench{i}", *extra, env=dict(os.environ, MOEMESH_THREADS=str(threads)))
+    return node.proc, node.address
 
 
 def serve_echo(hold_us: float, reply_bytes: int) -> None:

@@ -20,7 +20,6 @@ import gc
 import json
 import platform
 import resource
-import time
 
 import numpy as np
 

@@ -521,34 +521,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_node_serve(args) -> int:
-    import asyncio
-    import signal
+    from expert_node.lifecycle import run_node
 
-    from expert_node import server as node_server
-
-    async def run() -> None:
-        server, service, port = await node_server.start(args.port, args.name, args.cache_dir, args.max_memory,
-                                                        args.model, args.host, args.identity_dir, args.insecure)
-        advert = None
-        if not args.no_mdns:
-            from expert_node.advertise import Advertiser
-            from expert_node import native
-
-            advert = Advertiser(service.node_id, service.name, args.advertise_port or port,
-                                {"mem": str(service.memory_budget()), "cores": str(native.get_threads()),
-                                 "isa": native.active_isa(), "fp": service.fingerprint}, args.interface)
-            await asyncio.to_thread(advert.start)
-        print(f"moemesh node {service.name} (id {service.node_id}) listening on port {port}", flush=True)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
-        if advert:
-            await asyncio.to_thread(advert.stop)  # withdraw the advertisement first: nobody should pick a leaving node
-        await server.stop(grace=2)
-        service.close()
-
-    asyncio.run(run())
+    run_node(args.port, args.name, args.cache_dir, args.max_memory, args.model, args.host, args.identity_dir,
+             args.insecure, advertise=not args.no_mdns, advertise_port=args.advertise_port, interface=args.interface)
     return 0
 
 

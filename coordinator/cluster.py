@@ -26,6 +26,7 @@ from expert_node.checkpoint import Checkpoint
 from expert_node import native
 from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts, NativeExpertBackend
 from expert_node.identity import CHANNEL_TLS_OPTIONS, INSECURE_WARNING, Identity, TrustStore, channel_credentials
+from expert_node.paths import cache_root
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc
 from expert_node.protocol import (PROTOCOL_VERSION, WEIGHT_CHUNK_BYTES, WireError, activation_dtype, client_options,
@@ -35,7 +36,6 @@ from expert_node.store import piece_sha256
 from .generation import PREFILL_CHUNK, NonFiniteError
 from .models import family_of
 from .placement import NodeCapacity, Placement, plan_placement, repair_placement, restore_roles
-from .tokenizer import cache_dir
 from .tracing import NULL_TRACER
 
 PUSH_ATTEMPTS = 3  # a piece rejected for a bad checksum is sent again this many times
@@ -153,7 +153,7 @@ def piece_hashes(ckpt: Checkpoint, shape: ExpertShape, n_layers: int) -> dict[tu
     for f in sorted(ckpt.folder.glob("*.safetensors")):
         st = f.stat()
         stamp.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    path = cache_dir() / "piece-hashes" / f"{stamp.hexdigest()[:32]}.json"
+    path = cache_root() / "piece-hashes" / f"{stamp.hexdigest()[:32]}.json"
     if path.exists():
         return {tuple(map(int, k.split(","))): v for k, v in json.loads(path.read_text()).items()}
     family = family_of(ckpt)
@@ -699,7 +699,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
 # -- the saved plan ----------------------------------------------------------------------------------
 
 def default_plan_path() -> Path:
-    return cache_dir() / "cluster.json"
+    return cache_root() / "cluster.json"
 
 
 def save_plan(path: Path, model_folder: str, reports: list[ClusterReport], placement: Placement) -> None:

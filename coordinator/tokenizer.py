@@ -17,6 +17,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from expert_node.paths import cache_root
+
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 N_BASE_TOKENS = 199_998
 VOCAB_SIZE = 201_088
@@ -100,13 +102,9 @@ def build_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh"))
-
-
 def write_tokenizer_files(out_dir: Path) -> None:
     """tokenizer.json (+ tokenizer_config.json) into a checkpoint folder, built once per machine."""
-    cached = cache_dir() / "tokenizer" / f"o200k_harmony-v{TOKENIZER_FORMAT_VERSION}.json"
+    cached = cache_root() / "tokenizer" / f"o200k_harmony-v{TOKENIZER_FORMAT_VERSION}.json"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import grpc
 
+from .paths import cache_root
+
 TARGET_NAME = "moemesh"  # every certificate's DNS name; TLS checks it, trust comes from pinning
 INSECURE_WARNING = ("WARNING: --insecure: plaintext gRPC with no authentication. Anyone on this network can "
                     "send requests and read activations (which reveal the prompt). Use only in a lab.")
 
 
 def default_identity_dir() -> Path:
-    return Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "identity"
+    return cache_root() / "identity"
 
 
 def fingerprint(cert_pem: bytes) -> str:

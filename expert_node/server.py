@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import native
 from .checkpoint import Checkpoint, CheckpointError
 from .identity import INSECURE_WARNING, Identity, TrustStore, server_credentials
+from .paths import cache_root
 from .experts import ExpertShape, LayerExperts, native_experts
 from .proto import moemesh_pb2 as pb
 from .proto import moemesh_pb2_grpc as pb_grpc
@@ -430,4 +431,4 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "node"
+    return cache_root() / "node"

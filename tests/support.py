@@ -11,38 +11,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+from coordinator.local_node import LocalNode
+
 TESTS = Path(__file__).resolve().parent
 MOEMESH = [sys.executable, "-m", "coordinator.cli"]
 
 
-class NodeProcess:
-    """`moemesh node serve` in a subprocess (optionally inside a network namespace)."""
+class NodeProcess(LocalNode):
+    """`moemesh node serve` for a test: its stderr in node.log beside its cache, run from tests/."""
 
     def __init__(self, cache_dir, *args, netns=None):
-        cmd = MOEMESH + ["node", "serve", "--port", "0", "--cache-dir", str(cache_dir), *args]
-        if netns:
-            cmd = ["ip", "netns", "exec", netns] + cmd
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(cache_dir, *args, netns=netns, log=Path(cache_dir) / "node.log", cwd=TESTS)
         self.log = Path(cache_dir) / "node.log"
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=TESTS)
-        line = self.proc.stdout.readline()
-        m = re.search(r"\(id (\w+)\) listening on port (\d+)", line)
-        if not m:
-            self.stop(signal.SIGKILL)
-            raise RuntimeError(f"node did not start: {line!r} {self.log.read_text()}")
-        self.node_id, self.port = m.group(1), int(m.group(2))
-        self.address = f"127.0.0.1:{self.port}"
-
-    def stop(self, sig=signal.SIGTERM, timeout=10):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
 
 
 ROOT = TESTS.parent
