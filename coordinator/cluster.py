@@ -38,6 +38,8 @@ from .models import family_of
 from .placement import NodeCapacity, Placement, plan_placement, repair_placement, restore_roles
 from .tracing import NULL_TRACER
 
+WIRE = native.wire_codec()  # the q16 arithmetic of every hop
+
 PUSH_ATTEMPTS = 3  # a piece rejected for a bad checksum is sent again this many times
 # Expert outputs beyond this are no honest node's (they feed a residual stream of magnitude
 # ~1e2); NaN or Inf likewise. Such a reply counts as the node's fault.
@@ -429,8 +431,8 @@ class RemoteExpertBackend(ExpertBackend):
         self._seq += 1
         t0 = time.perf_counter()
         ids = np.where(mask, expert_ids, -1)[rows].astype(np.int32)
-        request = pb.ExpertRequest(seq=self._seq, layer=layer, x=encode_tensor(x[rows], activation_dtype(self.precision)),
-                                   expert_ids=encode_tensor(ids, "i32"), precision=self.precision)
+        request = pb.ExpertRequest(seq=self._seq, layer=layer, x=encode_tensor(x[rows], activation_dtype(self.precision), WIRE),
+                                   expert_ids=encode_tensor(ids, "i32", WIRE), precision=self.precision)
         t1 = time.perf_counter()
         try:
             fut = self.clients[node].session.submit(request)
@@ -442,7 +444,7 @@ class RemoteExpertBackend(ExpertBackend):
     def _receive(self, node, layer, mask, n_tokens, t0, t1, fut, reply, out) -> None:
         t3 = time.perf_counter()
         try:
-            y = decode_tensor(reply.y, "y", (activation_dtype(self.precision),), 2, limit=MAX_ACTIVATION_REPLY)
+            y = decode_tensor(reply.y, "y", (activation_dtype(self.precision),), 2, limit=MAX_ACTIVATION_REPLY, codec=WIRE)
         except WireError as e:
             raise ClusterError(f"node {self.clients[node].address}: malformed reply ({e})") from None
         if y.shape != (int(mask.sum()), out.shape[-1]):

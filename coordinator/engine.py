@@ -178,9 +178,7 @@ class Engine:
         linear = reference_linear if precision == "reference" else native_linear
         if precision != "reference":
             ckpt.advise_hugepages()
-        model = family.build_model(ckpt, linear, experts)
-        if precision != "reference":
-            model.ops = NATIVE_OPS
+        model = family.build_model(ckpt, linear, experts, LayerOps() if precision == "reference" else NATIVE_OPS)
         if dense == "q8":
             matrices = model.matmul_weights()
             model.linear = Q8DenseLinear(matrices)

@@ -43,3 +43,12 @@ def kernel_path() -> str:
     'avx512+vbmi', 'avx512+amx')."""
     variant = kernel_variant()
     return active_isa() + (f"+{variant}" if variant else "")
+
+
+def wire_codec():
+    """The wire's q16 arithmetic on the native kernels (expert_node.protocol.Codec): a hop's numpy
+    calls run right after the kernels have flushed the caches (decoding a token's activations took
+    137 us through numpy, 16 us here)."""
+    from .protocol import Codec
+
+    return Codec(q16_encode, q16_decode, max_abs)

@@ -37,6 +37,8 @@ from .protocol import (MAX_ACTIVATION, MAX_HIDDEN, MAX_REQUEST_TOKENS, MAX_STREA
                        PROTOCOL_VERSION, WireError, activation_dtype, decode_tensor, encode_tensor, server_options)
 from .store import ChecksumError, HostedLayer, PieceCache, PieceWriter, build_layer, piece_sha256
 
+WIRE = native.wire_codec()  # the q16 arithmetic of every request and reply
+
 SERVICE_NAME = "moemesh.v1.ExpertNode"
 
 
@@ -310,7 +312,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
                 out = native_experts(native, hosted.weights, self.shape, x, local_ids, request.precision)
                 t_done = time.perf_counter()
                 native.park_workers()  # the next request is a layer away: leave the cores to the device
-                y = encode_tensor(out[local_ids >= 0], wire_dtype)
+                y = encode_tensor(out[local_ids >= 0], wire_dtype, WIRE)
                 yield pb.ExpertReply(seq=request.seq, y=y, timing=pb.NodeTiming(
                     decode_us=int((t_start - t_recv) * 1e6), queue_us=0,
                     compute_us=int((t_done - t_start) * 1e6), encode_us=us_since(t_done)))
@@ -345,8 +347,8 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
                 if held + need > self.max_memory:
                     raise RequestTooLarge(f"{n} tokens need {need} bytes beyond the {held} of weights within "
                                           f"--max-memory {self.max_memory}")
-        x = decode_tensor(request.x, "x", (wire_dtype,), 2, limit=MAX_ACTIVATION)
-        ids = decode_tensor(request.expert_ids, "expert_ids", ("i32",), 2)
+        x = decode_tensor(request.x, "x", (wire_dtype,), 2, limit=MAX_ACTIVATION, codec=WIRE)
+        ids = decode_tensor(request.expert_ids, "expert_ids", ("i32",), 2, codec=WIRE)
         if x.shape[1] != self.shape.hidden:
             raise WireError(f"x: hidden size {x.shape[1]}, the model has {self.shape.hidden}")
         if ids.shape[0] != x.shape[0]:

@@ -258,7 +258,7 @@ def test_a_malformed_reply_counts_as_the_nodes_fault(tiny_dir, start_node, monke
     from expert_node import server as node_server
 
     real = node_server.encode_tensor
-    monkeypatch.setattr(node_server, "encode_tensor", lambda a, dtype: real(a[:-1], dtype))  # one row short
+    monkeypatch.setattr(node_server, "encode_tensor", lambda a, dtype, codec: real(a[:-1], dtype, codec))  # one row short
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     server, liar, port = asyncio.run_coroutine_threadsafe(

@@ -1,6 +1,9 @@
 """Wire format: tensors round-trip, bad messages are named, committed stubs are current."""
 import filecmp
+import json
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,43 @@ def test_native_q16_is_the_numpy_reference_bit_for_bit():
             fn(np.zeros((2, 30), np.float32))
     with pytest.raises(ValueError, match="NaN or Inf"):
         native.q16_round(np.full((1, 32), np.nan, np.float32))
+
+
+def test_the_native_wire_codec_is_the_numpy_one():
+    """Both sides pass the native codec on their hot paths; numpy's is the spec: the same bytes,
+    values and limit checks (NaN and Inf included)."""
+    from expert_node import native
+    from expert_node.protocol import NUMPY_CODEC
+
+    fast = native.wire_codec()
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((6, 2880)) * rng.choice([1e-3, 1.0, 1e3], (6, 1))).astype(np.float32)
+    a[0, :32] = 0.0
+    for dtype in ("f32", "q16"):
+        sent = encode_tensor(a, dtype, fast)
+        assert sent.data == encode_tensor(a, dtype, NUMPY_CODEC).data
+        np.testing.assert_array_equal(decode_tensor(sent, "x", (dtype,), 2, limit=1e6, codec=fast),
+                                      decode_tensor(sent, "x", (dtype,), 2, limit=1e6))
+    bad = a.copy()
+    bad[2, 5] = np.nan
+    for codec in (fast, NUMPY_CODEC):
+        with pytest.raises(WireError, match="NaN or Inf"):
+            decode_tensor(encode_tensor(bad, "f32"), "x", ("f32",), 2, limit=1e6, codec=codec)
+    scales_nan = bytearray(encode_tensor(a, "q16").data)
+    scales_nan[-4:] = np.array([np.nan], "<f4").tobytes()
+    for codec in (fast, NUMPY_CODEC):
+        with pytest.raises(WireError, match="NaN or Inf"):
+            decode_tensor(pb.Tensor(dtype="q16", shape=[6, 2880], data=bytes(scales_nan)), "x", ("q16",), 2,
+                          limit=1e6, codec=codec)
+
+
+def test_the_wire_imports_neither_side():
+    """expert_node.protocol loads without the native extension or any node or coordinator logic."""
+    code = ("import json, sys, expert_node.protocol; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('coordinator', 'expert_node')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(loaded) == ["expert_node", "expert_node.formats", "expert_node.proto", "expert_node.proto.moemesh_pb2",
+                            "expert_node.protocol"]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "q16"])

@@ -251,8 +251,9 @@ def reference_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.n
 
 class LayerOps(NamedTuple):
     """The model's steps besides matmuls and experts, the reference ones by default. The engine
-    swaps in native twins (coordinator.engine.NATIVE_OPS) with the same signatures and results
-    within float rounding: on a decoded token numpy's per-call cost, not arithmetic, is their time."""
+    builds the model with native twins (coordinator.engine.NATIVE_OPS) of the same signatures and
+    results within float rounding: on a decoded token numpy's per-call cost, not arithmetic, is
+    their time."""
     attend: Callable = attention_with_sinks
     rmsnorm: Callable = rmsnorm
     rotate: Callable = rotate_half_split
@@ -374,10 +375,9 @@ class AttentionWeights:
 class GptOssModel:
     """Embedding, attention, router and head on the coordinator; experts behind a backend."""
 
-    def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend):
+    def __init__(self, ckpt: Checkpoint, linear: Linear, experts: ExpertBackend, ops: LayerOps = LayerOps()):
         self.cfg = cfg = GptOssConfig.from_dict(ckpt.config)
-        self.linear, self.experts = linear, experts
-        self.ops = LayerOps()
+        self.linear, self.experts, self.ops = linear, experts, ops
         self.tracer = NULL_TRACER
         H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
         qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -534,6 +534,6 @@ def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int,
     return {i: LayerExperts.from_checkpoint(ckpt, i, shape) for i in layers}
 
 
-def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend) -> GptOssModel:
+def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend, ops: LayerOps = LayerOps()) -> GptOssModel:
     check_layers(ckpt)
-    return GptOssModel(ckpt, linear, experts)
+    return GptOssModel(ckpt, linear, experts, ops)
