@@ -31,7 +31,7 @@ def run_demo(prompt: str, max_tokens: int, n_nodes: int = 2, out=sys.stdout) -> 
     from expert_node.checkpoint import Checkpoint
 
     from . import cluster, profile
-    from .cli import topology_table
+    from .commands.common import topology_table
     from .engine import Engine
     from .tokenizer import Tokenizer
 

@@ -139,6 +139,6 @@ def test_minus_one_generates_until_a_stop_token(tiny_dir):
 
 
 def test_max_memory_takes_binary_units():
-    from coordinator.cli import parse_bytes
+    from coordinator.commands.common import parse_bytes
 
     assert parse_bytes("6GiB") == 6 * 2**30 and parse_bytes("6G") == 6 * 10**9 and parse_bytes("512MiB") == 512 << 20

@@ -1,0 +1,41 @@
+"""`moemesh synth`: a random checkpoint in the exact Hugging Face layout."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+NAME, HELP = "synth", "write a random gpt-oss checkpoint in the Hugging Face layout"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..synth import DEFAULT_SHARD_BYTES, PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    p.add_argument("--config", help="JSON file of config.json keys overriding the preset")
+    p.add_argument("-o", "--out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="largest shard size")
+    p.add_argument("--dry-run", action="store_true", help="print the tensor plan's totals, write nothing")
+
+
+def main(args) -> int:
+    from .. import synth
+
+    if not args.dry_run and not args.out:
+        print("moemesh synth: -o/--out is required (or --dry-run)", file=sys.stderr)
+        return 2
+    overrides = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            overrides = json.load(f)
+    cfg = synth.make_config(args.preset, overrides)
+    if args.dry_run:
+        plan = synth.tensor_plan(cfg)
+        shards = synth.shard_plan(plan, args.shard_bytes)
+        print(json.dumps({"tensors": len(plan), "total_bytes": sum(t.nbytes for t in plan),
+                          "shards": synth.shard_names(len(shards))}))
+        return 0
+    out = synth.write_checkpoint(args.out, cfg, seed=args.seed, max_shard_bytes=args.shard_bytes)
+    print(out)
+    return 0
