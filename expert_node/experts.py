@@ -15,8 +15,7 @@ import numpy as np
 
 from . import reference
 from .checkpoint import Checkpoint, bf16_to_f32
-from .formats import MXFP4
-from .protocol import ACTIVATION_DTYPE
+from .formats import ACTIVATION_DTYPE, MXFP4
 
 SWIGLU_ALPHA = reference.SWIGLU_ALPHA
 
