@@ -6,8 +6,9 @@ all nodes go out together on per-node bidirectional streams and the answers are 
 fixed order, so the result is bit-identical to a single-device run.
 
 By job: node_client (one node: channel, handshake, compute stream, status), provisioning (piece
-hashes, pushes, assign + load), remote (the remote expert backend: routing, deadlines, failover,
-repair, revival, tracing), connect (bringing a cluster up), plan (the saved plan and its checks).
+hashes, pushes, assign + load), remote (the remote expert backend: routing, deadlines, failover
+within a layer, tracing), failover (marking a node down, repair, revival), connect (bringing a
+cluster up), plan (the saved plan and its checks).
 """
 from .connect import ClusterReport, connect
 from .node_client import ClusterError, NodeClient, credentials, hosted_pieces, node_status

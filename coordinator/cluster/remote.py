@@ -1,12 +1,11 @@
 """The remote expert backend: each layer's experts computed on the nodes behind the same
 ExpertBackend as the local kernels, one request per node per layer for every token that needs
 it, answers combined in a fixed order (bit-identical to a single device); deadlines from observed
-latency, failover to replicas (or this device) within the layer, background repair of the
-placement and revival of a node that answers again.
+latency, failover to replicas (or this device) within the layer; the background repair of the
+placement and revival of a node that answers again are failover.py's.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -21,9 +20,10 @@ from expert_node.proto import moemesh_pb2 as pb
 from expert_node.protocol import WireError, activation_dtype, decode_tensor, encode_tensor
 
 from ..generation import NonFiniteError
-from ..placement import Placement, repair_placement, restore_roles
+from ..placement import Placement
 from ..tracing import NULL_TRACER
-from .node_client import ClusterError, ComputeSession, NodeClient, node_capacity
+from .failover import Failover
+from .node_client import ClusterError, NodeClient
 from .provisioning import Provisioner
 
 WIRE = native.wire_codec()  # the q16 arithmetic of every hop
@@ -121,7 +121,7 @@ class Deadlines:
 
 
 @dataclass
-class RemoteExpertBackend(ExpertBackend):
+class RemoteExpertBackend(Failover, ExpertBackend):
     """Experts on nodes, with failover: every request has a deadline from observed latency; a node
     that fails or misses it is marked down and its work re-sent to the next replica (or computed
     here from the coordinator's own checkpoint as a last resort) within the same layer, so the
@@ -247,82 +247,6 @@ class RemoteExpertBackend(ExpertBackend):
             out[rows] += np.where(mask[rows][..., None], self.local.run(layer, x[rows], ids), 0.0)
 
     # -- liveness --------------------------------------------------------------------------------
-    def mark_down(self, node: str, why: str) -> None:
-        with self._lock:
-            if not self._up[node] or self._closed.is_set():  # streams end on close: not a failure
-                return
-            self._up[node] = False
-            self.events.append((time.monotonic(), node, f"down: {why}"))
-        print(f"moemesh: {self.node_label(node)} is down ({why}); its experts go to replicas", file=sys.stderr)
-        threading.Thread(target=self._revive, args=(node,), daemon=True, name=f"moemesh-revive-{node}").start()
-        if self.provisioner is not None:
-            threading.Thread(target=self._repair, daemon=True, name=f"moemesh-repair-{node}").start()
-
-    def _repair(self) -> None:
-        """Give the pieces of down nodes new live hosts (pushing the weights), then switch routing.
-        Waits repair_grace_s first: a node that was only slow is back by then, and nothing is pushed."""
-        if self._closed.wait(self.repair_grace_s):
-            return
-        with self._repair_lock:
-            if self._closed.is_set():
-                return
-            with self._lock:
-                down = {n for n, up in self._up.items() if not up}
-                live = [n for n, up in self._up.items() if up]
-                current = self.placement
-            capacities = [node_capacity(n, self.clients[n].info) for n in live]
-            repaired = repair_placement(current, capacities, down, self.provisioner.piece_bytes, self.replicas)
-            gained = {n: set(repaired.pieces_of(n)) - set(current.pieces_of(n)) for n in live}
-            gained = {n: g for n, g in gained.items() if g}
-            if not gained:
-                return
-            try:
-                for n in gained:
-                    client = self.clients[n]
-                    client.handshake(timeout=5.0)
-                    self.provisioner.provision(client, repaired.pieces_of(n), new_session=False, progress=False)
-            except ClusterError as e:
-                print(f"moemesh: placement repair stopped ({e}); the coordinator covers the rest", file=sys.stderr)
-                return
-            with self._lock:
-                self.placement = repaired
-                for n, g in gained.items():
-                    self.events.append((time.monotonic(), n, f"repaired: {len(g)} pieces"))
-            moved = ", ".join(f"{len(g)} to {self.clients[n].info.name}" for n, g in gained.items())
-            print(f"moemesh: placement repaired ({moved} pieces)", file=sys.stderr)
-
-    def _watch(self) -> None:
-        """A node that restarts or dies while no request is in flight ends its stream unnoticed;
-        finding that here keeps a dead replica from being the one a failover turns to."""
-        while not self._closed.wait(self.revive_interval_s):
-            for node in self._node_ids:
-                session = self.clients[node].session
-                ended = session.ended if session is not None else None
-                if ended is not None and self.is_up(node):
-                    self.mark_down(node, str(ended))
-
-    def _revive(self, node: str) -> None:
-        """Poll a down node (handshake, health) until it answers, re-provision it, mark it up."""
-        client = self.clients[node]
-        while not self._closed.wait(self.revive_interval_s):
-            try:
-                client.handshake(timeout=1.0)
-                if self.provisioner is None:
-                    client.session.close()
-                    client.session = ComputeSession(client.stub, client.address)
-                else:
-                    self.provisioner.provision(client, self.placement.pieces_of(node))
-            except ClusterError:
-                continue
-            self.deadlines.announce(node, client.info, client.rtt_s)
-            with self._lock:
-                self._up[node] = True
-                # Back to its planned roles: repairs moved it behind the live hosts of its pieces.
-                self.placement = restore_roles(self.placement, self.planned)
-                self.events.append((time.monotonic(), node, "up"))
-            print(f"moemesh: {self.node_label(node)} is back", file=sys.stderr)
-            return
-
     def _trace_hop(self, node, layer, tokens, t0, t1, t2, t3, t4, timing: pb.NodeTiming) -> None:
         """serialize [t0, t1], round trip [t1, t2] (wire = rtt - node time), deserialize [t3, t4];
         the node's own spans are centred in the round trip."""
