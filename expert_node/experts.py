@@ -40,13 +40,6 @@ class ExpertShape:
     swiglu_alpha: float = SWIGLU_ALPHA
     top_k: int = 0  # experts per token: the width of every expert-id row (0: not known here)
 
-    @classmethod
-    def from_config(cls, config: dict) -> "ExpertShape":
-        top_k = config.get("num_experts_per_tok", config.get("experts_per_token", 0))
-        return cls(int(config["num_local_experts"]), int(config["hidden_size"]),
-                   int(config["intermediate_size"]), float(config.get("swiglu_limit", reference.SWIGLU_LIMIT)),
-                   top_k=int(top_k))
-
 
 PIECE_FIELDS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
 
@@ -68,9 +61,11 @@ class LayerExperts:
     down_bias: np.ndarray  # [E, H] bf16 as u16
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, layer: int, shape: ExpertShape) -> "LayerExperts":
+    def from_checkpoint(cls, ckpt: Checkpoint, prefix: str, shape: ExpertShape) -> "LayerExperts":
+        """One layer's experts, whose tensors are named prefix + gate_up_proj_blocks etc. (the
+        model family, or a node's assignment, says where a layer's experts sit)."""
         E, H, I = shape.n_experts, shape.hidden, shape.inter
-        p = f"model.layers.{layer}.mlp.experts."
+        p = prefix
         gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
         dn_b, dn_s = MXFP4.packed_shapes(H, I)
         return cls(

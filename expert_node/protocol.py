@@ -19,7 +19,7 @@ import numpy as np
 from .formats import ACTIVATION_DTYPE, Q16_BLOCK, q16_dequantize, q16_quantize
 from .proto import moemesh_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: an Assignment carries an ExpertSpec, not the model's config.json
 SERVICE_TYPE = "_moemesh._tcp.local."
 # Most token rows one ExpertRequest may carry (announced in NodeInfo.max_tokens). The engine's
 # prefill chunk is 512 tokens; twice that leaves room for a batched step. Every dimension of a

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import math
 import os
 import time
 import uuid
@@ -97,6 +97,33 @@ class RequestTooLarge(WireError):
     """A well-formed request beyond what this node offers (memory, tokens): RESOURCE_EXHAUSTED."""
 
 
+# What this node computes: MXFP4 experts with gpt-oss's clamped SwiGLU (the native kernels).
+SERVED_FORMATS, SERVED_ACTIVATIONS = ("mxfp4",), ("swiglu_clamped",)
+
+
+def spec_problem(spec: pb.ExpertSpec) -> str | None:
+    """Why this node cannot host experts so described, or None: checked before anything is kept."""
+    if spec.format not in SERVED_FORMATS or spec.activation not in SERVED_ACTIVATIONS:
+        return (f"format {spec.format!r} with activation {spec.activation!r} is not served by this node (it serves "
+                f"{', '.join(SERVED_FORMATS)} with {', '.join(SERVED_ACTIVATIONS)})")
+    if not (0 < spec.hidden <= MAX_HIDDEN and spec.hidden % 32 == 0 and 0 < spec.intermediate <= 8 * MAX_HIDDEN
+            and spec.intermediate % 32 == 0):
+        return (f"hidden size {spec.hidden} and intermediate size {spec.intermediate} must be multiples of 32, "
+                f"at most {MAX_HIDDEN} and {8 * MAX_HIDDEN}")
+    if not (spec.layers > 0 and 0 < spec.experts_per_token <= spec.experts):
+        return f"{spec.layers} layers, {spec.experts_per_token} experts per token of {spec.experts}: not a model"
+    if not (math.isfinite(spec.swiglu_alpha) and math.isfinite(spec.swiglu_limit) and spec.swiglu_limit > 0):
+        return f"swiglu alpha {spec.swiglu_alpha} and limit {spec.swiglu_limit} must be finite, the limit positive"
+    if spec.tensor_prefix.count("{layer}") != 1:
+        return f"tensor prefix {spec.tensor_prefix!r} must hold '{{layer}}' once"
+    return None
+
+
+def layer_prefix(template: str, layer: int) -> str:
+    """An assignment's tensor prefix for one layer (a plain substitution: the text is a peer's)."""
+    return template.replace("{layer}", str(layer))
+
+
 class ExpertNodeService(pb_grpc.ExpertNodeServicer):
     def __init__(self, name: str, cache_dir: Path, max_memory: int | None = None, model_dir: str | None = None,
                  node_id: str | None = None):
@@ -107,6 +134,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         self.own = Checkpoint(model_dir) if model_dir else None
         self.model_id = ""
         self.shape: ExpertShape | None = None
+        self.tensor_prefix = ""  # where our own checkpoint holds a layer's experts (the assignment says)
         self.assigned: dict[tuple[int, int], pb.PieceRef] = {}
         self.local_source: dict[tuple[int, int], str] = {}  # pieces found in our own checkpoint
         self.layers: dict[int, HostedLayer] = {}
@@ -140,50 +168,47 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
 
     async def Assign(self, request, context):
         self.calls += 1
-        try:
-            config = json.loads(request.config_json)
-            shape = ExpertShape.from_config(config)
-            n_layers = int(config.get("num_hidden_layers", 0))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"config_json: not a usable model config ({e})")
-        if not (0 < shape.hidden <= MAX_HIDDEN and shape.hidden % 32 == 0 and 0 < shape.top_k <= shape.n_experts):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"config_json: hidden size {shape.hidden} (at most {MAX_HIDDEN}, a multiple of 32) "
-                                f"or {shape.top_k} experts per token of {shape.n_experts} not served by this node")
+        spec = request.spec
+        problem = spec_problem(spec)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec: {problem}")
+        shape = ExpertShape(spec.experts, spec.hidden, spec.intermediate, spec.swiglu_limit, spec.swiglu_alpha,
+                            top_k=spec.experts_per_token)
         piece_bytes = LayerExperts.piece_nbytes(shape)
         for p in request.pieces:
-            if p.layer >= n_layers or p.expert >= shape.n_experts or p.nbytes != piece_bytes:
+            if p.layer >= spec.layers or p.expert >= shape.n_experts or p.nbytes != piece_bytes:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"piece (layer {p.layer}, expert {p.expert}, {p.nbytes} bytes) does not fit the config")
+                                    f"piece (layer {p.layer}, expert {p.expert}, {p.nbytes} bytes) does not fit the spec")
         if len(request.pieces) * piece_bytes > self.memory_budget():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{len(request.pieces)} pieces need {len(request.pieces) * piece_bytes} bytes; "
                                 f"this node offers {self.memory_budget()}")
-        missing, local = await asyncio.to_thread(self._sources, request.pieces, shape)
+        missing, local = await asyncio.to_thread(self._sources, request.pieces, shape, spec.tensor_prefix)
         if request.model_id != self.model_id:
             self.layers = {}  # another model: nothing loaded is of use
         # Same model (a placement repair): keep serving the loaded share until Load swaps.
-        self.model_id, self.shape = request.model_id, shape
+        self.model_id, self.shape, self.tensor_prefix = request.model_id, shape, spec.tensor_prefix
         self.assigned = {(p.layer, p.expert): p for p in request.pieces}
         self.local_source = local
         return pb.AssignReply(missing=missing)
 
-    def _sources(self, pieces, shape: ExpertShape):
+    def _sources(self, pieces, shape: ExpertShape, prefix: str):
         """Pieces neither cached nor in our own checkpoint, and those found in the checkpoint.
         (Cached pieces are verified when loaded, all at once.)"""
         missing, local = [], {}
         for p in pieces:
             if self.cache.has(p.sha256, p.nbytes):
                 continue
-            if self.own is not None and self._own_piece_sha(p, shape) == p.sha256:
+            if self.own is not None and self._own_piece_sha(p, shape, prefix) == p.sha256:
                 local[(p.layer, p.expert)] = p.sha256
                 continue
             missing.append(p)
         return missing, local
 
-    def _own_piece_sha(self, p, shape: ExpertShape) -> str | None:
+    def _own_piece_sha(self, p, shape: ExpertShape, prefix: str) -> str | None:
         try:
-            return piece_sha256(LayerExperts.from_checkpoint(self.own, p.layer, shape).piece(p.expert))
+            return piece_sha256(LayerExperts.from_checkpoint(self.own, layer_prefix(prefix, p.layer), shape)
+                                .piece(p.expert))
         except CheckpointError:
             return None
 
@@ -281,7 +306,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
 
     def _piece_bytes(self, ref, layer: int, expert: int, shape: ExpertShape) -> bytes:
         if (layer, expert) in self.local_source:
-            arrays = LayerExperts.from_checkpoint(self.own, layer, shape).piece(expert)
+            arrays = LayerExperts.from_checkpoint(self.own, layer_prefix(self.tensor_prefix, layer), shape).piece(expert)
             return b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
         return self.cache.read(ref.sha256)
 

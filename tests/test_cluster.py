@@ -12,10 +12,11 @@ import pytest
 
 from support import MOEMESH, TESTS, require_tools
 from coordinator import Engine, cluster
+from coordinator.models import gpt_oss
 from expert_node.checkpoint import Checkpoint
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc
-from expert_node.protocol import encode_tensor
+from expert_node.protocol import PROTOCOL_VERSION, encode_tensor
 
 pytestmark = pytest.mark.timeout(180)
 PROMPT = list(range(1000, 1040))
@@ -91,7 +92,7 @@ def test_wrong_protocol_version_is_refused(tiny_dir):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        with pytest.raises(cluster.ClusterError, match="speaks protocol version 99; this coordinator speaks 1"):
+        with pytest.raises(cluster.ClusterError, match=f"speaks protocol version 99; this coordinator speaks {PROTOCOL_VERSION}"):
             cluster.connect(Checkpoint(tiny_dir), "exact", [f"127.0.0.1:{port}"], progress=False, creds=None)
     finally:
         server.stop(0)
@@ -137,9 +138,9 @@ def test_corrupt_weight_chunk_is_rejected_then_refetched(tiny_dir, start_node):
 
     size = LayerExperts.piece_nbytes(shape)
     ref = pb.PieceRef(layer=0, expert=3, nbytes=size, sha256=hashes[(0, 3)])
-    missing = client.stub.Assign(pb.Assignment(model_id="m", config_json=json.dumps(ckpt.config), pieces=[ref])).missing
+    missing = client.stub.Assign(pb.Assignment(model_id="m", spec=gpt_oss.expert_spec(ckpt.config), pieces=[ref])).missing
     assert len(missing) == 1
-    layers = {0: LayerExperts.from_checkpoint(ckpt, 0, shape)}
+    layers = gpt_oss.load_layer_experts(ckpt, [0])
     chunks = list(cluster.piece_chunks(layers, [ref]))
     chunks[0] = pb.WeightChunk(layer=0, expert=3, offset=0, data=chunks[0].data, crc32=zlib.crc32(b"x"))
     reply = client.stub.PushWeights(iter(chunks))
@@ -147,3 +148,14 @@ def test_corrupt_weight_chunk_is_rejected_then_refetched(tiny_dir, start_node):
     assert cluster.push_pieces(client, layers, list(reply.rejected)) == size  # sent again, accepted
     client.stub.Load(pb.LoadRequest(model_id="m"))
     assert client.handshake().weight_bytes == size
+
+
+def test_a_node_with_its_own_copy_is_sent_no_weights(tiny_dir, start_node):
+    """`node serve -m DIR` reads its pieces where the assignment's spec says a layer's experts
+    sit (the node knows no model family), so nothing is pushed, and it computes the same."""
+    node = start_node("--no-mdns", "--host", "127.0.0.1", "-m", str(tiny_dir))
+    experts, reports = cluster.connect(Checkpoint(tiny_dir), "fast", [node.address], progress=False)
+    assert [r.bytes_pushed for r in reports] == [0] and reports[0].pieces > 0
+    np.testing.assert_array_equal(Engine.load(tiny_dir, "fast", experts=experts).logits(PROMPT[:5]),
+                                  Engine.load(tiny_dir, "fast").logits(PROMPT[:5]))
+    experts.close()

@@ -332,3 +332,28 @@ def test_two_running_nodes_cannot_share_a_cache_folder(start_node, tmp_path):
     proc = subprocess.run(MOEMESH + ["node", "serve", *NODE, "--port", "0", "--cache-dir", str(tmp_path / "shared")],
                           capture_output=True, text=True, timeout=60, cwd=TESTS)
     assert proc.returncode == 1 and "is in use by another running node" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(format="q4_0"), "is not served by this node"),
+    (dict(hidden=100), "multiples of 32"),
+    (dict(intermediate=1 << 20), "multiples of 32"),
+    (dict(experts_per_token=0), "not a model"),
+    (dict(swiglu_limit=float("nan")), "must be finite"),
+    (dict(tensor_prefix="model.layers.mlp.experts."), "'{layer}' once"),
+])
+def test_a_spec_the_node_cannot_host_is_refused(tiny_dir, start_node, change, match):
+    """The node reads no model config: the assignment's ExpertSpec is all it knows, checked first."""
+    from coordinator.models import gpt_oss
+
+    node = start_node(*NODE)
+    spec = gpt_oss.expert_spec(Checkpoint(tiny_dir).config)
+    for field, value in change.items():
+        setattr(spec, field, value)
+    client = cluster.NodeClient(node.address, cluster.credentials())
+    client.handshake()
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Assign(pb.Assignment(model_id="m", spec=spec), timeout=10)
+    client.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("spec: ") and match in err.value.details(), err.value.details()

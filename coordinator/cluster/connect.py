@@ -3,7 +3,6 @@ saved plan), provision every node and return the remote backend with a report pe
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 
@@ -121,7 +120,8 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
             c.close()
     hashes = piece_hashes(ckpt, shape, n_layers)
     layers = family.load_layer_experts(ckpt, range(n_layers))
-    provisioner = Provisioner(model_id(ckpt, hashes), json.dumps(ckpt.config), piece_bytes, hashes, layers, progress)
+    provisioner = Provisioner(model_id(ckpt, hashes), family.expert_spec(ckpt.config), piece_bytes, hashes, layers,
+                              progress)
     reports = []
     for node_id in placement.nodes():
         client = clients[node_id]

@@ -84,7 +84,7 @@ def push_pieces(client: NodeClient, layers: dict[int, LayerExperts], missing: li
 class Provisioner:
     """What a node needs to serve its share (used at connect, and again when a node comes back)."""
     model_id: str
-    config_json: str
+    spec: pb.ExpertSpec  # what the nodes host (the family's expert_spec)
     piece_bytes: int
     hashes: dict
     layers: dict[int, LayerExperts]  # the coordinator's zero-copy views: the source of pushes
@@ -103,7 +103,7 @@ class Provisioner:
             refs = [pb.PieceRef(layer=l, expert=e, nbytes=self.piece_bytes, sha256=self.hashes[(l, e)])
                     for l, e in pieces]
             reply = client.call("assign", client.stub.Assign, pb.Assignment(
-                model_id=self.model_id, config_json=self.config_json, pieces=refs), timeout=600)
+                model_id=self.model_id, spec=self.spec, pieces=refs), timeout=600)
             missing = list(reply.missing)
             for _ in range(PUSH_ATTEMPTS):
                 with tqdm(total=len(missing) * self.piece_bytes, unit="B", unit_scale=True, leave=False,

@@ -505,9 +505,26 @@ class GptOssModel:
                                for a in range(0, x.shape[0], BATCH_ROWS_ALONE - 1)])
 
 
+# Where a layer's experts sit in a gpt-oss checkpoint ("{layer}": the layer number).
+EXPERTS_PREFIX = "model.layers.{layer}.mlp.experts."
+
+
 def expert_shape(config: dict) -> ExpertShape:
-    GptOssConfig.from_dict(config)  # a missing or invalid key: a CheckpointError naming it
-    return ExpertShape.from_config(config)
+    cfg = GptOssConfig.from_dict(config)  # a missing or invalid key: a CheckpointError naming it
+    return ExpertShape(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.swiglu_limit,
+                       top_k=cfg.num_experts_per_tok)
+
+
+def expert_spec(config: dict):
+    """What a node must know to host gpt-oss's experts (it reads no model config): MXFP4 pieces,
+    the clamped SwiGLU, the shapes, and where the experts sit in a checkpoint."""
+    from expert_node.proto import moemesh_pb2 as pb
+
+    shape = expert_shape(config)
+    return pb.ExpertSpec(format="mxfp4", activation="swiglu_clamped", layers=int(config["num_hidden_layers"]),
+                         experts=shape.n_experts, experts_per_token=shape.top_k, hidden=shape.hidden,
+                         intermediate=shape.inter, swiglu_alpha=shape.swiglu_alpha, swiglu_limit=shape.swiglu_limit,
+                         tensor_prefix=EXPERTS_PREFIX)
 
 
 def check_layers(ckpt: Checkpoint) -> None:
@@ -531,7 +548,7 @@ def nonfinite_weights(ckpt: Checkpoint) -> str | None:
 
 def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, LayerExperts]:
     shape = expert_shape(ckpt.config)
-    return {i: LayerExperts.from_checkpoint(ckpt, i, shape) for i in layers}
+    return {i: LayerExperts.from_checkpoint(ckpt, EXPERTS_PREFIX.replace("{layer}", str(i)), shape) for i in layers}
 
 
 def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend, ops: LayerOps = LayerOps()) -> GptOssModel:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmoemesh.proto\x12\nmoemesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\xbc\x02\n\x08NodeInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x63ores\x18\x04 \x01(\r\x12\x0b\n\x03isa\x18\x05 \x01(\t\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x04\x12\x15\n\rmemory_budget\x18\x07 \x01(\x04\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12(\n\x06hosted\x18\t \x03(\x0b\x32\x18.moemesh.v1.LayerExperts\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x0b \x01(\x04\x12\x12\n\nmax_tokens\x18\x0c \x01(\r\x12\x13\n\x0bmax_streams\x18\r \x01(\r\x12\x10\n\x08token_us\x18\x0e \x01(\x04\x12\x12\n\nbatch64_us\x18\x0f \x01(\x04\"I\n\x08PieceRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"Y\n\nAssignment\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12$\n\x06pieces\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"4\n\x0b\x41ssignReply\x12%\n\x07missing\x18\x01 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"Y\n\x0bWeightChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"Y\n\tPushReply\x12$\n\x06stored\x18\x01 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\x12&\n\x08rejected\x18\x02 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"\x1f\n\x0bLoadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"Y\n\tLoadReply\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07load_us\x18\x02 \x01(\x04\x12%\n\x07missing\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"\x85\x01\n\rExpertRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1d\n\x01x\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x11\n\tprecision\x18\x05 \x01(\t\"X\n\nNodeTiming\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x11\n\tdecode_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\"g\n\x0b\x45xpertReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1d\n\x01y\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\x06timing\x18\x03 \x01(\x0b\x32\x16.moemesh.v1.NodeTimingJ\x04\x08\x04\x10\x05\"\x10\n\x0eReleaseRequest\"\x0e\n\x0cReleaseReply2\xfb\x02\n\nExpertNode\x12\x35\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x14.moemesh.v1.NodeInfo\x12\x39\n\x06\x41ssign\x12\x16.moemesh.v1.Assignment\x1a\x17.moemesh.v1.AssignReply\x12?\n\x0bPushWeights\x12\x17.moemesh.v1.WeightChunk\x1a\x15.moemesh.v1.PushReply(\x01\x12\x36\n\x04Load\x12\x17.moemesh.v1.LoadRequest\x1a\x15.moemesh.v1.LoadReply\x12\x41\n\x07\x43ompute\x12\x19.moemesh.v1.ExpertRequest\x1a\x17.moemesh.v1.ExpertReply(\x01\x30\x01\x12?\n\x07Release\x12\x1a.moemesh.v1.ReleaseRequest\x1a\x18.moemesh.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmoemesh.proto\x12\nmoemesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\xbc\x02\n\x08NodeInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x63ores\x18\x04 \x01(\r\x12\x0b\n\x03isa\x18\x05 \x01(\t\x12\x14\n\x0cmemory_total\x18\x06 \x01(\x04\x12\x15\n\rmemory_budget\x18\x07 \x01(\x04\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12(\n\x06hosted\x18\t \x03(\x0b\x32\x18.moemesh.v1.LayerExperts\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\r\n\x05\x63\x61lls\x18\x0b \x01(\x04\x12\x12\n\nmax_tokens\x18\x0c \x01(\r\x12\x13\n\x0bmax_streams\x18\r \x01(\r\x12\x10\n\x08token_us\x18\x0e \x01(\x04\x12\x12\n\nbatch64_us\x18\x0f \x01(\x04\"I\n\x08PieceRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xd5\x01\n\nExpertSpec\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x12\n\nactivation\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x04 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x05 \x01(\r\x12\x0e\n\x06hidden\x18\x06 \x01(\r\x12\x14\n\x0cintermediate\x18\x07 \x01(\r\x12\x14\n\x0cswiglu_alpha\x18\x08 \x01(\x02\x12\x14\n\x0cswiglu_limit\x18\t \x01(\x02\x12\x15\n\rtensor_prefix\x18\n \x01(\t\"p\n\nAssignment\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x06pieces\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\x12$\n\x04spec\x18\x04 \x01(\x0b\x32\x16.moemesh.v1.ExpertSpecJ\x04\x08\x02\x10\x03\"4\n\x0b\x41ssignReply\x12%\n\x07missing\x18\x01 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"Y\n\x0bWeightChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"Y\n\tPushReply\x12$\n\x06stored\x18\x01 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\x12&\n\x08rejected\x18\x02 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"\x1f\n\x0bLoadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"Y\n\tLoadReply\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07load_us\x18\x02 \x01(\x04\x12%\n\x07missing\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.PieceRef\"\x85\x01\n\rExpertRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1d\n\x01x\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x11\n\tprecision\x18\x05 \x01(\t\"X\n\nNodeTiming\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x11\n\tdecode_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\"g\n\x0b\x45xpertReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1d\n\x01y\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12&\n\x06timing\x18\x03 \x01(\x0b\x32\x16.moemesh.v1.NodeTimingJ\x04\x08\x04\x10\x05\"\x10\n\x0eReleaseRequest\"\x0e\n\x0cReleaseReply2\xfb\x02\n\nExpertNode\x12\x35\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x14.moemesh.v1.NodeInfo\x12\x39\n\x06\x41ssign\x12\x16.moemesh.v1.Assignment\x1a\x17.moemesh.v1.AssignReply\x12?\n\x0bPushWeights\x12\x17.moemesh.v1.WeightChunk\x1a\x15.moemesh.v1.PushReply(\x01\x12\x36\n\x04Load\x12\x17.moemesh.v1.LoadRequest\x1a\x15.moemesh.v1.LoadReply\x12\x41\n\x07\x43ompute\x12\x19.moemesh.v1.ExpertRequest\x1a\x17.moemesh.v1.ExpertReply(\x01\x30\x01\x12?\n\x07Release\x12\x1a.moemesh.v1.ReleaseRequest\x1a\x18.moemesh.v1.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,28 +41,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEINFO']._serialized_end=513
   _globals['_PIECEREF']._serialized_start=515
   _globals['_PIECEREF']._serialized_end=588
-  _globals['_ASSIGNMENT']._serialized_start=590
-  _globals['_ASSIGNMENT']._serialized_end=679
-  _globals['_ASSIGNREPLY']._serialized_start=681
-  _globals['_ASSIGNREPLY']._serialized_end=733
-  _globals['_WEIGHTCHUNK']._serialized_start=735
-  _globals['_WEIGHTCHUNK']._serialized_end=824
-  _globals['_PUSHREPLY']._serialized_start=826
-  _globals['_PUSHREPLY']._serialized_end=915
-  _globals['_LOADREQUEST']._serialized_start=917
-  _globals['_LOADREQUEST']._serialized_end=948
-  _globals['_LOADREPLY']._serialized_start=950
-  _globals['_LOADREPLY']._serialized_end=1039
-  _globals['_EXPERTREQUEST']._serialized_start=1042
-  _globals['_EXPERTREQUEST']._serialized_end=1175
-  _globals['_NODETIMING']._serialized_start=1177
-  _globals['_NODETIMING']._serialized_end=1265
-  _globals['_EXPERTREPLY']._serialized_start=1267
-  _globals['_EXPERTREPLY']._serialized_end=1370
-  _globals['_RELEASEREQUEST']._serialized_start=1372
-  _globals['_RELEASEREQUEST']._serialized_end=1388
-  _globals['_RELEASEREPLY']._serialized_start=1390
-  _globals['_RELEASEREPLY']._serialized_end=1404
-  _globals['_EXPERTNODE']._serialized_start=1407
-  _globals['_EXPERTNODE']._serialized_end=1786
+  _globals['_EXPERTSPEC']._serialized_start=591
+  _globals['_EXPERTSPEC']._serialized_end=804
+  _globals['_ASSIGNMENT']._serialized_start=806
+  _globals['_ASSIGNMENT']._serialized_end=918
+  _globals['_ASSIGNREPLY']._serialized_start=920
+  _globals['_ASSIGNREPLY']._serialized_end=972
+  _globals['_WEIGHTCHUNK']._serialized_start=974
+  _globals['_WEIGHTCHUNK']._serialized_end=1063
+  _globals['_PUSHREPLY']._serialized_start=1065
+  _globals['_PUSHREPLY']._serialized_end=1154
+  _globals['_LOADREQUEST']._serialized_start=1156
+  _globals['_LOADREQUEST']._serialized_end=1187
+  _globals['_LOADREPLY']._serialized_start=1189
+  _globals['_LOADREPLY']._serialized_end=1278
+  _globals['_EXPERTREQUEST']._serialized_start=1281
+  _globals['_EXPERTREQUEST']._serialized_end=1414
+  _globals['_NODETIMING']._serialized_start=1416
+  _globals['_NODETIMING']._serialized_end=1504
+  _globals['_EXPERTREPLY']._serialized_start=1506
+  _globals['_EXPERTREPLY']._serialized_end=1609
+  _globals['_RELEASEREQUEST']._serialized_start=1611
+  _globals['_RELEASEREQUEST']._serialized_end=1627
+  _globals['_RELEASEREPLY']._serialized_start=1629
+  _globals['_RELEASEREPLY']._serialized_end=1643
+  _globals['_EXPERTNODE']._serialized_start=1646
+  _globals['_EXPERTNODE']._serialized_end=2025
 # @@protoc_insertion_point(module_scope)

@@ -78,15 +78,39 @@ class PieceRef(_message.Message):
     sha256: str
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
+class ExpertSpec(_message.Message):
+    __slots__ = ("format", "activation", "layers", "experts", "experts_per_token", "hidden", "intermediate", "swiglu_alpha", "swiglu_limit", "tensor_prefix")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_FIELD_NUMBER: _ClassVar[int]
+    SWIGLU_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SWIGLU_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    activation: str
+    layers: int
+    experts: int
+    experts_per_token: int
+    hidden: int
+    intermediate: int
+    swiglu_alpha: float
+    swiglu_limit: float
+    tensor_prefix: str
+    def __init__(self, format: _Optional[str] = ..., activation: _Optional[str] = ..., layers: _Optional[int] = ..., experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., hidden: _Optional[int] = ..., intermediate: _Optional[int] = ..., swiglu_alpha: _Optional[float] = ..., swiglu_limit: _Optional[float] = ..., tensor_prefix: _Optional[str] = ...) -> None: ...
+
 class Assignment(_message.Message):
-    __slots__ = ("model_id", "config_json", "pieces")
+    __slots__ = ("model_id", "pieces", "spec")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    config_json: str
     pieces: _containers.RepeatedCompositeFieldContainer[PieceRef]
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., pieces: _Optional[_Iterable[_Union[PieceRef, _Mapping]]] = ...) -> None: ...
+    spec: ExpertSpec
+    def __init__(self, model_id: _Optional[str] = ..., pieces: _Optional[_Iterable[_Union[PieceRef, _Mapping]]] = ..., spec: _Optional[_Union[ExpertSpec, _Mapping]] = ...) -> None: ...
 
 class AssignReply(_message.Message):
     __slots__ = ("missing",)
