@@ -335,11 +335,12 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
     }
     // The vector kernels' activations: laid out for the ISA, each row on a cache line of its own
     // (a 64-byte load across two lines costs two: std::vector's 16-byte alignment halved the
-    // unembedding's speed at 4 tokens).
+    // unembedding's speed at 4 tokens). Only the tokens they read: none when the tiles took all.
     const int64_t ldx = (K + 15) / 16 * 16;
+    const int64_t first_vector_token = tiled_rows < N ? 0 : tiled_tokens;
     thread_local std::vector<float> storage;
     float* laid_out = cache_aligned(storage, size_t(T * ldx));
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = first_vector_token; t < T; ++t) {
         std::copy(x + t * K, x + (t + 1) * K, laid_out + t * ldx);
         if (kt.bf16_layout) kt.bf16_layout(laid_out + t * ldx, K);
     }

@@ -159,6 +159,12 @@ def decode_tensor(t: pb.Tensor, name: str, dtypes: tuple[str, ...], ndim: int,
     return a
 
 
+def layer_prefix(template: str, layer: int) -> str:
+    """An ExpertSpec's tensor prefix for one layer ("{layer}" stands for its number; a plain
+    substitution, as the text may be a peer's)."""
+    return template.replace("{layer}", str(layer))
+
+
 def activation_dtype(precision: str) -> str:
     if precision not in ("exact", "fast"):
         raise WireError(f"precision: expected 'exact' or 'fast', got {precision!r}")

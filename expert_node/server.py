@@ -34,7 +34,8 @@ from .experts import ExpertShape, LayerExperts, native_experts
 from .proto import moemesh_pb2 as pb
 from .proto import moemesh_pb2_grpc as pb_grpc
 from .protocol import (MAX_ACTIVATION, MAX_HIDDEN, MAX_REQUEST_TOKENS, MAX_STREAMS, MAX_STREAMS_PER_PEER,
-                       PROTOCOL_VERSION, WireError, activation_dtype, decode_tensor, encode_tensor, server_options)
+                       PROTOCOL_VERSION, WireError, activation_dtype, decode_tensor, encode_tensor, layer_prefix,
+                       server_options)
 from .store import ChecksumError, HostedLayer, PieceCache, PieceWriter, build_layer, piece_sha256
 
 WIRE = native.wire_codec()  # the q16 arithmetic of every request and reply
@@ -117,11 +118,6 @@ def spec_problem(spec: pb.ExpertSpec) -> str | None:
     if spec.tensor_prefix.count("{layer}") != 1:
         return f"tensor prefix {spec.tensor_prefix!r} must hold '{{layer}}' once"
     return None
-
-
-def layer_prefix(template: str, layer: int) -> str:
-    """An assignment's tensor prefix for one layer (a plain substitution: the text is a peer's)."""
-    return template.replace("{layer}", str(layer))
 
 
 class ExpertNodeService(pb_grpc.ExpertNodeServicer):

@@ -1,8 +1,9 @@
 """Model families, chosen by config.json's `model_type`: one module per family.
 
 A family module provides `MODEL_TYPE`, `build_model(checkpoint, linear, experts, ops)` (which
-checks the config against the tensors; ops: the reference steps or their native twins), `expert_shape(config)`, `expert_spec(config)` (what a node
-must know to host the experts: the wire's ExpertSpec), `load_layer_experts(checkpoint, layers)`
+checks the config against the tensors; ops: the reference steps or their native twins),
+`expert_shape(config)`, `expert_spec(config)` (what a node must know to host the experts: the
+wire's ExpertSpec), `load_layer_experts(checkpoint, layers)`
 and `nonfinite_weights(checkpoint)` (where a NaN or Inf sits, for a failed forward pass).
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ import numpy as np
 
 from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
 from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts
+from expert_node.protocol import layer_prefix
 
 from ..tracing import NULL_TRACER
 
@@ -548,7 +549,7 @@ def nonfinite_weights(ckpt: Checkpoint) -> str | None:
 
 def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, LayerExperts]:
     shape = expert_shape(ckpt.config)
-    return {i: LayerExperts.from_checkpoint(ckpt, EXPERTS_PREFIX.replace("{layer}", str(i)), shape) for i in layers}
+    return {i: LayerExperts.from_checkpoint(ckpt, layer_prefix(EXPERTS_PREFIX, i), shape) for i in layers}
 
 
 def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend, ops: LayerOps = LayerOps()) -> GptOssModel:
