@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from coordinator.models.gpt_oss import reference_linear
+from coordinator.models.layers import reference_linear
 from expert_node import native
 from expert_node.checkpoint import huge_page_buffer
 from llamacpp_baseline import backend_ops_experts

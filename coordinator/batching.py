@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .generation import Generation
-from .models.gpt_oss import BATCH_ROWS_ALONE
+from .models.layers import BATCH_ROWS_ALONE
 
 # A request's outputs: a list of Steps after a pass that completed any, an Exception when it
 # failed, None when it ended (finished or cancelled).

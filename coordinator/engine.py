@@ -18,7 +18,7 @@ from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExp
 from .drafting import DraftParams
 from .generation import ContextLimitError, ConversationCache, Generation, NonFiniteError
 from .models import family_of
-from .models.gpt_oss import LayerOps, attention_with_sinks, reference_linear
+from .models.layers import LayerOps, attention_with_sinks, reference_linear
 from .sampling import SamplingParams
 
 PRECISIONS = ("reference", "exact", "fast")
@@ -188,7 +188,7 @@ class Engine:
 
     def expert_arrays(self) -> list[np.ndarray]:
         """The experts' weights when they are in-process (none for a cluster)."""
-        return [a for layer in getattr(self.model.experts, "layers", {}).values() for a in vars(layer).values()]
+        return [a for layer in getattr(self.model.experts, "layers", {}).values() for a in layer.arrays()]
 
     def weight_arrays(self) -> list[np.ndarray]:
         """What this device reads to compute: dense weights (8-bit copies where made) and, when

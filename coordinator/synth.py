@@ -1,9 +1,10 @@
-"""`moemesh synth`: write a random gpt-oss checkpoint in exactly the Hugging Face layout.
+"""`moemesh synth`: write a random gpt-oss or Qwen3-MoE checkpoint in exactly the Hugging Face layout.
 
-Real gpt-oss weights cannot be downloaded here, so tests and benchmarks run on checkpoints this
-module writes: same tensor names, shapes and dtypes, MXFP4 experts with valid codes and scales,
+Real weights cannot be downloaded here, so tests and benchmarks run on checkpoints this module
+writes: same tensor names, shapes and dtypes. gpt-oss: MXFP4 experts with valid codes and scales,
 `quantization_config`, shard naming and index file as OpenAI's converter writes them, plus the
-real o200k_harmony tokenizer. Weights are random (seeded, byte-identical run to run) at scales
+real o200k_harmony tokenizer. Qwen3-MoE: bf16 tensors, one per expert and projection, and a
+stand-in tokenizer with Qwen3's special ids (coordinator.tokenizer says why). Weights are random (seeded, byte-identical run to run) at scales
 chosen so every feature of the math is exercised: non-zero biases and sinks, and gate/up
 pre-activations that hit the ±7 SwiGLU clamp. Full-size presets stream to disk in bounded memory.
 """
@@ -71,6 +72,48 @@ BASE_CONFIG = {  # openai/gpt-oss-20b config.json (spec/gpt-oss.md §1.1)
 GENERATION_CONFIG = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012],
                      "pad_token_id": 199999}
 
+QWEN3_BASE_CONFIG = {  # Qwen/Qwen3-30B-A3B config.json
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+QWEN3_GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                           "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+BASE_CONFIGS = {"gpt_oss": BASE_CONFIG, "qwen3_moe": QWEN3_BASE_CONFIG}
+GENERATION_CONFIGS = {"gpt_oss": GENERATION_CONFIG, "qwen3_moe": QWEN3_GENERATION_CONFIG}
+TOKENIZERS = {"gpt_oss": tokenizer_mod.HARMONY, "qwen3_moe": tokenizer_mod.QWEN3_STANDIN}
+
 # Presets: overrides of BASE_CONFIG. The tiny ones keep the real vocabulary (the tokenizer's ids
 # reach 200018) and make every sequence feature reachable in a few dozen tokens: a short window,
 # a short original context for YaRN. `gate_up_gain` sets how often the SwiGLU clamp is hit.
@@ -89,16 +132,38 @@ PRESETS: dict[str, dict] = {
                                    "original_max_position_embeddings": 40, "rope_type": "yarn", "truncate": False}},
     "gpt-oss-20b": {},
     "gpt-oss-120b": {"num_hidden_layers": 36, "num_local_experts": 128},
+    # Qwen3-MoE (a "model_type" key picks the family's base config): the tiny ones keep the real
+    # vocabulary; the second covers the other branches (the full softmax's top-k weights, YaRN,
+    # tied embeddings, attention biases) and transformers 5's key names.
+    "qwen3-tiny": {"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 3,
+                   "moe_intermediate_size": 32, "intermediate_size": 96, "max_position_embeddings": 1024,
+                   "max_window_layers": 3},
+    "qwen3-tiny-wide": {"model_type": "qwen3_moe", "hidden_size": 96, "num_hidden_layers": 2,
+                        "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 32, "num_local_experts": 6,
+                        "num_experts_per_tok": 2, "moe_intermediate_size": 64, "intermediate_size": 128,
+                        "norm_topk_prob": False, "tie_word_embeddings": True, "attention_bias": True,
+                        "max_position_embeddings": 160, "max_window_layers": 2, "rope_theta": None,
+                        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 40}},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe"},
 }
 
 
 def make_config(preset: str | None = "gpt-oss-20b", overrides: dict | None = None) -> dict:
-    """A full HF config.json dict: the 20b base, a preset's changes, then `overrides`."""
+    """A full HF config.json dict: the family's base (gpt-oss-20b, Qwen3-30B-A3B), a preset's
+    changes, then `overrides`; a key set to None by the preset is dropped."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    cfg = copy.deepcopy(BASE_CONFIG)
-    for patch in (PRESETS.get(preset or "", {}), overrides or {}):
+    patches = (PRESETS.get(preset or "", {}), overrides or {})
+    family = next((p["model_type"] for p in reversed(patches) if "model_type" in p), "gpt_oss")
+    cfg = copy.deepcopy(BASE_CONFIGS[family])
+    for patch in patches:
         cfg.update(copy.deepcopy(patch))
+    if family == "qwen3_moe":
+        if "num_local_experts" in cfg:  # transformers 5's name for num_experts
+            cfg.pop("num_experts", None)
+        return {k: v for k, v in cfg.items() if not (v is None and PRESETS.get(preset or "", {}).get(k, 0) is None)}
     n = int(cfg["num_hidden_layers"])
     if "layer_types" not in (overrides or {}) or len(cfg.get("layer_types", [])) != n:
         cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
@@ -120,6 +185,39 @@ class TensorSpec:
 
 def tensor_plan(cfg: dict) -> list[TensorSpec]:
     """Every tensor of the checkpoint, in the order it is written."""
+    return qwen3_tensor_plan(cfg) if cfg.get("model_type") == "qwen3_moe" else gpt_oss_tensor_plan(cfg)
+
+
+def qwen3_tensor_plan(cfg: dict) -> list[TensorSpec]:
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    E = cfg.get("num_experts", cfg.get("num_local_experts"))
+    I, d = cfg["moe_intermediate_size"], cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    qw, kvw = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    bias = cfg.get("attention_bias", False)
+    plan = [TensorSpec("model.embed_tokens.weight", (V, H), "BF16", "normal", 1.0)]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        plan += [TensorSpec(p + "input_layernorm.weight", (H,), "BF16", "norm")]
+        for name, shape in (("q_proj", (qw, H)), ("k_proj", (kvw, H)), ("v_proj", (kvw, H)), ("o_proj", (H, qw))):
+            plan.append(TensorSpec(p + f"self_attn.{name}.weight", shape, "BF16", "linear"))
+            if bias:
+                plan.append(TensorSpec(p + f"self_attn.{name}.bias", shape[:1], "BF16", "normal", 0.2))
+        plan += [TensorSpec(p + "self_attn.q_norm.weight", (d,), "BF16", "norm"),
+                 TensorSpec(p + "self_attn.k_norm.weight", (d,), "BF16", "norm"),
+                 TensorSpec(p + "post_attention_layernorm.weight", (H,), "BF16", "norm"),
+                 TensorSpec(p + "mlp.gate.weight", (E, H), "BF16", "linear", 2.0)]
+        for e in range(E):
+            q = f"{p}mlp.experts.{e}."
+            plan += [TensorSpec(q + "gate_proj.weight", (I, H), "BF16", "linear", 2.0),
+                     TensorSpec(q + "up_proj.weight", (I, H), "BF16", "linear", 2.0),
+                     TensorSpec(q + "down_proj.weight", (H, I), "BF16", "linear")]
+    plan.append(TensorSpec("model.norm.weight", (H,), "BF16", "norm"))
+    if not cfg.get("tie_word_embeddings"):
+        plan.append(TensorSpec("lm_head.weight", (V, H), "BF16", "linear", 4.0))
+    return plan
+
+
+def gpt_oss_tensor_plan(cfg: dict) -> list[TensorSpec]:
     H, V, E, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_local_experts"], cfg["num_hidden_layers"]
     I, d = cfg["intermediate_size"], cfg["head_dim"]
     qw, kvw = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
@@ -239,6 +337,7 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, seed: int = 0, max_shard_by
         (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-    tokenizer_mod.write_tokenizer_files(out)
+    family = cfg.get("model_type", "gpt_oss")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIGS[family], indent=2))
+    tokenizer_mod.write_tokenizer_files(out, TOKENIZERS[family])
     return out

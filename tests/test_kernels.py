@@ -8,7 +8,7 @@ Tolerances (relative to the largest reference output magnitude):
 import numpy as np
 import pytest
 
-from coordinator.models.gpt_oss import reference_linear
+from coordinator.models.layers import reference_linear
 from expert_node import native
 from expert_node.checkpoint import f32_to_bf16
 from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
@@ -256,7 +256,7 @@ def test_attention_softmax_matches_the_reference(window):
     ring order (a sliding layer's cache), sinks large and small, rows whose keys are all masked
     but one."""
     from coordinator.engine import native_softmax
-    from coordinator.models.gpt_oss import softmax_with_sinks
+    from coordinator.models.layers import softmax_with_sinks
 
     rng = np.random.default_rng(3)
     H, T, S, d = 6, 9, 37, 64
@@ -276,7 +276,7 @@ def test_rmsnorm_matches_the_reference(T):
     """The engine's native rmsnorm against the numpy spec: one row (decode), odd and many rows,
     magnitudes from tiny to large, a zero row (eps keeps it finite)."""
     from coordinator.engine import native_rmsnorm
-    from coordinator.models.gpt_oss import rmsnorm
+    from coordinator.models.layers import rmsnorm
 
     rng = np.random.default_rng(T)
     H = 2880
@@ -289,7 +289,7 @@ def test_rmsnorm_matches_the_reference(T):
 @pytest.mark.parametrize("T", [1, 5])
 def test_rope_rotation_matches_the_reference_bit_for_bit(T):
     from coordinator.engine import native_rotate
-    from coordinator.models.gpt_oss import rope_tables, rotate_half_split
+    from coordinator.models.layers import rope_tables, rotate_half_split
 
     rng = np.random.default_rng(T)
     x = (rng.standard_normal((T, 6, 64)) * 30).astype(np.float32)
@@ -310,7 +310,7 @@ def test_router_and_expert_sum_match_the_reference():
     """The engine's native router (ties go to the lower id, softmax over the top k) and the
     residual add of the weighted expert outputs (the same float operations: the same bits)."""
     from coordinator.engine import native_add_experts, native_topk
-    from coordinator.models.gpt_oss import add_experts, router_topk
+    from coordinator.models.layers import add_experts, router_topk
 
     rng = np.random.default_rng(11)
     logits = rng.standard_normal((9, 32)).astype(np.float32)
@@ -355,7 +355,7 @@ def test_native_attention_matches_the_reference(T, S, window, ring):
     narrower window); prompt chunks of queries, causal and windowed; grouped query heads, sinks
     large and small."""
     from coordinator.engine import native_attend
-    from coordinator.models.gpt_oss import attention_with_sinks
+    from coordinator.models.layers import attention_with_sinks
 
     rng = np.random.default_rng(S + T)
     nq, nkv, d = 8, 2, 64

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from coordinator import Engine, synth
-from coordinator.models.gpt_oss import (GptOssConfig, attention_with_sinks, combine_experts, rope_tables,
-                                        rope_yarn, rotate_half_split, router_topk)
-from expert_node.reference import swiglu_clamped
+from coordinator.models.gpt_oss import GptOssConfig
+from coordinator.models.layers import (attention_with_sinks, combine_experts, rope_tables, rope_yarn,
+                                       rotate_half_split, router_topk)
+from expert_node.reference import split_gate_up, swiglu_clamped
 
 
 def config_20b() -> GptOssConfig:
@@ -77,7 +78,7 @@ def test_router_softmax_over_the_topk_only_and_ties_go_to_lower_ids():
 
 def test_swiglu_clamps_gate_above_only_and_adds_one_to_up():
     h = np.array([10.0, 10.0, -10.0, -10.0], np.float32)  # (gate, up) pairs
-    out = swiglu_clamped(h)
+    out = swiglu_clamped(*split_gate_up(h))
     sig = lambda g: 1 / (1 + np.exp(-1.702 * g))  # noqa: E731
     np.testing.assert_allclose(out, [7 * sig(7) * 8, -10 * sig(-10) * -6], rtol=1e-6)
 
@@ -115,7 +116,7 @@ def test_sliding_layers_keep_only_the_window(tiny_dir):
 
 def test_query_chunks_see_exactly_the_keys_of_one_pass(monkeypatch):
     """Attention in query chunks (each against the keys it can see) equals one pass over all keys."""
-    from coordinator.models import gpt_oss
+    from coordinator.models import layers
 
     rng = np.random.default_rng(5)
     T, nq, nkv, d = 40, 4, 2, 8
@@ -124,7 +125,7 @@ def test_query_chunks_see_exactly_the_keys_of_one_pass(monkeypatch):
     sinks = rng.standard_normal(nq).astype(np.float32)
     q_pos, k_pos = np.arange(6, 6 + T), np.arange(T + 6)
     for window in (None, 5):
-        whole = gpt_oss.attend_chunk(q, k, v, sinks, q_pos, k_pos, window)
-        monkeypatch.setattr(gpt_oss, "ATTENTION_QUERY_CHUNK", 7)
+        whole = layers.attend_chunk(q, k, v, sinks, q_pos, k_pos, window)
+        monkeypatch.setattr(layers, "ATTENTION_QUERY_CHUNK", 7)
         np.testing.assert_allclose(attention_with_sinks(q, k, v, sinks, q_pos, k_pos, window), whole, rtol=1e-5, atol=1e-6)
         monkeypatch.undo()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from expert_node.checkpoint import Checkpoint
-from expert_node.experts import LayerExperts, NativeExpertBackend
+from expert_node.experts import NativeExpertBackend, experts_format
 from expert_node.proto import moemesh_pb2 as pb
 
 from ..generation import PREFILL_CHUNK
@@ -94,7 +94,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
         if c.info.max_tokens < PREFILL_CHUNK:
             raise ClusterError(f"node {c.address} takes {c.info.max_tokens} tokens per request; this coordinator "
                                f"sends up to {PREFILL_CHUNK}")
-    piece_bytes = LayerExperts.piece_nbytes(shape)
+    piece_bytes = experts_format(shape).piece_nbytes(shape)
     if placement is None:
         capacities = [node_capacity(nid, c.info) for nid, c in clients.items()]
         if replicas > len(capacities) and local_fallback and skipped:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint
-from expert_node.experts import ExpertShape, LayerExperts
+from expert_node.experts import ExpertPieces, ExpertShape
 from expert_node.paths import cache_root
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.protocol import WEIGHT_CHUNK_BYTES
@@ -51,7 +51,7 @@ def model_id(ckpt: Checkpoint, hashes: dict) -> str:
     return h.hexdigest()[:24]
 
 
-def piece_chunks(layers: dict[int, LayerExperts], refs: list[pb.PieceRef]):
+def piece_chunks(layers: dict[int, ExpertPieces], refs: list[pb.PieceRef]):
     for ref in refs:
         raw = b"".join(np.ascontiguousarray(a).tobytes() for a in layers[ref.layer].piece(ref.expert))
         for off in range(0, len(raw), WEIGHT_CHUNK_BYTES):
@@ -59,7 +59,7 @@ def piece_chunks(layers: dict[int, LayerExperts], refs: list[pb.PieceRef]):
             yield pb.WeightChunk(layer=ref.layer, expert=ref.expert, offset=off, data=data, crc32=zlib.crc32(data))
 
 
-def push_pieces(client: NodeClient, layers: dict[int, LayerExperts], missing: list[pb.PieceRef], bar=None) -> int:
+def push_pieces(client: NodeClient, layers: dict[int, ExpertPieces], missing: list[pb.PieceRef], bar=None) -> int:
     """Send missing pieces; re-send rejected ones. Returns bytes sent."""
     sent = 0
     for _ in range(PUSH_ATTEMPTS):
@@ -87,7 +87,7 @@ class Provisioner:
     spec: pb.ExpertSpec  # what the nodes host (the family's expert_spec)
     piece_bytes: int
     hashes: dict
-    layers: dict[int, LayerExperts]  # the coordinator's zero-copy views: the source of pushes
+    layers: dict[int, ExpertPieces]  # the coordinator's zero-copy views: the source of pushes
     progress: bool | None = None
 
     def provision(self, client: NodeClient, pieces: list[tuple[int, int]], new_session: bool = True,

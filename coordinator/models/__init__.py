@@ -12,9 +12,9 @@ from types import ModuleType
 
 from expert_node.checkpoint import Checkpoint, CheckpointError
 
-from . import gpt_oss
+from . import gpt_oss, qwen3_moe
 
-FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_oss,)}
+FAMILIES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt_oss, qwen3_moe)}
 
 
 def family_of(ckpt: Checkpoint) -> ModuleType:
