@@ -1,4 +1,4 @@
-"""`moemesh chat`: an interactive harmony chat with gpt-oss in the terminal.
+"""`moemesh chat`: an interactive chat in the terminal, in the model's chat format (harmony, ChatML).
 
 ollama-style REPL: `>>>` prompt, `\"\"\"` starts and ends a multi-line message, a trailing `\\`
 continues a line, Ctrl-C stops the answer (not the program), Ctrl-D or /exit quits; /help lists
@@ -44,6 +44,7 @@ class ChatSession:
 
     def __init__(self, engine, tokenizer, options: ChatOptions):
         self.engine, self.tok, self.options = engine, tokenizer, options
+        self.format = engine.chat_format(tokenizer)
         self.history: list[harmony.Message] = []
         self.conversation = ConversationCache()
         self.last_stats = GenerationStats()
@@ -76,7 +77,7 @@ class ChatSession:
         room = min(self.options.max_tokens, self.engine.context_length // 4)
         self.dropped = 0
         while True:
-            prompt = harmony.render_prompt(self.tok, self.history, self.options.reasoning_effort, self.options.system)
+            prompt = self.format.render_prompt(self.history, self.options.reasoning_effort, self.options.system)
             users = [i for i, m in enumerate(self.history) if m.role == "user"]
             if len(prompt) + room <= self.engine.context_length or len(users) < 2:
                 return prompt
@@ -85,18 +86,18 @@ class ChatSession:
             self.dropped += cut
 
     def reply(self, user_text: str):
-        """Yield harmony Deltas of the answer; the history gets the user turn and the reply."""
+        """Yield Deltas of the answer; the history gets the user turn and the reply."""
         self.history.append(harmony.Message("user", user_text))
         prompt = self.render()
-        parser = harmony.StreamParser(self.tok)
-        gen = self.engine.stream(prompt, self.options.max_tokens, self.options.params, harmony.STOP_IDS,
+        parser = self.format.parser()
+        gen = self.engine.stream(prompt, self.options.max_tokens, self.options.params, self.format.stop_ids,
                                  conversation=self.conversation, draft=self.options.draft)
         try:
             for step in gen:
                 yield from parser.feed(step.token)
-            yield from parser.feed(harmony.END)  # shows a malformed, unfinished header as text
+            yield from parser.finish()  # shows a malformed, unfinished header as text
         finally:  # also on Ctrl-C: keep what was said
-            parser.feed(harmony.END)
+            parser.finish()
             self.history += parser.messages
             self.last_stats = gen.stats
 

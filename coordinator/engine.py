@@ -186,6 +186,10 @@ class Engine:
                 ckpt.release(w)  # read once for the copy; never again
         return cls(ckpt, model, precision)
 
+    def chat_format(self, tokenizer):
+        """The model family's chat format over `tokenizer` (render a history, parse a reply)."""
+        return family_of(self.checkpoint).chat_format(tokenizer)
+
     def expert_arrays(self) -> list[np.ndarray]:
         """The experts' weights when they are in-process (none for a cluster)."""
         return [a for layer in getattr(self.model.experts, "layers", {}).values() for a in layer.arrays()]

@@ -166,6 +166,11 @@ class StreamParser:
         self._content.append(token)
         return self._emit()
 
+    def finish(self) -> list[Delta]:
+        """The reply ended (a stop token, the length limit, Ctrl-C): what is left to show, and the
+        unfinished message kept in `messages`."""
+        return self.feed(END)
+
     def _parse_header(self) -> tuple[str, str | None]:
         """(channel, recipient) of a header: `[role][ to=R]<|channel|>C[ to=R][ <|constrain|>T]`
         (the model may put the recipient before or after the channel; harmony accepts both)."""
@@ -202,3 +207,20 @@ class StreamParser:
                                          "<|constrain|>json" if call else None))
         self._content, self._shown = [], ""
         self._in_header, self._header = True, []
+
+
+class HarmonyFormat:
+    """gpt-oss's chat format behind the interface every family's format offers (coordinator.chatml
+    is Qwen3's): the ids that end an assistant turn, a prompt from a history, a reply parser."""
+
+    stop_ids = STOP_IDS
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def render_prompt(self, history: list[Message], reasoning_effort: str = "medium", instructions: str | None = None,
+                      date: str | None = None, tools: list[Tool] = ()) -> list[int]:
+        return render_prompt(self.tok, history, reasoning_effort, instructions, date, tools)
+
+    def parser(self) -> StreamParser:
+        return StreamParser(self.tok)

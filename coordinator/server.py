@@ -19,7 +19,6 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import resources
 
-from . import harmony
 from .batching import Scheduler, SchedulerFull
 from .drafting import DraftParams
 from .generation import ContextLimitError
@@ -43,6 +42,7 @@ class Service:
 
     def __init__(self, engine, tokenizer, config: ServeConfig):
         self.engine, self.tok, self.config = engine, tokenizer, config
+        self.chat = engine.chat_format(tokenizer)
         self.scheduler = Scheduler(engine, parallel=config.parallel)
         self.created = now()
 
@@ -126,11 +126,10 @@ def create_app(service: Service):
 
     async def chat_completions(request):
         req = parse_chat_request(await read_json(request), DEFAULT_CHAT_MAX_TOKENS)
-        prompt = harmony.render_prompt(service.tok, req.history, req.reasoning_effort, req.instructions,
-                                       tools=req.tools)
+        prompt = service.chat.render_prompt(req.history, req.reasoning_effort, req.instructions, tools=req.tools)
         rid, created, model = new_id("chatcmpl"), now(), config.model_name
-        parser, reply = harmony.StreamParser(service.tok), ChatReply(StopMatcher(req.stop))
-        steps = service.run(prompt, req.max_tokens, req.params, harmony.STOP_IDS, request.is_disconnected)
+        parser, reply = service.chat.parser(), ChatReply(StopMatcher(req.stop))
+        steps = service.run(prompt, req.max_tokens, req.params, service.chat.stop_ids, request.is_disconnected)
 
         async def deltas():
             """(delta, finish_reason, stats): the finish reason on the last one only."""
@@ -140,11 +139,13 @@ def create_app(service: Service):
                     for d in parser.feed(step.token):
                         yield reply.add(d), None, stats
                     if step.finish_reason:
-                        finish = "tool_calls" if step.token == harmony.CALL else step.finish_reason
+                        finish = step.finish_reason
                 if reply.stop.stopped:
                     break
-            for d in parser.feed(harmony.END):
+            for d in parser.finish():
                 yield reply.add(d), None, stats
+            if finish == "stop" and reply.tool_calls:
+                finish = "tool_calls"
             yield reply.finish(), finish, stats
 
         if not req.stream:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from coordinator import harmony
 from coordinator.drafting import DraftParams
 from coordinator.engine import Engine
 from coordinator.hub import resolve
@@ -30,13 +29,17 @@ class Model:
 
     def apply_chat_template(self, messages, reasoning_effort: str = "medium", tools=None) -> list[int]:
         """OpenAI-style messages (dicts with role and content; system messages become the
-        developer instructions) -> the harmony prompt's token ids, ending where the assistant
-        answers."""
+        developer instructions) -> the prompt's token ids in the model's chat format (harmony,
+        ChatML), ending where the assistant answers."""
         from coordinator.openai_format import parse_messages, parse_tools
 
         history, instructions = parse_messages(list(messages))
-        return harmony.render_prompt(self.tokenizer, history, reasoning_effort, instructions,
-                                     tools=parse_tools({"tools": tools}) if tools else ())
+        return self.chat_format.render_prompt(history, reasoning_effort, instructions,
+                                              tools=parse_tools({"tools": tools}) if tools else ())
+
+    @property
+    def chat_format(self):
+        return self.engine.chat_format(self.tokenizer)
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,14 @@ def stream_generate(model: Model, prompt, max_tokens: int = 256, temperature: fl
     else:
         ids = [int(t) for t in prompt]
     gen = model.engine.stream(ids, max_tokens, SamplingParams(temperature, top_p, top_k, min_p, seed),
-                              harmony.STOP_IDS if chat else (), tokenizer=None if chat else model.tokenizer,
+                              model.chat_format.stop_ids if chat else (), tokenizer=None if chat else model.tokenizer,
                               draft=DraftParams(draft))
-    parser = harmony.StreamParser(model.tokenizer) if chat else None
+    parser = model.chat_format.parser() if chat else None
     for step in gen:
         s = gen.stats
         pieces = [(d.text, d.channel) for d in parser.feed(step.token)] if chat else [(step.text, "final")]
         if step.finish_reason and chat:
-            pieces += [(d.text, d.channel) for d in parser.feed(harmony.END)]
+            pieces += [(d.text, d.channel) for d in parser.finish()]
         for text, channel in pieces or [("", "final")]:
             yield GenerationResponse(text, step.token, step.finish_reason, s.prompt_tokens, s.prefill_tps,
                                      s.generated_tokens, s.decode_tps, channel)

@@ -7,7 +7,7 @@ import sys
 from .common import (add_cluster_args, add_draft_args, add_model_args, add_sampling_args, draft_params, load_engine,
                      sampling_params)
 
-NAME, HELP = "chat", "chat with the model (harmony format) in the terminal"
+NAME, HELP = "chat", "chat with the model in the terminal (its own chat format: harmony, ChatML)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

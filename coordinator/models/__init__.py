@@ -4,7 +4,8 @@ A family module provides `MODEL_TYPE`, `build_model(checkpoint, linear, experts,
 checks the config against the tensors; ops: the reference steps or their native twins),
 `expert_shape(config)`, `expert_spec(config)` (what a node must know to host the experts: the
 wire's ExpertSpec), `load_layer_experts(checkpoint, layers)`
-and `nonfinite_weights(checkpoint)` (where a NaN or Inf sits, for a failed forward pass).
+`nonfinite_weights(checkpoint)` (where a NaN or Inf sits, for a failed forward pass) and
+`chat_format(tokenizer)` (harmony.HarmonyFormat, chatml.ChatMLFormat: prompts and reply parsing).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from .layers import (KVCache, Linear, LayerOps, MoeTransformer, check_layers, ex
 MODEL_TYPE = "gpt_oss"
 
 __all__ = ["MODEL_TYPE", "EXPERTS_PREFIX", "GptOssConfig", "GptOssModel", "build_model", "expert_shape", "expert_spec",
-           "load_layer_experts", "nonfinite_weights"]
+           "load_layer_experts", "nonfinite_weights", "chat_format"]
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,13 @@ def expert_spec(config: dict):
 
 def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, LayerExperts]:
     return load_experts(ckpt, expert_shape(ckpt.config), EXPERTS_PREFIX, layers)
+
+
+def chat_format(tok):
+    """gpt-oss talks harmony."""
+    from ..harmony import HarmonyFormat
+
+    return HarmonyFormat(tok)
 
 
 def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend, ops: LayerOps = LayerOps()) -> GptOssModel:

@@ -28,7 +28,7 @@ EXPERTS_PREFIX = "model.layers.{layer}.mlp.experts."
 ROPE_TYPES = ("default", "yarn")
 
 __all__ = ["MODEL_TYPE", "EXPERTS_PREFIX", "Qwen3MoeConfig", "Qwen3MoeModel", "build_model", "expert_shape",
-           "expert_spec", "load_layer_experts", "nonfinite_weights", "router_softmax_topk"]
+           "expert_spec", "load_layer_experts", "nonfinite_weights", "router_softmax_topk", "chat_format"]
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,13 @@ def expert_spec(config: dict):
 
 def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, ExpertPieces]:
     return load_experts(ckpt, expert_shape(ckpt.config), EXPERTS_PREFIX, layers)
+
+
+def chat_format(tok):
+    """Qwen3 talks ChatML with a think block."""
+    from ..chatml import ChatMLFormat
+
+    return ChatMLFormat(tok)
 
 
 def build_model(ckpt: Checkpoint, linear: Linear, experts: ExpertBackend, ops: LayerOps = LayerOps()) -> Qwen3MoeModel:
