@@ -392,7 +392,9 @@ void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::a
                     const py::array& gate_up_scales, const py::array& gate_up_bias, const py::array& down_blocks,
                     const py::array& down_scales, const py::array& down_bias, py::array& out,
                     const std::string& precision, float swiglu_alpha, float swiglu_limit,
-                    const std::optional<std::string>& isa) {
+                    const std::string& activation, const std::optional<std::string>& isa) {
+    if (activation != "swiglu_clamped" && activation != "swiglu")
+        fail("activation: '" + activation + "' is not one of swiglu_clamped, swiglu");
     if (x.ndim() != 2) fail("x: expected shape (T, H), got " + shape_str(x));
     if (expert_ids.ndim() != 2) fail("expert_ids: expected shape (T, k), got " + shape_str(expert_ids));
     if (gate_up_blocks.ndim() != 4) fail("gate_up_blocks: expected shape (E, 2I, H/32, 16), got " + shape_str(gate_up_blocks));
@@ -413,6 +415,7 @@ void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::a
     w.down_bias = in_ptr<uint16_t>(down_bias, "down_bias", {E, H});
     w.swiglu_alpha = swiglu_alpha;
     w.swiglu_limit = swiglu_limit;
+    w.clamped = activation == "swiglu_clamped";
     const float* xp = in_ptr<float>(x, "x", {T, H});
     const int32_t* ids = in_ptr<int32_t>(expert_ids, "expert_ids", {T, k});
     float* op = out_ptr<float>(out, "out", {T, k, H});
@@ -468,7 +471,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("moe_experts", &py_moe_experts, py::arg("x"), py::arg("expert_ids"), py::arg("gate_up_blocks"),
           py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down_blocks"), py::arg("down_scales"),
           py::arg("down_bias"), py::arg("out"), py::arg("precision") = "exact", py::arg("swiglu_alpha") = 1.702f,
-          py::arg("swiglu_limit") = 7.0f, py::arg("isa") = py::none(),
+          py::arg("swiglu_limit") = 7.0f, py::arg("activation") = "swiglu_clamped", py::arg("isa") = py::none(),
           "out[t, slot] = unweighted gpt-oss expert FFN of x[t] for expert_ids[t, slot] (-1 = skip, zeros).");
     m.def("stream_read", [](const py::buffer& buf, bool prefetch) {
         py::buffer_info info = buf.request();

@@ -244,9 +244,15 @@ private:
     std::vector<int64_t> first_group_, n_tiled_;
 };
 
-// gpt-oss activation: gate = min(g, limit), up = clamp(u, -limit, limit),
-// out = gate * sigmoid(alpha * gate) * (up + 1). Rows of h are interleaved (gate even, up odd).
-void swiglu_clamped(const float* h, int64_t inter, float alpha, float limit, float* out) {
+// Rows of h are interleaved (gate even, up odd). gpt-oss's activation: gate = min(g, limit),
+// up = clamp(u, -limit, limit), out = gate * sigmoid(alpha * gate) * (up + 1); the plain one
+// (Qwen3-MoE): out = gate * sigmoid(gate) * up.
+void swiglu(const float* h, int64_t inter, const MoeWeights& w, float* out) {
+    if (!w.clamped) {
+        for (int64_t j = 0; j < inter; ++j) out[j] = h[2 * j] / (1.f + std::exp(-h[2 * j])) * h[2 * j + 1];
+        return;
+    }
+    const float alpha = w.swiglu_alpha, limit = w.swiglu_limit;
     for (int64_t j = 0; j < inter; ++j) {
         const float gate = std::min(h[2 * j], limit);
         const float up = std::min(std::max(h[2 * j + 1], -limit), limit);
@@ -472,7 +478,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     }
     act.resize(static_cast<size_t>(A * I));
     global_pool().parallel_for(A, [&](int64_t a) {
-        if (ids[a] >= 0) swiglu_clamped(h.data() + a * 2 * I, I, w.swiglu_alpha, w.swiglu_limit, act.data() + a * I);
+        if (ids[a] >= 0) swiglu(h.data() + a * 2 * I, I, w, act.data() + a * I);
     });
     {
         Activations aa(kt, precision, act.data(), A, I, scratch.act_q);

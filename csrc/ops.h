@@ -46,10 +46,11 @@ struct MoeWeights {
     const uint8_t* down_scales;        // [E, H, I/32]
     const uint16_t* down_bias;         // [E, H] bf16
     float swiglu_alpha, swiglu_limit;
+    bool clamped = true;  // gpt-oss's clamped SwiGLU (alpha, limit, up + 1); false: the plain silu(gate) * up
 };
 
 // For every assignment (t, slot) with expert e = ids[t, slot] (or skipped when e < 0):
-//   out[t, slot, :] = down_e(swiglu_clamped(gate_up_e(x[t]) + b1_e)) + b2_e
+//   out[t, slot, :] = down_e(swiglu(gate_up_e(x[t]) + b1_e)) + b2_e  (w.clamped: which SwiGLU)
 // Unweighted: the caller combines slots in a fixed order, so local and remote sums agree bit for bit.
 void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w, const float* x,
                  int64_t T, const int32_t* ids, int64_t k, float* out);

@@ -266,6 +266,13 @@ class Checkpoint:
             raise CheckpointError(f"{f.path}: tensor '{name}' has dtype {info.dtype}, expected {' or '.join(dtypes)}")
         return f.array(name)
 
+    def info(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype) of `name`, from the header: nothing is read."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
+        info = self._file(self._where[name]).tensors[name]
+        return info.shape, info.dtype
+
     def where(self, name: str) -> Path:
         """The file that holds `name`."""
         return self.folder / self._where[name]

@@ -105,7 +105,8 @@ class ExpertPieces:
 @dataclass(frozen=True)
 class LayerExperts(ExpertPieces):
     """MXFP4 experts in gpt-oss's Hugging Face layout (gate and up rows interleaved in one fused
-    tensor, with biases): views zero-copy from a checkpoint, or compact copies a node hosts."""
+    tensor, with biases; `moemesh convert` writes other models' experts the same way, without
+    biases): views zero-copy from a checkpoint, or compact copies a node hosts."""
 
     gate_up_blocks: np.ndarray  # [E, 2I, H/32, 16] u8
     gate_up_scales: np.ndarray  # [E, 2I, H/32] u8
@@ -122,13 +123,19 @@ class LayerExperts(ExpertPieces):
         p = prefix
         gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
         dn_b, dn_s = MXFP4.packed_shapes(H, I)
+
+        def bias(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            """A model without expert biases (Qwen3-MoE converted to MXFP4) has none: zeros."""
+            if p + name in ckpt.tensor_names:
+                return ckpt.tensor(p + name, shape, ("BF16",))
+            return np.zeros(shape, np.uint16)
         return cls(
             ckpt.tensor(p + "gate_up_proj_blocks", (E, *gu_b), ("U8",)),
             ckpt.tensor(p + "gate_up_proj_scales", (E, *gu_s), ("U8",)),
-            ckpt.tensor(p + "gate_up_proj_bias", (E, 2 * I), ("BF16",)),
+            bias("gate_up_proj_bias", (E, 2 * I)),
             ckpt.tensor(p + "down_proj_blocks", (E, *dn_b), ("U8",)),
             ckpt.tensor(p + "down_proj_scales", (E, *dn_s), ("U8",)),
-            ckpt.tensor(p + "down_proj_bias", (E, H), ("BF16",)),
+            bias("down_proj_bias", (E, H)),
         )
 
     FIELDS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
@@ -156,7 +163,8 @@ class LayerExperts(ExpertPieces):
         native.moe_experts(
             np.ascontiguousarray(x, np.float32), np.ascontiguousarray(expert_ids, np.int32),
             self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias, self.down_blocks, self.down_scales,
-            self.down_bias, out, precision=precision, swiglu_alpha=shape.swiglu_alpha, swiglu_limit=shape.swiglu_limit)
+            self.down_bias, out, precision=precision, swiglu_alpha=shape.swiglu_alpha, swiglu_limit=shape.swiglu_limit,
+            activation=shape.activation)
         return out
 
 

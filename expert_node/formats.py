@@ -38,6 +38,33 @@ def mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
 
 
+# Every FP4 magnitude and the midpoints between neighbours: round to nearest, ties to the even code.
+FP4_MAGNITUDES = FP4_VALUES[:8]
+FP4_MIDPOINTS = (FP4_MAGNITUDES[1:] + FP4_MAGNITUDES[:-1]) / 2
+
+
+def mxfp4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., K] (K % 32 == 0) -> MXFP4 blocks [..., K/32, 16] u8 and scales [..., K/32] u8.
+
+    Each block's scale is the smallest power of two that brings its largest magnitude within FP4's
+    6 (OCP MX: 2^(floor(log2 amax) - 2), raised once more where amax/2^e rounds above 6); values
+    round to the nearest FP4 value, ties to the even code. An all-zero block gets the scale 2^-127.
+    """
+    blocks = w.astype(np.float32).reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = np.abs(blocks).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))) - 2, -UE8_BIAS)
+    e = np.where(amax / np.exp2(e) > 6.0, e + 1, e)
+    e = np.clip(e, -UE8_BIAS, 127)
+    scaled = np.abs(blocks) / np.exp2(e)[..., None]
+    idx = np.searchsorted(FP4_MIDPOINTS, scaled, side="left")  # the nearest magnitude, lower on ties ...
+    at_mid = (idx < 7) & (scaled == FP4_MIDPOINTS[np.minimum(idx, 6)])
+    idx = np.where(at_mid & (idx % 2 == 1), idx + 1, idx)  # ... except where the lower code is odd
+    codes = (idx.astype(np.uint8) | np.where(np.signbit(blocks) & (idx > 0), 8, 0).astype(np.uint8))
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.astype(np.uint8), (e + UE8_BIAS).astype(np.uint8)
+
+
 Q16_BLOCK = 32
 Q16_MAX = 32639.0  # codes split into two signed bytes (csrc/formats.h)
 # Activations at the expert boundary, in the kernels and on the wire: fp32 for exact; per-32 int16

@@ -98,9 +98,9 @@ class RequestTooLarge(WireError):
     """A well-formed request beyond what this node offers (memory, tokens): RESOURCE_EXHAUSTED."""
 
 
-# What this node computes (format, activation): MXFP4 experts with gpt-oss's clamped SwiGLU, bf16
-# experts with the plain one (Qwen3-MoE).
-SERVED = (("mxfp4", "swiglu_clamped"), ("bf16", "swiglu"))
+# What this node computes (format, activation): MXFP4 experts with gpt-oss's clamped SwiGLU or the
+# plain one (Qwen3-MoE converted by `moemesh convert`), bf16 experts with the plain one (Qwen3-MoE).
+SERVED = (("mxfp4", "swiglu_clamped"), ("mxfp4", "swiglu"), ("bf16", "swiglu"))
 
 
 def spec_problem(spec: pb.ExpertSpec) -> str | None:

@@ -5,6 +5,8 @@ Tolerances (relative to the largest reference output magnitude):
 - exact (fp32 activations): 2e-5 — only the summation order differs from numpy;
 - fast (int16 activation blocks): 2e-4 — activations carry 15 bits per 32-block.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def random_experts(rng, E=5, H=640, I=544, scale_lo=118, scale_hi=124):
 def run_native(w, shape, x, ids, precision, isa):
     out = np.empty(ids.shape + (x.shape[1],), np.float32)
     native.moe_experts(x, ids, w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, w.down_blocks,
-                       w.down_scales, w.down_bias, out, precision=precision, isa=isa)
+                       w.down_scales, w.down_bias, out, precision=precision, isa=isa, activation=shape.activation)
     return out
 
 
@@ -41,9 +43,12 @@ def assert_close(got, ref, tol):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_moe_experts_match_reference(isa, precision, T):
+@pytest.mark.parametrize("activation", ["swiglu_clamped", "swiglu"])
+def test_moe_experts_match_reference(isa, precision, T, activation):
+    """gpt-oss's clamped SwiGLU, and the plain one of converted Qwen3-MoE experts."""
     rng = np.random.default_rng(T)
     w, shape = random_experts(rng)
+    shape = dataclasses.replace(shape, activation=activation)
     x = rng.standard_normal((T, shape.hidden)).astype(np.float32)
     ids = np.stack([rng.choice([0, 2, 3], 2, replace=False) for _ in range(T)]).astype(np.int32)  # 1, 4 unused
     ref = ReferenceExpertBackend({0: w}, shape).run(0, x, ids)
@@ -222,6 +227,7 @@ def call(w, x_, ids_, out=None, **kw):
     (lambda w, x, ids: dict(down_scales=w.down_scales[:, :-1].copy()), "down_scales: expected shape"),
     (lambda w, x, ids: dict(gate_up_blocks=w.gate_up_blocks[:4].copy()), "gate_up_scales: expected shape"),
     (lambda w, x, ids: dict(down_bias=w.down_bias.astype(np.float32)), "down_bias: expected dtype uint16"),
+    (lambda w, x, ids: dict(activation="gelu"), "activation: 'gelu' is not one of swiglu_clamped, swiglu"),
     (lambda w, x, ids: dict(out=np.empty((2, 2, 639), np.float32)), "out: expected shape"),
     (lambda w, x, ids: dict(out=np.empty((2, 2, 640), np.float32)[...].view()), None),
     (lambda w, x, ids: dict(precision="int3"), "precision: expected 'exact' or 'fast'"),

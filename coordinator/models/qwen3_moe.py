@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint, CheckpointError
-from expert_node.experts import ExpertBackend, ExpertPieces, ExpertShape
+from expert_node.experts import EXPERT_FORMATS, ExpertBackend, ExpertPieces, ExpertShape
 
 from .layers import (NO_SINK, KVCache, LayerOps, Linear, MoeTransformer, check_layers, expert_spec_for, load_experts,
                      nonfinite_weights, rope_yarn)
@@ -204,11 +204,23 @@ class Qwen3MoeModel(MoeTransformer):
         return router_softmax_topk(logits, self.cfg.num_experts_per_tok)
 
 
+def experts_format(config: dict) -> str:
+    """bf16 as the hub ships Qwen3-MoE; what `moemesh convert` wrote into quantization_config."""
+    qc = config.get("quantization_config") or {}
+    if not qc:
+        return "bf16"
+    if qc.get("quant_method") != "moemesh" or qc.get("experts") not in EXPERT_FORMATS:
+        raise CheckpointError(f"config.json: quantization_config {qc} is not one moemesh reads (quant_method "
+                              f"'moemesh', experts one of {', '.join(EXPERT_FORMATS)}: what `moemesh convert` writes)")
+    return qc["experts"]
+
+
 def expert_shape(config: dict) -> ExpertShape:
     cfg = Qwen3MoeConfig.from_dict(config)  # a missing or invalid key: a CheckpointError naming it
     # swiglu_limit / alpha: unused by the plain SwiGLU
     return ExpertShape(cfg.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, swiglu_limit=math.inf,
-                       swiglu_alpha=1.0, top_k=cfg.num_experts_per_tok, format="bf16", activation="swiglu")
+                       swiglu_alpha=1.0, top_k=cfg.num_experts_per_tok, format=experts_format(config),
+                       activation="swiglu")
 
 
 def expert_spec(config: dict):

@@ -1,0 +1,186 @@
+"""`moemesh convert`: a bf16 checkpoint's experts to a 4-bit format moemesh loads directly.
+
+Qwen3-MoE ships bf16 experts, one tensor per expert and projection (~61 GB for 30B-A3B). The
+converter streams them expert by expert into gpt-oss's fused MXFP4 layout (gate and up rows
+interleaved; expert_node.experts.LayerExperts, without biases), so the native MXFP4 kernels and
+nodes serve them, and copies every other tensor as it is. Memory holds one expert's projections
+and one layer's scales at a time; output is written tensor by tensor into shards with an index,
+as the hub's snapshots are, and config.json records the format in quantization_config
+({"quant_method": "moemesh", "experts": "mxfp4"}), which the model family reads.
+
+MXFP4's shared power-of-two scale was made for a model trained with it; its cost on a
+bf16-trained model is measured after converting (`accuracy`: mean KL divergence and top-1
+agreement of the next-token distributions against the source on fixed prompts).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from expert_node.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, bf16_to_f32
+from expert_node.formats import MXFP4, mxfp4_quantize
+from expert_node.protocol import layer_prefix
+
+from .models import family_of
+from .synth import CHUNK_BYTES, DEFAULT_SHARD_BYTES, safetensors_header, shard_names, shard_plan
+
+EXPERT_FORMATS = ("mxfp4",)
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One output tensor: its header entry and how its bytes are made, in order."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: Callable[[], Iterator[bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPE_BYTES[self.dtype]
+
+
+def copied(ckpt: Checkpoint, name: str) -> Planned:
+    shape, dtype = ckpt.info(name)
+
+    def chunks() -> Iterator[bytes]:
+        flat = ckpt.tensor(name).reshape(-1).view(np.uint8)
+        for i in range(0, flat.size, CHUNK_BYTES):
+            yield flat[i:i + CHUNK_BYTES].tobytes()
+    return Planned(name, tuple(shape), dtype, chunks)
+
+
+def mxfp4_layer(ckpt: Checkpoint, prefix: str, n_experts: int, hidden: int, inter: int) -> list[Planned]:
+    """One layer's bf16 experts (prefix + '{e}.gate_proj.weight' ...) as the fused MXFP4 tensors.
+    Blocks stream expert by expert; their scales, made on the way, are written right after."""
+    scales: dict[str, list[bytes]] = {"gate_up": [], "down": []}
+
+    def quantized(e: int, which: str) -> np.ndarray:
+        def f32(proj: str) -> np.ndarray:
+            return bf16_to_f32(ckpt.tensor(f"{prefix}{e}.{proj}.weight"))
+        if which == "gate_up":
+            w = np.empty((2 * inter, hidden), np.float32)
+            w[0::2], w[1::2] = f32("gate_proj"), f32("up_proj")  # gate even, up odd (reference.split_gate_up)
+        else:
+            w = f32("down_proj")
+        blocks, s = mxfp4_quantize(w)
+        scales[which].append(s.tobytes())
+        return blocks
+
+    def blocks(which: str) -> Callable[[], Iterator[bytes]]:
+        def chunks() -> Iterator[bytes]:
+            scales[which].clear()
+            for e in range(n_experts):
+                yield quantized(e, which).tobytes()
+        return chunks
+
+    def scale_chunks(which: str) -> Callable[[], Iterator[bytes]]:
+        def chunks() -> Iterator[bytes]:
+            if len(scales[which]) != n_experts:
+                raise RuntimeError("scales are written right after their blocks")
+            yield from scales[which]
+            scales[which].clear()
+        return chunks
+
+    gu_b, gu_s = MXFP4.packed_shapes(2 * inter, hidden)
+    dn_b, dn_s = MXFP4.packed_shapes(hidden, inter)
+    return [Planned(prefix + "gate_up_proj_blocks", (n_experts, *gu_b), "U8", blocks("gate_up")),
+            Planned(prefix + "gate_up_proj_scales", (n_experts, *gu_s), "U8", scale_chunks("gate_up")),
+            Planned(prefix + "down_proj_blocks", (n_experts, *dn_b), "U8", blocks("down")),
+            Planned(prefix + "down_proj_scales", (n_experts, *dn_s), "U8", scale_chunks("down"))]
+
+
+def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
+    """The output's tensors in write order, and its config.json."""
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"--experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    family = family_of(ckpt)
+    shape = family.expert_shape(ckpt.config)
+    if shape.format != "bf16":
+        raise CheckpointError(f"{ckpt.folder}: its experts are {shape.format} already; convert reads bf16 experts "
+                              f"(Qwen3-MoE as the hub ships it)")
+    n_layers = int(ckpt.config["num_hidden_layers"])
+    prefixes = [layer_prefix(family.EXPERTS_PREFIX, i) for i in range(n_layers)]
+    out, done = [], set()
+    for name in ckpt.tensor_names:
+        if name in done:
+            continue
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            out.append(copied(ckpt, name))
+            continue
+        layer = mxfp4_layer(ckpt, prefix, shape.n_experts, shape.hidden, shape.inter)
+        out += layer
+        done |= {f"{prefix}{e}.{proj}.weight" for e in range(shape.n_experts)
+                 for proj in ("gate_proj", "up_proj", "down_proj")}
+    config = dict(ckpt.config, quantization_config={"quant_method": "moemesh", "experts": experts,
+                                                    "source_experts": shape.format})
+    return out, config
+
+
+def convert(src: str | Path, dst: str | Path, experts: str = "mxfp4", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            progress: bool | None = None) -> Path:
+    """Write src's conversion into dst (created; an existing checkpoint there is refused)."""
+    from tqdm import tqdm
+
+    ckpt = Checkpoint(src)
+    tensors, config = plan(ckpt, experts)
+    out = Path(dst)
+    if out.resolve() == Path(src).resolve() or (out / "config.json").exists():
+        raise CheckpointError(f"{out}: holds a checkpoint already; convert writes into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = shard_plan(tensors, max_shard_bytes)
+    names = shard_names(len(shards)) if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=f"convert {out.name}",
+              disable=None if progress is None else not progress) as bar:
+        for name, shard in zip(names, shards):
+            tmp = out / (name + ".partial")
+            with open(tmp, "wb") as f:
+                f.write(safetensors_header(shard))
+                for t in shard:
+                    written = 0
+                    for chunk in t.chunks():
+                        f.write(chunk)
+                        written += len(chunk)
+                        bar.update(len(chunk))
+                    if written != t.nbytes:
+                        raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
+            tmp.replace(out / name)
+    if len(shards) > 1:
+        weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                                                  "weight_map": weight_map}, indent=2))
+    for f in Path(src).iterdir():  # tokenizer, generation config, chat template, licence ...
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX_NAME, "config.json"):
+            shutil.copyfile(f, out / f.name)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def log_softmax(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    m = a.max(axis=-1, keepdims=True)
+    return a - m - np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
+
+
+def accuracy(src: str | Path, dst: str | Path, prompts: int = 4, tokens: int = 32, precision: str = "exact") -> dict:
+    """What converting cost: mean KL(source || converted) of the next-token distributions over
+    every position of fixed prompts (seeded token ids), and top-1 agreement."""
+    from .engine import Engine
+
+    a, b = Engine.load(src, precision=precision), Engine.load(dst, precision=precision)
+    vocab = min(a.config.vocab_size, 150_000)
+    kls, agree = [], []
+    for seed in range(prompts):
+        ids = np.random.default_rng(seed).integers(0, vocab, tokens)
+        la, lb = log_softmax(a.logits(ids)), log_softmax(b.logits(ids))
+        kls += list((np.exp(la) * (la - lb)).sum(axis=-1))
+        agree += list(la.argmax(axis=-1) == lb.argmax(axis=-1))
+    return {"mean_kl": float(np.mean(kls)), "top1_agreement": float(np.mean(agree)), "positions": len(kls)}

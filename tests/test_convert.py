@@ -1,0 +1,110 @@
+"""`moemesh convert` and the MXFP4 quantizer it uses: bf16 Qwen3-MoE experts to gpt-oss's fused
+MXFP4 layout, loaded directly by the engine, the native kernels (plain SwiGLU) and the nodes."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from support import MOEMESH, TESTS
+from coordinator import Engine, cluster
+from coordinator.convert import convert
+from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
+from expert_node.formats import FP4_VALUES, mxfp4_dequant, mxfp4_quantize
+
+
+def brute_force_mxfp4(w: np.ndarray) -> np.ndarray:
+    """Per block: the smallest power-of-two scale keeping the block's max within 6, then each
+    value's nearest representable value (ties: the even code), dequantized."""
+    out = np.empty_like(w)
+    for i, block in enumerate(w.reshape(-1, 32)):
+        amax = float(np.abs(block).max())
+        e = -127 if amax == 0 else next(e for e in range(-127, 128) if amax / 2.0 ** e <= 6)
+        grid = FP4_VALUES[:8] * 2.0 ** e
+        for j, v in enumerate(block):
+            dist = np.abs(np.abs(v) - grid)
+            best = np.flatnonzero(dist == dist.min())
+            code = best[0] if len(best) == 1 else next(c for c in best if c % 2 == 0)
+            out.reshape(-1, 32)[i, j] = np.copysign(grid[code], v)
+    return out
+
+
+def test_mxfp4_quantize_is_the_nearest_value_with_the_smallest_scale():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((6, 64)) * np.exp2(rng.integers(-8, 8, (6, 1)))).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block
+    w[1, :4] = [0.25, 0.75, 2.5, 5.0]  # ties between codes (block max 5: scale 2^0)
+    blocks, scales = mxfp4_quantize(w)
+    np.testing.assert_array_equal(mxfp4_dequant(blocks, scales), brute_force_mxfp4(w))
+
+
+@pytest.fixture(scope="module")
+def converted(qwen3_dir, tmp_path_factory):
+    return convert(qwen3_dir, tmp_path_factory.mktemp("qwen3-mxfp4") / "out", "mxfp4", max_shard_bytes=8_000_000,
+                   progress=False)
+
+
+def test_converted_experts_are_the_quantized_source_and_the_rest_is_copied(qwen3_dir, converted):
+    src, out = Checkpoint(qwen3_dir), Checkpoint(converted)
+    assert out.config["quantization_config"] == {"quant_method": "moemesh", "experts": "mxfp4",
+                                                 "source_experts": "bf16"}
+    assert len(set(out._where.values())) > 1  # sharded, with an index
+    p = "model.layers.2.mlp.experts."
+    for e in (0, 7):
+        gate, up = (bf16_to_f32(src.tensor(f"{p}{e}.{w}.weight")) for w in ("gate_proj", "up_proj"))
+        fused = np.empty((2 * gate.shape[0], gate.shape[1]), np.float32)
+        fused[0::2], fused[1::2] = gate, up
+        blocks, scales = mxfp4_quantize(fused)
+        np.testing.assert_array_equal(out.tensor(p + "gate_up_proj_blocks")[e], blocks)
+        np.testing.assert_array_equal(out.tensor(p + "gate_up_proj_scales")[e], scales)
+        blocks, scales = mxfp4_quantize(bf16_to_f32(src.tensor(f"{p}{e}.down_proj.weight")))
+        np.testing.assert_array_equal(out.tensor(p + "down_proj_blocks")[e], blocks)
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_norm.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(out.tensor(name), src.tensor(name))
+    assert not any(".experts.0." in n for n in out.tensor_names)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_the_native_plain_swiglu_path_matches_the_reference(converted, precision):
+    ids = np.random.default_rng(3).integers(0, 151_643, 40)
+    ref = Engine.load(converted, precision="reference").logits(ids)
+    got = Engine.load(converted, precision=precision).logits(ids)
+    assert np.abs(got - ref).max() <= {"exact": 1e-3, "fast": 2e-2}[precision]
+
+
+def test_nodes_serve_converted_experts(converted, start_node):
+    nodes = [start_node("--no-mdns", "--host", "127.0.0.1") for _ in range(2)]
+    experts, _ = cluster.connect(Checkpoint(converted), "fast", [n.address for n in nodes], progress=False)
+    remote = Engine.load(converted, precision="fast", experts=experts)
+    try:
+        ids = list(range(2000, 2030))
+        np.testing.assert_allclose(remote.logits(ids), Engine.load(converted, precision="fast").logits(ids),
+                                   atol=1e-6, rtol=0)
+    finally:
+        remote.model.experts.close()
+
+
+def test_cli_converts_reports_the_cost_and_refuses_what_it_cannot(qwen3_dir, tiny_dir, tmp_path):
+    run = lambda *a: subprocess.run(MOEMESH + ["convert", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300, cwd=TESTS)
+    done = run("-m", qwen3_dir, "-o", tmp_path / "q", "--eval-prompts", "1")
+    assert done.returncode == 0, done.stderr
+    cost = json.loads(done.stdout.splitlines()[-1])
+    assert cost["positions"] == 32 and 0 < cost["mean_kl"] and 0 <= cost["top1_agreement"] <= 1
+    assert "mean KL" in done.stderr
+    again = run("-m", qwen3_dir, "-o", tmp_path / "q", "--no-eval")
+    assert again.returncode != 0 and "holds a checkpoint already" in again.stderr and "Traceback" not in again.stderr
+    gpt = run("-m", tiny_dir, "-o", tmp_path / "g", "--no-eval")
+    assert gpt.returncode != 0 and "mxfp4 already" in gpt.stderr and "Traceback" not in gpt.stderr
+
+
+def test_a_converted_checkpoint_with_an_unknown_format_is_refused(converted, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(converted, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["experts"] = "q3_k"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantization_config"):
+        Engine.load(bad)
