@@ -136,8 +136,7 @@ def convert(src: str | Path, dst: str | Path, experts: str = "mxfp4", max_shard_
         raise CheckpointError(f"{out}: holds a checkpoint already; convert writes into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     shards = shard_plan(tensors, max_shard_bytes)
-    names = shard_names(len(shards)) if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = shard_names(len(shards), config["model_type"])
     with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=f"convert {out.name}",
               disable=None if progress is None else not progress) as bar:
         for name, shard in zip(names, shards):

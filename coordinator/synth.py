@@ -150,6 +150,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def with_mxfp4_experts(cfg: dict) -> dict:
+    """A Qwen3-MoE config whose checkpoint holds MXFP4 experts, as `moemesh convert` writes it
+    (what synth writes when the bf16 experts would not fit the disk)."""
+    if cfg.get("model_type") != "qwen3_moe":
+        raise ValueError("only Qwen3-MoE presets have bf16 experts to write as MXFP4 (gpt-oss's are MXFP4)")
+    return dict(cfg, quantization_config={"quant_method": "moemesh", "experts": "mxfp4", "source_experts": "bf16"})
+
+
 def make_config(preset: str | None = "gpt-oss-20b", overrides: dict | None = None) -> dict:
     """A full HF config.json dict: the family's base (gpt-oss-20b, Qwen3-30B-A3B), a preset's
     changes, then `overrides`; a key set to None by the preset is dropped."""
@@ -206,6 +214,14 @@ def qwen3_tensor_plan(cfg: dict) -> list[TensorSpec]:
                  TensorSpec(p + "self_attn.k_norm.weight", (d,), "BF16", "norm"),
                  TensorSpec(p + "post_attention_layernorm.weight", (H,), "BF16", "norm"),
                  TensorSpec(p + "mlp.gate.weight", (E, H), "BF16", "linear", 2.0)]
+        if (cfg.get("quantization_config") or {}).get("experts") == "mxfp4":  # as `moemesh convert` writes them
+            gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
+            dn_b, dn_s = MXFP4.packed_shapes(H, I)
+            plan += [TensorSpec(p + "mlp.experts.gate_up_proj_blocks", (E, *gu_b), "U8", "fp4_codes"),
+                     TensorSpec(p + "mlp.experts.gate_up_proj_scales", (E, *gu_s), "U8", "fp4_scales", 2.0),
+                     TensorSpec(p + "mlp.experts.down_proj_blocks", (E, *dn_b), "U8", "fp4_codes"),
+                     TensorSpec(p + "mlp.experts.down_proj_scales", (E, *dn_s), "U8", "fp4_scales", 1.0)]
+            continue
         for e in range(E):
             q = f"{p}mlp.experts.{e}."
             plan += [TensorSpec(q + "gate_proj.weight", (I, H), "BF16", "linear", 2.0),
@@ -266,9 +282,14 @@ def shard_plan(plan: list[TensorSpec], max_shard_bytes: int) -> list[list[Tensor
     return shards
 
 
-def shard_names(n: int) -> list[str]:
-    """OpenAI's converter numbers shards from 0 and writes n-1 as the total (spec §3.1)."""
-    return [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
+def shard_names(n: int, model_type: str = "gpt_oss") -> list[str]:
+    """OpenAI's converter numbers gpt-oss's shards from 0 and writes n-1 as the total (spec §3.1);
+    transformers' save_pretrained (Qwen's snapshots) numbers from 1 of n."""
+    if n == 1:
+        return [SINGLE_NAME]
+    if model_type == "gpt_oss":
+        return [f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
 def _draw(spec: TensorSpec, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -319,7 +340,7 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, seed: int = 0, max_shard_by
     out.mkdir(parents=True, exist_ok=True)
     plan = tensor_plan(cfg)
     shards = shard_plan(plan, max_shard_bytes)
-    names = shard_names(len(shards))
+    names = shard_names(len(shards), cfg.get("model_type", "gpt_oss"))
     total = sum(t.nbytes for t in plan)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}",
               disable=None if progress is None else not progress) as bar:

@@ -34,6 +34,30 @@ def test_gpt_oss_120b_plan_total():
     assert sum(t.nbytes for t in plan) == 65_248_815_744
 
 
+def test_qwen3_30b_a3b_plan_matches_the_published_sizes():
+    """30,532,122,624 parameters in bf16 (the hub index's total_size); 128 experts of 3 projections."""
+    cfg = synth.make_config("qwen3-30b-a3b")
+    plan = synth.tensor_plan(cfg)
+    assert sum(t.nbytes for t in plan) == 61_064_245_248
+    shapes = {t.name: (t.shape, t.dtype) for t in plan}
+    assert shapes["model.layers.47.mlp.experts.127.down_proj.weight"] == ((2048, 768), "BF16")
+    assert shapes["model.layers.0.self_attn.q_norm.weight"] == ((128,), "BF16")
+    assert shapes["model.layers.0.mlp.gate.weight"] == ((128, 2048), "BF16")
+    mx = synth.tensor_plan(synth.with_mxfp4_experts(cfg))
+    assert {t.name: t.shape for t in mx}["model.layers.3.mlp.experts.gate_up_proj_blocks"] == (128, 1536, 64, 16)
+    assert sum(t.nbytes for t in mx) == 18_483_671_040
+
+
+def test_qwen3_with_mxfp4_experts_loads_and_its_kernels_match_the_reference(tmp_path):
+    from coordinator import Engine
+
+    folder = synth.write_checkpoint(tmp_path, synth.with_mxfp4_experts(synth.make_config("qwen3-tiny")), seed=5,
+                                    progress=False)
+    ids = np.arange(500, 530)
+    ref = Engine.load(folder, precision="reference").logits(ids)
+    assert np.abs(Engine.load(folder, precision="exact").logits(ids) - ref).max() <= 1e-3
+
+
 def test_dry_run_prints_the_plan(capsys):
     assert main(["synth", "--preset", "gpt-oss-20b", "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
