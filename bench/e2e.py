@@ -37,9 +37,8 @@ def bytes_per_decoded_token(engine: Engine) -> int:
     expert_ids = {id(a) for a in engine.expert_arrays()}
     dense = sum(a.nbytes for a in engine.weight_arrays() if id(a) not in expert_ids)
     dense += model.embed[0].nbytes - model.embed.nbytes
-    k = engine.config.num_experts_per_tok
-    experts = sum(a.nbytes // a.shape[0] * k for a in engine.expert_arrays())
-    return dense + experts
+    k, backend = engine.config.num_experts_per_tok, engine.model.experts  # in-process: layers and shape
+    return dense + k * sum(type(w).piece_nbytes(backend.shape) for w in backend.layers.values())
 
 
 def weights_bandwidth(engine: Engine) -> dict:
@@ -85,7 +84,7 @@ def main() -> None:
     bw = yard["gbps"]
     per_token = bytes_per_decoded_token(engine)
     roofline = bw * 1e9 / per_token
-    prompt = np.random.default_rng(0).integers(0, 199_998, args.prompt)
+    prompt = np.random.default_rng(0).integers(0, min(engine.config.vocab_size, 150_000), args.prompt)
     gen = engine.stream(prompt, args.decode, SamplingParams(temperature=0))
     for _ in gen:
         pass

@@ -13,15 +13,24 @@ converter, so both engines read identical weights (MXFP4 experts, bf16 dense mat
     python convert_hf_to_gguf.py /path/gpt-oss-20b --outtype bf16 --outfile /path/gpt-oss-20b.gguf
 
 then `python bench/e2e.py -m /path/gpt-oss-20b --llama-bench build/bin/llama-bench --gguf /path/gpt-oss-20b.gguf`.
+
+Qwen3-MoE (issue 21): our synthetic snapshots carry a stand-in tokenizer (coordinator/tokenizer.py
+says why), whose pre-tokenizer llama.cpp's converter does not recognise by hash; it is Qwen2's, so
+`python bench/llamacpp_baseline.py convert --llama-dir DIR -m SRC -o OUT.gguf` runs the converter
+with the pre-tokenizer named "qwen2" (nothing else changes), then build `llama-quantize` and quantize
+the experts to the closest 4-bit formats, `llama-quantize OUT.gguf OUT-mxfp4.gguf MXFP4_MOE` (MXFP4
+experts, as `moemesh convert` writes) and `... Q4_0`.
 For the kernels, configure with -DLLAMA_BUILD_TESTS=ON, build the target test-backend-ops and run
 `python bench/kernels.py --llama-ops build/bin/test-backend-ops` (its perf mode has gpt-oss-20b's
 expert matmul: 4 of 32 MXFP4 experts, 2880 x 2880, for 1 and 512 tokens).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
+import sys
 
 
 def read_through(path: str, chunk: int = 64 << 20) -> None:
@@ -72,3 +81,26 @@ def backend_ops_experts(binary: str) -> dict:
         raise RuntimeError("test-backend-ops printed no gpt-oss-20b MUL_MAT_ID cases for 1 and 512 tokens:\n"
                            + done.stdout[-2000:])
     return {"decode_us": found[1][0], "prefill512_gflops": found[512][1]}
+
+
+def convert_standin_qwen3(llama_dir: str, src: str, out: str) -> None:
+    """llama.cpp's convert_hf_to_gguf.py on a synthetic Qwen3-MoE snapshot (bf16), telling it the
+    pre-tokenizer (Qwen2's) it cannot identify from the stand-in vocabulary's hash."""
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']\n"
+            "import conversion.base as base\n"
+            "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'\n"
+            "import convert_hf_to_gguf as c\n"
+            "sys.argv = ['convert_hf_to_gguf.py', sys.argv[2], '--outtype', 'bf16', '--outfile', sys.argv[3]]\n"
+            "c.main()\n")
+    subprocess.run([sys.executable, "-c", code, llama_dir, src, out], check=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="llama.cpp baseline helpers")
+    sub = ap.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="convert a synthetic Qwen3-MoE snapshot to GGUF (bf16)")
+    conv.add_argument("--llama-dir", required=True, help="llama.cpp's source folder")
+    conv.add_argument("-m", "--model", required=True)
+    conv.add_argument("-o", "--out", required=True)
+    args = ap.parse_args()
+    convert_standin_qwen3(args.llama_dir, args.model, args.out)
