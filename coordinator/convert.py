@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from expert_node.checkpoint import INDEX_NAME, Checkpoint, CheckpointError, bf16_to_f32
-from expert_node.formats import MXFP4, mxfp4_quantize
+from expert_node.checkpoint import INDEX_NAME, Checkpoint, CheckpointError
+from expert_node.formats import MXFP4
 from expert_node.protocol import layer_prefix
 
 from .models import family_of
@@ -50,9 +50,11 @@ def copied(ckpt: Checkpoint, name: str) -> Planned:
     shape, dtype = ckpt.info(name)
 
     def chunks() -> Iterator[bytes]:
-        flat = ckpt.tensor(name).reshape(-1).view(np.uint8)
+        a = ckpt.tensor(name)
+        flat = a.reshape(-1).view(np.uint8)
         for i in range(0, flat.size, CHUNK_BYTES):
             yield flat[i:i + CHUNK_BYTES].tobytes()
+        ckpt.release(a)  # read once: its pages need not stay in this process
     return Planned(name, tuple(shape), dtype, chunks)
 
 
@@ -62,14 +64,26 @@ def mxfp4_layer(ckpt: Checkpoint, prefix: str, n_experts: int, hidden: int, inte
     scales: dict[str, list[bytes]] = {"gate_up": [], "down": []}
 
     def quantized(e: int, which: str) -> np.ndarray:
-        def f32(proj: str) -> np.ndarray:
-            return bf16_to_f32(ckpt.tensor(f"{prefix}{e}.{proj}.weight"))
+        """One expert's fused gate/up or down projection, quantized by the native twin of
+        formats.mxfp4_quantize (the same bytes, tested); its source pages dropped once read."""
+        from expert_node import native
+
+        names = [f"{prefix}{e}.{proj}.weight" for proj in (("gate_proj", "up_proj") if which == "gate_up"
+                                                           else ("down_proj",))]
+        sources = [ckpt.tensor(n) for n in names]
         if which == "gate_up":
-            w = np.empty((2 * inter, hidden), np.float32)
-            w[0::2], w[1::2] = f32("gate_proj"), f32("up_proj")  # gate even, up odd (reference.split_gate_up)
+            w = np.empty((2 * inter, hidden), np.uint16)
+            w[0::2], w[1::2] = sources  # gate even, up odd (reference.split_gate_up)
         else:
-            w = f32("down_proj")
-        blocks, s = mxfp4_quantize(w)
+            w = sources[0]
+        blocks = np.empty((w.shape[0], w.shape[1] // MXFP4.block_size, MXFP4.block_bytes), np.uint8)
+        s = np.empty((w.shape[0], w.shape[1] // MXFP4.block_size), np.uint8)
+        try:
+            native.mxfp4_quantize(w, blocks, s)
+        except ValueError as err:  # NaN or Inf in the source
+            raise CheckpointError(f"{ckpt.where(names[0])}: {' or '.join(names)}: {err}") from None
+        for a in sources:
+            ckpt.release(a)
         scales[which].append(s.tobytes())
         return blocks
 

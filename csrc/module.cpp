@@ -368,6 +368,19 @@ py::tuple py_q8_quantize(const py::array& w, const std::optional<std::string>& i
     return py::make_tuple(values, scales, q8_layout_name(kt));
 }
 
+void py_mxfp4_quantize(const py::array& w, py::array& blocks, py::array& scales) {
+    if (w.ndim() != 2) fail("w: expected shape (N, K), got " + shape_str(w));
+    const int64_t N = w.shape(0), K = w.shape(1);
+    if (K % Mxfp4::kBlock) fail("w: K = " + std::to_string(K) + " is not a multiple of 32");
+    const uint16_t* wp = in_ptr<uint16_t>(w, "w", {N, K});
+    uint8_t* bp = out_ptr<uint8_t>(blocks, "blocks", {N, K / Mxfp4::kBlock, Mxfp4::kBlockBytes});
+    uint8_t* sp = out_ptr<uint8_t>(scales, "scales", {N, K / Mxfp4::kBlock});
+    for (int64_t i = 0; i < N * K; ++i)
+        if ((wp[i] & 0x7F80) == 0x7F80) fail("w: contains NaN or Inf at flat index " + std::to_string(i));
+    py::gil_scoped_release nogil;
+    mxfp4_quantize(wp, N, K, bp, sp);
+}
+
 void py_q8_matmul(const py::array& x, const py::array& values, const py::array& scales, const std::string& layout,
                   py::array& out, const std::optional<std::string>& isa) {
     if (x.ndim() != 2) fail("x: expected shape (T, K), got " + shape_str(x));
@@ -463,6 +476,8 @@ PYBIND11_MODULE(_native, m) {
     m.def("q16_decode", &py_q16_decode, py::arg("data"), py::arg("rows"), py::arg("cols"),
           "q16 wire bytes -> (float32 [rows, cols], largest |value| or inf).");
     m.def("max_abs", &py_max_abs, py::arg("a"), "Largest |value| of a float32 array; inf if any is NaN or Inf.");
+    m.def("mxfp4_quantize", &py_mxfp4_quantize, py::arg("w"), py::arg("blocks"), py::arg("scales"),
+          "bf16 rows [N, K] (uint16) -> MXFP4 blocks [N, K/32, 16] and scales [N, K/32], as formats.mxfp4_quantize");
     m.def("q8_quantize", &py_q8_quantize, py::arg("w"), py::arg("isa") = py::none(),
           "The Q8 copy of bf16 w[N, K]: (values int8 [N, K], fp16 scales [N, K/32], layout name).");
     m.def("q8_matmul", &py_q8_matmul, py::arg("x"), py::arg("values"), py::arg("scales"), py::arg("layout"),

@@ -387,6 +387,48 @@ void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K,
     });
 }
 
+namespace {
+// FP4 magnitudes' midpoints: a value at most the i-th rounds to a code <= i (ties: the even one).
+constexpr float kFp4Midpoints[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.f};
+}  // namespace
+
+// formats.mxfp4_quantize, row by row on the thread pool: the same float operations (an exact
+// exponent, power-of-two scalings, comparisons with the midpoints), so the same bytes.
+void mxfp4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint8_t* scales) {
+    const int64_t nb = K / Mxfp4::kBlock;
+    global_pool().parallel_for(N, [&](int64_t r) {
+        for (int64_t g = 0; g < nb; ++g) {
+            float v[Mxfp4::kBlock];
+            float amax = 0.f;
+            for (int i = 0; i < Mxfp4::kBlock; ++i) {
+                v[i] = bf16_to_f32(w[r * K + g * Mxfp4::kBlock + i]);
+                amax = std::max(amax, std::fabs(v[i]));
+            }
+            int e = -127;
+            if (amax > 0.f) {
+                int x;
+                std::frexp(amax, &x);  // amax = m * 2^x, m in [0.5, 1)
+                e = x - 3;
+                if (std::ldexp(amax, -e) > 6.f) ++e;
+                e = std::min(std::max(e, -127), 127);
+            }
+            uint8_t* out = blocks + (r * nb + g) * Mxfp4::kBlockBytes;
+            for (int i = 0; i < Mxfp4::kBlock; i += 2) {
+                uint8_t code[2];
+                for (int j = 0; j < 2; ++j) {
+                    const float s = std::ldexp(std::fabs(v[i + j]), -e);
+                    int idx = 0;
+                    while (idx < 7 && kFp4Midpoints[idx] < s) ++idx;
+                    if (idx < 7 && s == kFp4Midpoints[idx] && idx % 2 == 1) ++idx;
+                    code[j] = uint8_t(idx | (std::signbit(v[i + j]) && idx > 0 ? 8 : 0));
+                }
+                out[i / 2] = uint8_t(code[0] | (code[1] << 4));
+            }
+            scales[r * nb + g] = uint8_t(e + 127);
+        }
+    });
+}
+
 void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
                const uint16_t* scales, int64_t N, float* y) {
     thread_local Scratch scratch_tl;

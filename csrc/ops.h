@@ -32,6 +32,8 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
 // The Q8 copy of a bf16 matrix W[N, K] (K a multiple of 32): values [N, K] int8 in this ISA's
 // q8_layout, scales [N, K/32] fp16. Made once at load.
 void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales);
+// bf16 rows [N, K] -> MXFP4 blocks [N, K/32, 16] and scales [N, K/32], as formats.mxfp4_quantize.
+void mxfp4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint8_t* scales);
 
 // y[T, N] = x[T, K] . W[N, K]^T over a Q8 copy, activations as int16 blocks (the fast precision).
 void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,

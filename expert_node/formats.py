@@ -44,23 +44,23 @@ FP4_MIDPOINTS = (FP4_MAGNITUDES[1:] + FP4_MAGNITUDES[:-1]) / 2
 
 
 def mxfp4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [..., K] (K % 32 == 0) -> MXFP4 blocks [..., K/32, 16] u8 and scales [..., K/32] u8.
+    """float32 [..., K] (K % 32 == 0, finite) -> MXFP4 blocks [..., K/32, 16] u8 and scales [..., K/32] u8.
 
-    Each block's scale is the smallest power of two that brings its largest magnitude within FP4's
-    6 (OCP MX: 2^(floor(log2 amax) - 2), raised once more where amax/2^e rounds above 6); values
-    round to the nearest FP4 value, ties to the even code. An all-zero block gets the scale 2^-127.
+    Each block's scale is the smallest power of two that brings its largest magnitude within
+    FP4's 6: 2^(floor(log2 amax) - 2) (OCP MX's choice, exact from the float's exponent), once more
+    where amax / 2^e is above 6 (OCP would clip those to 6). Values round to the nearest FP4 value,
+    ties to the even code. An all-zero block gets the smallest scale byte, 0.
     """
     blocks = w.astype(np.float32).reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
     amax = np.abs(blocks).max(axis=-1)
-    with np.errstate(divide="ignore"):
-        e = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))) - 2, -UE8_BIAS)
-    e = np.where(amax / np.exp2(e) > 6.0, e + 1, e)
-    e = np.clip(e, -UE8_BIAS, 127)
-    scaled = np.abs(blocks) / np.exp2(e)[..., None]
+    e = np.frexp(amax)[1].astype(np.int32) - 3  # amax = m * 2^x, m in [0.5, 1): floor(log2 amax) = x - 1
+    e = np.where(np.ldexp(amax, -e) > 6.0, e + 1, e)
+    e = np.where(amax > 0, np.clip(e, -UE8_BIAS, 127), -UE8_BIAS)
+    scaled = np.ldexp(np.abs(blocks), -e[..., None])  # exact: a power-of-two scaling
     idx = np.searchsorted(FP4_MIDPOINTS, scaled, side="left")  # the nearest magnitude, lower on ties ...
     at_mid = (idx < 7) & (scaled == FP4_MIDPOINTS[np.minimum(idx, 6)])
     idx = np.where(at_mid & (idx % 2 == 1), idx + 1, idx)  # ... except where the lower code is odd
-    codes = (idx.astype(np.uint8) | np.where(np.signbit(blocks) & (idx > 0), 8, 0).astype(np.uint8))
+    codes = idx.astype(np.uint8) | np.where(np.signbit(blocks) & (idx > 0), 8, 0).astype(np.uint8)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return packed.astype(np.uint8), (e + UE8_BIAS).astype(np.uint8)
 

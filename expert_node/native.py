@@ -19,6 +19,7 @@ try:
         max_abs,
         moe_experts,
         mxfp4_dequant,
+        mxfp4_quantize,
         park_workers,
         q16_decode,
         q16_dequantize,

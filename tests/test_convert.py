@@ -34,8 +34,27 @@ def test_mxfp4_quantize_is_the_nearest_value_with_the_smallest_scale():
     w = (rng.standard_normal((6, 64)) * np.exp2(rng.integers(-8, 8, (6, 1)))).astype(np.float32)
     w[0, :32] = 0.0  # an all-zero block
     w[1, :4] = [0.25, 0.75, 2.5, 5.0]  # ties between codes (block max 5: scale 2^0)
+    w[2, :32] = np.float32(1024) * (np.float32(1) - np.float32(2.0 ** -24))  # just below a power of two
     blocks, scales = mxfp4_quantize(w)
     np.testing.assert_array_equal(mxfp4_dequant(blocks, scales), brute_force_mxfp4(w))
+
+
+def test_native_mxfp4_quantize_gives_the_references_bytes():
+    from expert_node import native
+    from expert_node.checkpoint import f32_to_bf16
+
+    rng = np.random.default_rng(1)
+    w = f32_to_bf16((rng.standard_normal((37, 256)) * np.exp2(rng.integers(-130, 100, (37, 1)))).astype(np.float32))
+    w[0, :32] = 0
+    w[1, :8] = f32_to_bf16(np.array([0.25, -0.75, 1.25, -1.75, 2.5, 3.5, 5.0, -6.0], np.float32))
+    blocks, scales = np.empty((37, 8, 16), np.uint8), np.empty((37, 8), np.uint8)
+    native.mxfp4_quantize(w, blocks, scales)
+    ref_blocks, ref_scales = mxfp4_quantize(bf16_to_f32(w))
+    np.testing.assert_array_equal(scales, ref_scales)
+    np.testing.assert_array_equal(blocks, ref_blocks)
+    w[3, 5] = 0x7FC0  # NaN
+    with pytest.raises(ValueError, match="NaN or Inf at flat index 773"):
+        native.mxfp4_quantize(w, blocks, scales)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +127,20 @@ def test_a_converted_checkpoint_with_an_unknown_format_is_refused(converted, tmp
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quantization_config"):
         Engine.load(bad)
+
+
+def test_a_nan_in_a_source_expert_is_named(qwen3_dir, tmp_path):
+    import shutil
+    import struct
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen3_dir, src)
+    name = "model.layers.1.mlp.experts.5.up_proj.weight"
+    path = Checkpoint(src).where(name)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        start = json.loads(f.read(n))[name]["data_offsets"][0]
+        f.seek(8 + n + start + 2 * 7)
+        f.write(struct.pack("<H", 0x7FC0))  # bf16 NaN
+    with pytest.raises(CheckpointError, match=f"{name}: w: contains NaN or Inf"):
+        convert(src, tmp_path / "out", progress=False)
