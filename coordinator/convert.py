@@ -27,7 +27,7 @@ from expert_node.formats import MXFP4
 from expert_node.protocol import layer_prefix
 
 from .models import family_of
-from .synth import CHUNK_BYTES, DEFAULT_SHARD_BYTES, safetensors_header, shard_names, shard_plan
+from .shards import CHUNK_BYTES, DEFAULT_SHARD_BYTES, write_shards
 
 EXPERT_FORMATS = ("mxfp4",)
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1}
@@ -149,27 +149,9 @@ def convert(src: str | Path, dst: str | Path, experts: str = "mxfp4", max_shard_
     if out.resolve() == Path(src).resolve() or (out / "config.json").exists():
         raise CheckpointError(f"{out}: holds a checkpoint already; convert writes into a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    shards = shard_plan(tensors, max_shard_bytes)
-    names = shard_names(len(shards), config["model_type"])
     with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=f"convert {out.name}",
               disable=None if progress is None else not progress) as bar:
-        for name, shard in zip(names, shards):
-            tmp = out / (name + ".partial")
-            with open(tmp, "wb") as f:
-                f.write(safetensors_header(shard))
-                for t in shard:
-                    written = 0
-                    for chunk in t.chunks():
-                        f.write(chunk)
-                        written += len(chunk)
-                        bar.update(len(chunk))
-                    if written != t.nbytes:
-                        raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
-            tmp.replace(out / name)
-    if len(shards) > 1:
-        weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(t.nbytes for t in tensors)},
-                                                  "weight_map": weight_map}, indent=2))
+        write_shards(out, tensors, lambda t: t.chunks(), max_shard_bytes, config["model_type"], bar)
     for f in Path(src).iterdir():  # tokenizer, generation config, chat template, licence ...
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX_NAME, "config.json"):
             shutil.copyfile(f, out / f.name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,12 @@ from typing import Iterator
 
 import numpy as np
 
-from expert_node.checkpoint import INDEX_NAME, SINGLE_NAME, f32_to_bf16
+from expert_node.checkpoint import f32_to_bf16
 from expert_node.formats import FP4_VALUES, MXFP4
 
 from . import tokenizer as tokenizer_mod
+from .shards import CHUNK_BYTES, DEFAULT_SHARD_BYTES, write_shards
 
-CHUNK_BYTES = 32 << 20  # largest piece of a tensor generated at once
-DEFAULT_SHARD_BYTES = 4_800_000_000  # ~ the published 20b shards (4.79 GB, 4.80 GB, 4.17 GB)
 FP4_RMS = float(np.sqrt(np.mean(np.square(FP4_VALUES))))  # rms of uniformly drawn FP4 codes
 
 BASE_CONFIG = {  # openai/gpt-oss-20b config.json (spec/gpt-oss.md §1.1)
@@ -269,29 +267,6 @@ def gpt_oss_tensor_plan(cfg: dict) -> list[TensorSpec]:
     return plan
 
 
-def shard_plan(plan: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Greedy split into shards of at most max_shard_bytes (a larger tensor gets its own shard)."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for t in plan:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
-def shard_names(n: int, model_type: str = "gpt_oss") -> list[str]:
-    """OpenAI's converter numbers gpt-oss's shards from 0 and writes n-1 as the total (spec §3.1);
-    transformers' save_pretrained (Qwen's snapshots) numbers from 1 of n."""
-    if n == 1:
-        return [SINGLE_NAME]
-    if model_type == "gpt_oss":
-        return [f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i in range(n)]
-    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
 def _draw(spec: TensorSpec, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Values for one chunk of a tensor (leading axis sliced), already in storage dtype."""
     if spec.init == "fp4_codes":
@@ -320,17 +295,6 @@ def tensor_chunks(spec: TensorSpec, seed: int) -> Iterator[bytes]:
         yield np.ascontiguousarray(_draw(spec, rng, (n, *spec.shape[1:]))).tobytes()
 
 
-def safetensors_header(tensors: list[TensorSpec], metadata: dict | None = None) -> bytes:
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def write_checkpoint(out_dir: str | Path, cfg: dict, seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                      progress: bool | None = None) -> Path:
     """Write config, weights (streamed), index, generation config and tokenizer into out_dir."""
@@ -339,24 +303,10 @@ def write_checkpoint(out_dir: str | Path, cfg: dict, seed: int = 0, max_shard_by
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = tensor_plan(cfg)
-    shards = shard_plan(plan, max_shard_bytes)
-    names = shard_names(len(shards), cfg.get("model_type", "gpt_oss"))
-    total = sum(t.nbytes for t in plan)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}",
+    with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc=f"synth {out.name}",
               disable=None if progress is None else not progress) as bar:
-        for name, tensors in zip(names, shards):
-            tmp = out / (name + ".partial")
-            with open(tmp, "wb") as f:
-                f.write(safetensors_header(tensors))
-                for t in tensors:
-                    for chunk in tensor_chunks(t, seed):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            tmp.replace(out / name)
-    if len(shards) > 1:
-        weight_map = {t.name: name for name, tensors in zip(names, shards) for t in tensors}
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
+        write_shards(out, plan, lambda t: tensor_chunks(t, seed), max_shard_bytes, cfg.get("model_type", "gpt_oss"),
+                     bar)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     family = cfg.get("model_type", "gpt_oss")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIGS[family], indent=2))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 from safetensors import safe_open
 
-from coordinator import synth
+from coordinator import shards, synth
 from coordinator.cli import main
 from expert_node.checkpoint import Checkpoint
 
@@ -25,7 +25,7 @@ def test_gpt_oss_20b_plan_matches_the_spec_sizes():
     assert shapes["model.layers.0.mlp.experts.down_proj_scales"] == ((32, 2880, 90), "U8")
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == ((4096, 2880), "BF16")
     assert shapes["model.layers.0.self_attn.sinks"] == ((64,), "BF16")
-    names = synth.shard_names(len(synth.shard_plan(plan, synth.DEFAULT_SHARD_BYTES)))
+    names = shards.shard_names(len(shards.shard_plan(plan, shards.DEFAULT_SHARD_BYTES)))
     assert names == [f"model-0000{i}-of-00002.safetensors" for i in range(3)]
 
 

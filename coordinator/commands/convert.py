@@ -10,7 +10,7 @@ NAME, HELP = "convert", "convert a bf16 checkpoint's experts (Qwen3-MoE) to 4-bi
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..convert import EXPERT_FORMATS
-    from ..synth import DEFAULT_SHARD_BYTES
+    from ..shards import DEFAULT_SHARD_BYTES
 
     p.add_argument("-m", "--model", required=True, help="the source: a Hugging Face snapshot folder (or a repo id "
                    "in the local Hugging Face cache) with bf16 experts")

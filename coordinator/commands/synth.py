@@ -11,7 +11,8 @@ NAME, HELP = "synth", "write a random gpt-oss or Qwen3-MoE checkpoint in the Hug
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..synth import DEFAULT_SHARD_BYTES, PRESETS
+    from ..shards import DEFAULT_SHARD_BYTES
+    from ..synth import PRESETS
 
     p.add_argument("--preset", choices=list(PRESETS), default="tiny")
     p.add_argument("--config", help="JSON file of config.json keys overriding the preset")
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from .. import synth
+    from ..shards import shard_names, shard_plan
 
     if not args.dry_run and not args.out:
         print("moemesh synth: -o/--out is required (or --dry-run)", file=sys.stderr)
@@ -48,9 +50,9 @@ def main(args) -> int:
         return 2
     if args.dry_run:
         plan = synth.tensor_plan(cfg)
-        shards = synth.shard_plan(plan, args.shard_bytes)
+        shards = shard_plan(plan, args.shard_bytes)
         print(json.dumps({"tensors": len(plan), "total_bytes": sum(t.nbytes for t in plan),
-                          "shards": synth.shard_names(len(shards), cfg.get("model_type", "gpt_oss"))}))
+                          "shards": shard_names(len(shards), cfg.get("model_type", "gpt_oss"))}))
         return 0
     out = synth.write_checkpoint(args.out, cfg, seed=args.seed, max_shard_bytes=args.shard_bytes)
     print(out)

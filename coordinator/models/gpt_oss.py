@@ -148,10 +148,6 @@ class GptOssModel(MoeTransformer):
             ))
         self.inv_freq, self.concentration = rope_yarn(cfg)
 
-    def matmul_weights(self) -> list[np.ndarray]:
-        """The big bf16 matrices read through `linear` every token (not the small router)."""
-        return [m for w in self.layers for m in (w.q, w.k, w.v, w.o)] + [self.lm_head]
-
     def weight_arrays(self) -> list[np.ndarray]:
         """The mapped dense weights (what the coordinator itself reads per token)."""
         arrays = [self.embed, self.lm_head, self.final_norm]

@@ -288,7 +288,7 @@ class MoeTransformer:
     """Embedding, attention, router and head on the coordinator; experts behind a backend.
 
     A family's model sets cfg (num_hidden_layers, vocab_size, num_experts_per_tok, rms_norm_eps),
-    linear, experts, ops, embed, lm_head, final_norm, layers (each with post_norm), inv_freq and
+    linear, experts, ops, embed, lm_head, final_norm, layers (each with q, k, v, o and post_norm), inv_freq and
     concentration, and defines attention() and route(); the passes over tokens are shared.
     """
 
@@ -296,6 +296,10 @@ class MoeTransformer:
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg)
+
+    def matmul_weights(self) -> list[np.ndarray]:
+        """The big bf16 matrices read through `linear` every token (not the small router)."""
+        return [m for w in self.layers for m in (w.q, w.k, w.v, w.o)] + [self.lm_head]
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True,
                 router_log: list | None = None) -> np.ndarray:

@@ -166,10 +166,6 @@ class Qwen3MoeModel(MoeTransformer):
         self.no_sinks = np.full(cfg.num_attention_heads, NO_SINK, np.float32)
         self.inv_freq, self.concentration = rope_yarn(cfg)
 
-    def matmul_weights(self) -> list[np.ndarray]:
-        """The big bf16 matrices read through `linear` every token (not the small router)."""
-        return [m for w in self.layers for m in (w.q, w.k, w.v, w.o)] + [self.lm_head]
-
     def weight_arrays(self) -> list[np.ndarray]:
         """The mapped dense weights (what the coordinator itself reads per token)."""
         arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
