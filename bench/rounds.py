@@ -32,6 +32,7 @@ from yardstick import cpu_model
 from coordinator import Engine, cluster
 from coordinator import latency as lm
 from coordinator.drafting import DraftParams, NgramDrafter
+from coordinator.models import family_of
 from coordinator.sampling import SamplingParams
 from coordinator.tracing import NULL_TRACER, Tracer
 from expert_node import native
@@ -142,8 +143,8 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(args.model) if args.model else default_model()
     ks = [int(k) for k in args.ks.split(",")]
-    cfg = Checkpoint(folder).config
-    shape = lm.Shape(cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"])
+    es = family_of(Checkpoint(folder)).expert_shape(Checkpoint(folder).config)  # any family's config keys
+    shape = lm.Shape(int(Checkpoint(folder).config["num_hidden_layers"]), es.n_experts, es.top_k, es.hidden)
     n = args.tokens
     print(f"machine: {cpu_model()}, kernel path {native.kernel_path()}, {native.get_threads()} threads; "
           f"model {folder} ({shape.layers} layers); greedy, fast precision, {n} tokens per run")
