@@ -121,18 +121,20 @@ def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
                               f"(Qwen3-MoE as the hub ships it)")
     n_layers = int(ckpt.config["num_hidden_layers"])
     prefixes = [layer_prefix(family.EXPERTS_PREFIX, i) for i in range(n_layers)]
-    out, done = [], set()
+    out, converted = [], set()
     for name in ckpt.tensor_names:
-        if name in done:
-            continue
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None:
             out.append(copied(ckpt, name))
             continue
-        layer = mxfp4_layer(ckpt, prefix, shape.n_experts, shape.hidden, shape.inter)
-        out += layer
-        done |= {f"{prefix}{e}.{proj}.weight" for e in range(shape.n_experts)
-                 for proj in ("gate_proj", "up_proj", "down_proj")}
+        expected = {f"{prefix}{e}.{proj}.weight" for e in range(shape.n_experts)
+                    for proj in ("gate_proj", "up_proj", "down_proj")}
+        if name not in expected:
+            raise CheckpointError(f"{ckpt.where(name)}: tensor '{name}' is not one of the experts' projections "
+                                  f"convert knows ({prefix}{{e}}.gate_proj/up_proj/down_proj.weight)")
+        if prefix not in converted:  # the layer's first expert tensor: its fused MXFP4 tensors go here
+            converted.add(prefix)
+            out += mxfp4_layer(ckpt, prefix, shape.n_experts, shape.hidden, shape.inter)
     config = dict(ckpt.config, quantization_config={"quant_method": "moemesh", "experts": experts,
                                                     "source_experts": shape.format})
     return out, config
