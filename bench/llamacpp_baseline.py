@@ -19,7 +19,11 @@ says why), whose pre-tokenizer llama.cpp's converter does not recognise by hash;
 `python bench/llamacpp_baseline.py convert --llama-dir DIR -m SRC -o OUT.gguf` runs the converter
 with the pre-tokenizer named "qwen2" (nothing else changes), then build `llama-quantize` and quantize
 the experts to the closest 4-bit formats, `llama-quantize OUT.gguf OUT-mxfp4.gguf MXFP4_MOE` (MXFP4
-experts, as `moemesh convert` writes) and `... Q4_0`.
+experts, as `moemesh convert` writes) and `... Q4_0`. On a KVM guest whose AMX llama.cpp cannot use (its
+native build died with SIGILL in ggml_backend_amx_mul_mat on Q8_0 tensors on this project's
+Sapphire Rapids guest), build the baseline without AMX: `-DGGML_NATIVE=OFF -DGGML_AVX=ON
+-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON` (AMX options off).
 For the kernels, configure with -DLLAMA_BUILD_TESTS=ON, build the target test-backend-ops and run
 `python bench/kernels.py --llama-ops build/bin/test-backend-ops` (its perf mode has gpt-oss-20b's
 expert matmul: 4 of 32 MXFP4 experts, 2880 x 2880, for 1 and 512 tokens).
