@@ -241,7 +241,16 @@ def load_engine(args):
     engine = Engine.load(folder, precision=args.precision, experts=experts, dense=args.dense, mmap=not args.no_mmap)
     if args.ctx_size is not None:
         engine.limit_context(args.ctx_size)
+    if args.precision != "reference" and bf16_experts(engine):
+        print(f"moemesh: this checkpoint's experts are bf16 (as the hub ships them), the slow path; "
+              f"`moemesh convert -m {args.model or folder} -o NEW_FOLDER` makes them MXFP4 once", file=sys.stderr)
     return engine
+
+
+def bf16_experts(engine) -> bool:
+    from ..models import family_of
+
+    return family_of(engine.checkpoint).expert_shape(engine.checkpoint.config).format == "bf16"
 
 
 def topology_table(rows: list[dict]) -> str:
