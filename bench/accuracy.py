@@ -106,7 +106,7 @@ def main() -> None:
         return
     if not args.model:
         ap.error("-m/--model is required (or --formats)")
-    prompts = [np.random.default_rng(s).integers(0, 199_998, args.tokens) for s in range(args.prompts)]
+    prompts = [np.random.default_rng(s).integers(0, 150_000, args.tokens) for s in range(args.prompts)]
     exact = [log_softmax(l) for l in map(Engine.load(args.model, "exact").logits, prompts)]
     result = {}
     for name, dense in (("fast", "bf16"), ("fast+q8", "q8")):

@@ -82,7 +82,7 @@ def kill_scenario(folder, runs, work) -> dict:
     identical, stall = 0, 0.0
     try:
         for run in range(runs):
-            prompt, params = rng.integers(0, 199_998, 6).tolist(), SamplingParams(temperature=0.8, seed=run)
+            prompt, params = rng.integers(0, 150_000, 6).tolist(), SamplingParams(temperature=0.8, seed=run)
             expected = [s.token for s in local.stream(prompt, TOKENS, params)]
             victim, kill_at = run % 3, int(rng.integers(1, TOKENS - 2))
             proc = nodes[victim][0]
