@@ -17,7 +17,7 @@ from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExp
 
 from .drafting import DraftParams
 from .generation import ContextLimitError, ConversationCache, Generation, NonFiniteError
-from .models import family_of
+from .models import family_of, layer_experts
 from .models.layers import LayerOps, attention_with_sinks, reference_linear
 from .sampling import SamplingParams
 
@@ -139,7 +139,7 @@ def limit_blas_threads() -> None:
 def make_expert_backend(ckpt: Checkpoint, precision: str) -> ExpertBackend:
     family = family_of(ckpt)
     shape = family.expert_shape(ckpt.config)
-    layers = family.load_layer_experts(ckpt, range(int(ckpt.config["num_hidden_layers"])))
+    layers = layer_experts(ckpt, range(int(ckpt.config["num_hidden_layers"])))
     if precision == "reference":
         return ReferenceExpertBackend(layers, shape)
     return NativeExpertBackend(layers, shape, precision)

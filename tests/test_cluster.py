@@ -12,7 +12,7 @@ import pytest
 
 from support import MOEMESH, TESTS, require_tools
 from coordinator import Engine, cluster
-from coordinator.models import gpt_oss
+from coordinator import models
 from expert_node.checkpoint import Checkpoint
 from expert_node.proto import moemesh_pb2 as pb
 from expert_node.proto import moemesh_pb2_grpc as pb_grpc
@@ -138,9 +138,9 @@ def test_corrupt_weight_chunk_is_rejected_then_refetched(tiny_dir, start_node):
 
     size = LayerExperts.piece_nbytes(shape)
     ref = pb.PieceRef(layer=0, expert=3, nbytes=size, sha256=hashes[(0, 3)])
-    missing = client.stub.Assign(pb.Assignment(model_id="m", spec=gpt_oss.expert_spec(ckpt.config), pieces=[ref])).missing
+    missing = client.stub.Assign(pb.Assignment(model_id="m", spec=models.expert_spec(ckpt), pieces=[ref])).missing
     assert len(missing) == 1
-    layers = gpt_oss.load_layer_experts(ckpt, [0])
+    layers = models.layer_experts(ckpt, [0])
     chunks = list(cluster.piece_chunks(layers, [ref]))
     chunks[0] = pb.WeightChunk(layer=0, expert=3, offset=0, data=chunks[0].data, crc32=zlib.crc32(b"x"))
     reply = client.stub.PushWeights(iter(chunks))

@@ -344,10 +344,10 @@ def test_two_running_nodes_cannot_share_a_cache_folder(start_node, tmp_path):
 ])
 def test_a_spec_the_node_cannot_host_is_refused(tiny_dir, start_node, change, match):
     """The node reads no model config: the assignment's ExpertSpec is all it knows, checked first."""
-    from coordinator.models import gpt_oss
+    from coordinator import models
 
     node = start_node(*NODE)
-    spec = gpt_oss.expert_spec(Checkpoint(tiny_dir).config)
+    spec = models.expert_spec(Checkpoint(tiny_dir))
     for field, value in change.items():
         setattr(spec, field, value)
     client = cluster.NodeClient(node.address, cluster.credentials())

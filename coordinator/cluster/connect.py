@@ -13,7 +13,7 @@ from expert_node.experts import NativeExpertBackend, experts_format
 from expert_node.proto import moemesh_pb2 as pb
 
 from ..generation import PREFILL_CHUNK
-from ..models import family_of
+from ..models import expert_spec, family_of, layer_experts
 from ..placement import Placement, plan_placement, repair_placement
 from .node_client import ClusterError, NodeClient, credentials, measure_rtt, node_capacity
 from .provisioning import Provisioner, model_id, piece_hashes
@@ -82,8 +82,7 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
         creds = credentials()
     if not addresses:
         raise ClusterError("no expert nodes found (start `moemesh node serve` on a device, or pass --node host:port)")
-    family = family_of(ckpt)
-    shape = family.expert_shape(ckpt.config)
+    shape = family_of(ckpt).expert_shape(ckpt.config)
     n_layers = int(ckpt.config["num_hidden_layers"])
     clients, skipped = handshake_all(addresses, creds)
     if not clients:
@@ -119,8 +118,8 @@ def connect(ckpt: Checkpoint, precision: str, addresses: list[str], replicas: in
         if nid not in placement.nodes():
             c.close()
     hashes = piece_hashes(ckpt, shape, n_layers)
-    layers = family.load_layer_experts(ckpt, range(n_layers))
-    provisioner = Provisioner(model_id(ckpt, hashes), family.expert_spec(ckpt.config), piece_bytes, hashes, layers,
+    layers = layer_experts(ckpt, range(n_layers))
+    provisioner = Provisioner(model_id(ckpt, hashes), expert_spec(ckpt), piece_bytes, hashes, layers,
                               progress)
     reports = []
     for node_id in placement.nodes():

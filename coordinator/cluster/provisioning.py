@@ -19,7 +19,7 @@ from expert_node.proto import moemesh_pb2 as pb
 from expert_node.protocol import WEIGHT_CHUNK_BYTES
 from expert_node.store import piece_sha256
 
-from ..models import family_of
+from ..models import layer_experts
 from .node_client import ClusterError, ComputeSession, NodeClient, hosted_pieces
 
 PUSH_ATTEMPTS = 3  # a piece rejected for a bad checksum is sent again this many times
@@ -34,8 +34,7 @@ def piece_hashes(ckpt: Checkpoint, shape: ExpertShape, n_layers: int) -> dict[tu
     path = cache_root() / "piece-hashes" / f"{stamp.hexdigest()[:32]}.json"
     if path.exists():
         return {tuple(map(int, k.split(","))): v for k, v in json.loads(path.read_text()).items()}
-    family = family_of(ckpt)
-    layers = family.load_layer_experts(ckpt, range(n_layers))
+    layers = layer_experts(ckpt, range(n_layers))
     keys = [(l, e) for l in range(n_layers) for e in range(shape.n_experts)]
     with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL on large buffers
         hashes = dict(zip(keys, pool.map(lambda k: piece_sha256(layers[k[0]].piece(k[1])), keys)))
@@ -84,7 +83,7 @@ def push_pieces(client: NodeClient, layers: dict[int, ExpertPieces], missing: li
 class Provisioner:
     """What a node needs to serve its share (used at connect, and again when a node comes back)."""
     model_id: str
-    spec: pb.ExpertSpec  # what the nodes host (the family's expert_spec)
+    spec: pb.ExpertSpec  # what the nodes host (models.expert_spec)
     piece_bytes: int
     hashes: dict
     layers: dict[int, ExpertPieces]  # the coordinator's zero-copy views: the source of pushes

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint, CheckpointError
-from expert_node.experts import ExpertBackend, ExpertShape, LayerExperts
+from expert_node.experts import ExpertBackend, ExpertShape
 
-from .layers import (KVCache, Linear, LayerOps, MoeTransformer, check_layers, expert_spec_for, load_experts,
-                     nonfinite_weights, rope_yarn)
+from .layers import KVCache, Linear, LayerOps, MoeTransformer, check_layers, nonfinite_weights, rope_yarn
 
 MODEL_TYPE = "gpt_oss"
 
-__all__ = ["MODEL_TYPE", "EXPERTS_PREFIX", "GptOssConfig", "GptOssModel", "build_model", "expert_shape", "expert_spec",
-           "load_layer_experts", "nonfinite_weights", "chat_format"]
+__all__ = ["MODEL_TYPE", "EXPERTS_PREFIX", "GptOssConfig", "GptOssModel", "build_model", "expert_shape",
+           "nonfinite_weights", "chat_format"]
 
 
 @dataclass(frozen=True)
@@ -186,16 +185,6 @@ def expert_shape(config: dict) -> ExpertShape:
     cfg = GptOssConfig.from_dict(config)  # a missing or invalid key: a CheckpointError naming it
     return ExpertShape(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.swiglu_limit,
                        top_k=cfg.num_experts_per_tok)
-
-
-def expert_spec(config: dict):
-    """What a node must know to host gpt-oss's experts (it reads no model config): MXFP4 pieces,
-    the clamped SwiGLU, the shapes, and where the experts sit in a checkpoint."""
-    return expert_spec_for(expert_shape(config), int(config["num_hidden_layers"]), EXPERTS_PREFIX)
-
-
-def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, LayerExperts]:
-    return load_experts(ckpt, expert_shape(ckpt.config), EXPERTS_PREFIX, layers)
 
 
 def chat_format(tok):

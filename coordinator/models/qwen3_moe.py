@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint, CheckpointError
-from expert_node.experts import EXPERT_FORMATS, ExpertBackend, ExpertPieces, ExpertShape
+from expert_node.experts import EXPERT_FORMATS, ExpertBackend, ExpertShape
 
-from .layers import (NO_SINK, KVCache, LayerOps, Linear, MoeTransformer, check_layers, expert_spec_for, load_experts,
-                     nonfinite_weights, rope_yarn)
+from .layers import (NO_SINK, KVCache, LayerOps, Linear, MoeTransformer, check_layers, nonfinite_weights,
+                     rope_yarn)
 
 MODEL_TYPE = "qwen3_moe"
 # Where a layer's experts sit in a Qwen3-MoE checkpoint ("{layer}": the layer number); expert e's
@@ -28,7 +28,7 @@ EXPERTS_PREFIX = "model.layers.{layer}.mlp.experts."
 ROPE_TYPES = ("default", "yarn")
 
 __all__ = ["MODEL_TYPE", "EXPERTS_PREFIX", "Qwen3MoeConfig", "Qwen3MoeModel", "build_model", "expert_shape",
-           "expert_spec", "load_layer_experts", "nonfinite_weights", "router_softmax_topk", "chat_format"]
+           "nonfinite_weights", "router_softmax_topk", "chat_format"]
 
 
 @dataclass(frozen=True)
@@ -217,15 +217,6 @@ def expert_shape(config: dict) -> ExpertShape:
     return ExpertShape(cfg.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, swiglu_limit=math.inf,
                        swiglu_alpha=1.0, top_k=cfg.num_experts_per_tok, format=experts_format(config),
                        activation="swiglu")
-
-
-def expert_spec(config: dict):
-    """What a node must know to host Qwen3-MoE's experts: bf16 pieces, the plain SwiGLU, the shapes."""
-    return expert_spec_for(expert_shape(config), int(config["num_hidden_layers"]), EXPERTS_PREFIX)
-
-
-def load_layer_experts(ckpt: Checkpoint, layers: range | list[int]) -> dict[int, ExpertPieces]:
-    return load_experts(ckpt, expert_shape(ckpt.config), EXPERTS_PREFIX, layers)
 
 
 def chat_format(tok):
