@@ -1,16 +1,18 @@
-"""`moemesh convert`: a bf16 checkpoint's experts to a 4-bit format moemesh loads directly.
+"""`moemesh convert`: a bf16 checkpoint's experts to a quantized format moemesh loads directly.
 
 Qwen3-MoE ships bf16 experts, one tensor per expert and projection (~61 GB for 30B-A3B). The
-converter streams them expert by expert into gpt-oss's fused MXFP4 layout (gate and up rows
-interleaved; expert_node.experts.LayerExperts, without biases), so the native MXFP4 kernels and
-nodes serve them, and copies every other tensor as it is. Memory holds one expert's projections
+converter streams them expert by expert into gpt-oss's fused layout (gate and up rows
+interleaved; expert_node.experts.LayerExperts, without biases) in one of expert_node.formats'
+formats — MXFP4, Q4 (int4 per 32 with an fp16 scale) or Q8 — so the native kernels and nodes
+serve them, and copies every other tensor as it is. Memory holds one expert's projections
 and one layer's scales at a time; output is written tensor by tensor into shards with an index,
 as the hub's snapshots are, and config.json records the format in quantization_config
 ({"quant_method": "moemesh", "experts": "mxfp4"}), which the model family reads.
 
-MXFP4's shared power-of-two scale was made for a model trained with it; its cost on a
-bf16-trained model is measured after converting (`accuracy`: mean KL divergence and top-1
-agreement of the next-token distributions against the source on fixed prompts).
+MXFP4's shared power-of-two scale was made for a model trained with it (gpt-oss); a bf16-trained
+model loses less to Q4's finer scale. The cost is measured after converting (`accuracy`: mean KL
+divergence and top-1 agreement of the next-token distributions against the source on fixed
+prompts).
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from expert_node.checkpoint import INDEX_NAME, Checkpoint, CheckpointError
-from expert_node.formats import MXFP4
+from expert_node.formats import QUANT_FORMATS, QuantFormat
 from expert_node.protocol import layer_prefix
 
 from .models import family_of
 from .shards import CHUNK_BYTES, DEFAULT_SHARD_BYTES, write_shards
 
-EXPERT_FORMATS = ("mxfp4",)
+EXPERT_FORMATS = ("mxfp4", "q4", "q8")
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1}
 
 
@@ -58,14 +60,17 @@ def copied(ckpt: Checkpoint, name: str) -> Planned:
     return Planned(name, tuple(shape), dtype, chunks)
 
 
-def mxfp4_layer(ckpt: Checkpoint, prefix: str, n_experts: int, hidden: int, inter: int) -> list[Planned]:
-    """One layer's bf16 experts (prefix + '{e}.gate_proj.weight' ...) as the fused MXFP4 tensors.
+def quantized_layer(ckpt: Checkpoint, prefix: str, quant: QuantFormat, n_experts: int, hidden: int,
+                    inter: int) -> list[Planned]:
+    """One layer's bf16 experts (prefix + '{e}.gate_proj.weight' ...) as the fused tensors of `quant`.
     Blocks stream expert by expert; their scales, made on the way, are written right after."""
     scales: dict[str, list[bytes]] = {"gate_up": [], "down": []}
+    values_dtype = np.int8 if quant.values_dtype == "I8" else np.uint8
+    scales_dtype = np.uint16 if quant.scale_bytes == 2 else np.uint8
 
     def quantized(e: int, which: str) -> np.ndarray:
-        """One expert's fused gate/up or down projection, quantized by the native twin of
-        formats.mxfp4_quantize (the same bytes, tested); its source pages dropped once read."""
+        """One expert's fused gate/up or down projection, quantized by the native twin of the
+        format's numpy quantizer (the same bytes, tested); its source pages dropped once read."""
         from expert_node import native
 
         names = [f"{prefix}{e}.{proj}.weight" for proj in (("gate_proj", "up_proj") if which == "gate_up"
@@ -76,10 +81,11 @@ def mxfp4_layer(ckpt: Checkpoint, prefix: str, n_experts: int, hidden: int, inte
             w[0::2], w[1::2] = sources  # gate even, up odd (reference.split_gate_up)
         else:
             w = sources[0]
-        blocks = np.empty((w.shape[0], w.shape[1] // MXFP4.block_size, MXFP4.block_bytes), np.uint8)
-        s = np.empty((w.shape[0], w.shape[1] // MXFP4.block_size), np.uint8)
+        blocks_shape, scales_shape = quant.packed_shapes(*w.shape)
+        blocks = np.empty(blocks_shape, values_dtype)
+        s = np.empty(scales_shape, scales_dtype)
         try:
-            native.mxfp4_quantize(w, blocks, s)
+            native.quantize(quant.name, w, blocks, s)
         except ValueError as err:  # NaN or Inf in the source
             raise CheckpointError(f"{ckpt.where(names[0])}: {' or '.join(names)}: {err}") from None
         for a in sources:
@@ -102,12 +108,13 @@ def mxfp4_layer(ckpt: Checkpoint, prefix: str, n_experts: int, hidden: int, inte
             scales[which].clear()
         return chunks
 
-    gu_b, gu_s = MXFP4.packed_shapes(2 * inter, hidden)
-    dn_b, dn_s = MXFP4.packed_shapes(hidden, inter)
-    return [Planned(prefix + "gate_up_proj_blocks", (n_experts, *gu_b), "U8", blocks("gate_up")),
-            Planned(prefix + "gate_up_proj_scales", (n_experts, *gu_s), "U8", scale_chunks("gate_up")),
-            Planned(prefix + "down_proj_blocks", (n_experts, *dn_b), "U8", blocks("down")),
-            Planned(prefix + "down_proj_scales", (n_experts, *dn_s), "U8", scale_chunks("down"))]
+    gu_b, gu_s = quant.packed_shapes(2 * inter, hidden)
+    dn_b, dn_s = quant.packed_shapes(hidden, inter)
+    v, sc = quant.values_dtype, quant.scales_dtype
+    return [Planned(prefix + "gate_up_proj_blocks", (n_experts, *gu_b), v, blocks("gate_up")),
+            Planned(prefix + "gate_up_proj_scales", (n_experts, *gu_s), sc, scale_chunks("gate_up")),
+            Planned(prefix + "down_proj_blocks", (n_experts, *dn_b), v, blocks("down")),
+            Planned(prefix + "down_proj_scales", (n_experts, *dn_s), sc, scale_chunks("down"))]
 
 
 def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
@@ -132,9 +139,9 @@ def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
         if name not in expected:
             raise CheckpointError(f"{ckpt.where(name)}: tensor '{name}' is not one of the experts' projections "
                                   f"convert knows ({prefix}{{e}}.gate_proj/up_proj/down_proj.weight)")
-        if prefix not in converted:  # the layer's first expert tensor: its fused MXFP4 tensors go here
+        if prefix not in converted:  # the layer's first expert tensor: its fused tensors go here
             converted.add(prefix)
-            out += mxfp4_layer(ckpt, prefix, shape.n_experts, shape.hidden, shape.inter)
+            out += quantized_layer(ckpt, prefix, QUANT_FORMATS[experts], shape.n_experts, shape.hidden, shape.inter)
     config = dict(ckpt.config, quantization_config={"quant_method": "moemesh", "experts": experts,
                                                     "source_experts": shape.format})
     return out, config

@@ -20,13 +20,16 @@ from typing import Iterator
 
 import numpy as np
 
-from expert_node.checkpoint import f32_to_bf16
-from expert_node.formats import FP4_VALUES, MXFP4
+from expert_node.checkpoint import SAFETENSORS_DTYPES, f32_to_bf16
+from expert_node.formats import FP4_VALUES, MXFP4, QUANT_FORMATS
 
 from . import tokenizer as tokenizer_mod
 from .shards import CHUNK_BYTES, DEFAULT_SHARD_BYTES, write_shards
 
-FP4_RMS = float(np.sqrt(np.mean(np.square(FP4_VALUES))))  # rms of uniformly drawn FP4 codes
+# rms of the values uniformly drawn codes stand for, by format (the scale brings them to a weight's size)
+CODE_RMS = {"mxfp4": float(np.sqrt(np.mean(np.square(FP4_VALUES)))),
+            "q4": float(np.sqrt(np.mean(np.square(np.arange(-8, 8))))),
+            "q8": float(np.sqrt(np.mean(np.square(np.arange(-128, 128)))))}
 
 BASE_CONFIG = {  # openai/gpt-oss-20b config.json (spec/gpt-oss.md §1.1)
     "architectures": ["GptOssForCausalLM"],
@@ -148,12 +151,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def with_mxfp4_experts(cfg: dict) -> dict:
-    """A Qwen3-MoE config whose checkpoint holds MXFP4 experts, as `moemesh convert` writes it
-    (what synth writes when the bf16 experts would not fit the disk)."""
+def with_quantized_experts(cfg: dict, experts: str = "mxfp4") -> dict:
+    """A Qwen3-MoE config whose checkpoint holds quantized experts (mxfp4, q4, q8), as `moemesh
+    convert` writes them (synth writes MXFP4 when the bf16 experts would not fit the disk)."""
     if cfg.get("model_type") != "qwen3_moe":
-        raise ValueError("only Qwen3-MoE presets have bf16 experts to write as MXFP4 (gpt-oss's are MXFP4)")
-    return dict(cfg, quantization_config={"quant_method": "moemesh", "experts": "mxfp4", "source_experts": "bf16"})
+        raise ValueError("only Qwen3-MoE presets have bf16 experts to write quantized (gpt-oss's are MXFP4)")
+    if experts not in QUANT_FORMATS:
+        raise ValueError(f"experts must be one of {', '.join(QUANT_FORMATS)}, got {experts!r}")
+    return dict(cfg, quantization_config={"quant_method": "moemesh", "experts": experts, "source_experts": "bf16"})
 
 
 def make_config(preset: str | None = "gpt-oss-20b", overrides: dict | None = None) -> dict:
@@ -186,7 +191,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * (2 if self.dtype == "BF16" else 1)
+        return int(np.prod(self.shape, dtype=np.int64)) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 def tensor_plan(cfg: dict) -> list[TensorSpec]:
@@ -212,13 +217,17 @@ def qwen3_tensor_plan(cfg: dict) -> list[TensorSpec]:
                  TensorSpec(p + "self_attn.k_norm.weight", (d,), "BF16", "norm"),
                  TensorSpec(p + "post_attention_layernorm.weight", (H,), "BF16", "norm"),
                  TensorSpec(p + "mlp.gate.weight", (E, H), "BF16", "linear", 2.0)]
-        if (cfg.get("quantization_config") or {}).get("experts") == "mxfp4":  # as `moemesh convert` writes them
-            gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
-            dn_b, dn_s = MXFP4.packed_shapes(H, I)
-            plan += [TensorSpec(p + "mlp.experts.gate_up_proj_blocks", (E, *gu_b), "U8", "fp4_codes"),
-                     TensorSpec(p + "mlp.experts.gate_up_proj_scales", (E, *gu_s), "U8", "fp4_scales", 2.0),
-                     TensorSpec(p + "mlp.experts.down_proj_blocks", (E, *dn_b), "U8", "fp4_codes"),
-                     TensorSpec(p + "mlp.experts.down_proj_scales", (E, *dn_s), "U8", "fp4_scales", 1.0)]
+        quantized = (cfg.get("quantization_config") or {}).get("experts")
+        if quantized in QUANT_FORMATS:  # as `moemesh convert` writes them
+            q = QUANT_FORMATS[quantized]
+            gu_b, gu_s = q.packed_shapes(2 * I, H)
+            dn_b, dn_s = q.packed_shapes(H, I)
+            plan += [TensorSpec(p + "mlp.experts.gate_up_proj_blocks", (E, *gu_b), q.values_dtype, f"{q.name}_codes"),
+                     TensorSpec(p + "mlp.experts.gate_up_proj_scales", (E, *gu_s), q.scales_dtype, f"{q.name}_scales",
+                                2.0),
+                     TensorSpec(p + "mlp.experts.down_proj_blocks", (E, *dn_b), q.values_dtype, f"{q.name}_codes"),
+                     TensorSpec(p + "mlp.experts.down_proj_scales", (E, *dn_s), q.scales_dtype, f"{q.name}_scales",
+                                1.0)]
             continue
         for e in range(E):
             q = f"{p}mlp.experts.{e}."
@@ -255,11 +264,11 @@ def gpt_oss_tensor_plan(cfg: dict) -> list[TensorSpec]:
             TensorSpec(p + "post_attention_layernorm.weight", (H,), "BF16", "norm"),
             TensorSpec(p + "mlp.router.weight", (E, H), "BF16", "linear", 2.0),
             TensorSpec(p + "mlp.router.bias", (E,), "BF16", "normal", 0.5),
-            TensorSpec(p + "mlp.experts.gate_up_proj_blocks", (E, *gu_b), "U8", "fp4_codes"),
-            TensorSpec(p + "mlp.experts.gate_up_proj_scales", (E, *gu_s), "U8", "fp4_scales", 4.0 if tiny else 1.0),
+            TensorSpec(p + "mlp.experts.gate_up_proj_blocks", (E, *gu_b), "U8", "mxfp4_codes"),
+            TensorSpec(p + "mlp.experts.gate_up_proj_scales", (E, *gu_s), "U8", "mxfp4_scales", 4.0 if tiny else 1.0),
             TensorSpec(p + "mlp.experts.gate_up_proj_bias", (E, 2 * I), "BF16", "normal", 0.5),
-            TensorSpec(p + "mlp.experts.down_proj_blocks", (E, *dn_b), "U8", "fp4_codes"),
-            TensorSpec(p + "mlp.experts.down_proj_scales", (E, *dn_s), "U8", "fp4_scales", 1.0),
+            TensorSpec(p + "mlp.experts.down_proj_blocks", (E, *dn_b), "U8", "mxfp4_codes"),
+            TensorSpec(p + "mlp.experts.down_proj_scales", (E, *dn_s), "U8", "mxfp4_scales", 1.0),
             TensorSpec(p + "mlp.experts.down_proj_bias", (E, H), "BF16", "normal", 0.2),
         ]
     plan += [TensorSpec("model.norm.weight", (H,), "BF16", "norm"),
@@ -269,13 +278,16 @@ def gpt_oss_tensor_plan(cfg: dict) -> list[TensorSpec]:
 
 def _draw(spec: TensorSpec, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Values for one chunk of a tensor (leading axis sliced), already in storage dtype."""
-    if spec.init == "fp4_codes":
-        return np.frombuffer(rng.bytes(int(np.prod(shape))), np.uint8).reshape(shape)
-    if spec.init == "fp4_scales":
-        # Scale so a row's weights have rms ~ gain / sqrt(fan_in); +-1 exponent of jitter per block.
-        fan_in = shape[-1] * MXFP4.block_size
-        base = 127 + round(math.log2(spec.gain / math.sqrt(fan_in) / FP4_RMS))
-        return (base + rng.integers(-1, 2, size=shape)).astype(np.uint8)
+    if spec.init.endswith("_codes"):  # uniform random codes (MXFP4, Q4) or int8 values (Q8)
+        return np.frombuffer(rng.bytes(int(np.prod(shape))), np.dtype(SAFETENSORS_DTYPES[spec.dtype])).reshape(shape)
+    if spec.init.endswith("_scales"):
+        # Scale so a row's weights have rms ~ gain / sqrt(fan_in); a factor of 2 of jitter per block.
+        q = QUANT_FORMATS[spec.init.removesuffix("_scales")]
+        fan_in = shape[-1] * q.block_size
+        log2 = math.log2(spec.gain / math.sqrt(fan_in) / CODE_RMS[q.name]) + rng.integers(-1, 2, size=shape)
+        if q.name == "mxfp4":
+            return (127 + np.round(log2)).astype(np.uint8)
+        return np.exp2(log2).astype(np.float16).view(np.uint16)
     if spec.init == "norm":
         values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
     elif spec.init == "linear":

@@ -1,6 +1,6 @@
 // The AVX-512 geometry of byte_planes.h's layout, shared by the VNNI kernels (kernels_avx512.cpp)
 // and the AMX tiles (kernels_amx.cpp), which must compute the same sums to the bit: chunks of 16
-// blocks, and the scales of 16 MXFP4 blocks as floats.
+// blocks, and the scales of 16 blocks as floats.
 #pragma once
 #include <immintrin.h>
 
@@ -14,8 +14,7 @@ namespace avx512 {
 
 constexpr int kChunk = 16;
 using planes::plane_byte;
-using planes::Mxfp4OffsetBytes;
-using planes::kMxfp4OffsetBytes;
+using planes::kOffsetBytes;
 // The first n of 16 scale bytes -> 2^(s-127) * 0.5 as floats (s = 0 is the denormal 2^-128 after
 // halving); lanes past n are exact zeros. They must not be denormals: an Intel core takes a
 // microcode assist for every denormal operand, which made whole rows several times slower.
@@ -25,6 +24,11 @@ static inline __m512 half_scales16(int n, const uint8_t* s) {
     const __mmask16 zero = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
     const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), zero & m, _mm512_set1_epi32(0x00400000));
     return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
+}
+
+// The first n of 16 fp16 scales (Q4, Q8; nothing past them read) as floats, the rest zeros.
+static inline __m512 f16_scales16(int n, const uint16_t* s) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1u), s));
 }
 
 }  // namespace avx512

@@ -4,8 +4,8 @@
 // Functions are static or templates: each includer compiles them with its own target flags.
 //
 // Activation codes split into signed bytes, x = 256 * hi + lo (Q16Block::kMax keeps both in
-// [-128, 127]); weights become unsigned bytes with an offset (MXFP4's doubled values + 12, Q8
-// values + 128 where the dot product has no 16-bit intermediate to overflow), whose share,
+// [-128, 127]); weights become unsigned bytes with an offset (MXFP4's doubled values + 12, Q4's
+// codes, Q8 values + 128 where the dot product has no 16-bit intermediate to overflow), whose share,
 // offset * (sum of the block's codes), is taken back out per block. A chunk is kChunk blocks (a
 // row's last one may be shorter); a row's codes are stored chunk by chunk as 16 planes, [hi of
 // planes 0-7 | lo of planes 0-7], each of 4n bytes for a chunk of n blocks: plane 2c + e, bytes
@@ -23,15 +23,17 @@ namespace planes {
 // Byte (plane, k, m) of a chunk of n blocks, planes of 4n bytes.
 inline int plane_byte(int plane, int n, int k, int m) { return plane * 4 * n + 4 * k + m; }
 
-// MXFP4 nibble -> doubled value + kOffset, repeated in every 16 bytes (a pshufb / vpermb table).
-struct alignas(64) Mxfp4OffsetBytes {
-    static constexpr int kOffset = 12;
+// A 4-bit format's code -> its integer + kIntOffset (MXFP4: doubled values + 12; Q4: the code),
+// repeated in every 16 bytes (a pshufb / vpermb table).
+template <typename Format>
+struct alignas(64) OffsetBytes {
     uint8_t values[64];
-    constexpr Mxfp4OffsetBytes() : values{} {
-        for (int i = 0; i < 64; ++i) values[i] = uint8_t(Mxfp4::kDoubled[i & 15] + kOffset);
+    constexpr OffsetBytes() : values{} {
+        for (int i = 0; i < 64; ++i) values[i] = uint8_t(Format::kInts[i & 15] + Format::kIntOffset);
     }
 };
-inline constexpr Mxfp4OffsetBytes kMxfp4OffsetBytes{};
+template <typename Format>
+inline constexpr OffsetBytes<Format> kOffsetBytes{};
 
 inline void split_code(int16_t x, int8_t* hi, int8_t* lo) {
     const int h = (int(x) + 128) >> 8;

@@ -16,8 +16,11 @@ struct Mxfp4 {
     // E2M1 code -> value. Index = 4-bit code (bit3 sign).
     static constexpr float kValues[16] = {+0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                                           -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-    // The same values doubled, as int8: exact integers for int8 dot products (halve afterwards).
-    static constexpr int8_t kDoubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+    // The same values doubled, as int8: exact integers for int8 dot products (halved by int_scale).
+    static constexpr int8_t kInts[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+    // The integers' offset to unsigned bytes (byte_planes.h): 0 .. 24.
+    static constexpr int kIntOffset = 12;
+    using Scale = uint8_t;
 
     // 2^(s - 127), exact for every byte, built from bits (ldexp is a slow libm call in a hot loop):
     // s = 0 is the denormal 2^-127; s = 255 gives +inf, as the references do not special-case it.
@@ -27,6 +30,8 @@ struct Mxfp4 {
         std::memcpy(&f, &bits, 4);
         return f;
     }
+    // A block's factor for its kInts: the scale, halved (kInts are doubled values).
+    static inline float int_scale(uint8_t s) { return scale(s) * 0.5f; }
     // Element 2j of a block is the LOW nibble of byte j, element 2j+1 the HIGH nibble
     // (spec/gpt-oss.md §3.3; this is not ggml's split-halves order).
     static inline void decode_block(const uint8_t* codes, uint8_t scale_byte, float* out) {
@@ -78,12 +83,48 @@ static inline uint16_t f32_to_f16(float f) {
     return uint16_t(sign | (((b + round) >> 13) - (112 << 10)));
 }
 
-// Q8: the optional 8-bit copy of dense bf16 weights (llama.cpp's Q8_0 idea): 32 int8 values per
-// block along the reduction axis with one fp16 scale, w ~ scale * q, |q| <= 127.
+// Q4: 4-bit integers with a finer scale than MXFP4's power of two, for models trained in bf16
+// (llama.cpp's Q4_0 values): 32 codes per block packed as MXFP4's (element 2j the low nibble of
+// byte j), value = (code - 8) * scale, one fp16 scale per block.
+struct Q4 {
+    static constexpr int kBlock = 32;
+    static constexpr int kBlockBytes = 16;
+    static constexpr int kScaleBytes = 2;
+    static constexpr int8_t kInts[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+    static constexpr int kIntOffset = 8;  // the offset bytes are the codes themselves
+    using Scale = uint16_t;
+    static inline float int_scale(uint16_t s) { return f16_to_f32(s); }
+};
+
+// Q8: 32 int8 values per block along the reduction axis with one fp16 scale, w ~ scale * q,
+// |q| <= 127 (llama.cpp's Q8_0 idea): experts converted to 8 bits, and the optional 8-bit copy of
+// dense bf16 weights.
 struct Q8 {
     static constexpr int kBlock = 32;
+    static constexpr int kBlockBytes = 32;
+    static constexpr int kScaleBytes = 2;
     static constexpr float kMax = 127.f;
+    using Scale = uint16_t;
+    static inline float int_scale(uint16_t s) { return f16_to_f32(s); }
 };
+
+// The weight formats the matmul kernels read, as rows of one table (ggml's type traits): a format
+// is its row here plus its kernels in each ISA's KernelTable::formats. Every block holds 32
+// weights along the reduction axis.
+enum class WeightFormat { Mxfp4 = 0, Q4 = 1, Q8 = 2 };
+constexpr int kWeightFormats = 3;
+
+struct FormatInfo {
+    const char* name;
+    int block_bytes;  // packed weight bytes per block
+    int scale_bytes;  // scale bytes per block
+};
+inline constexpr FormatInfo kFormatInfo[kWeightFormats] = {
+    {"mxfp4", Mxfp4::kBlockBytes, Mxfp4::kScaleBytes},
+    {"q4", Q4::kBlockBytes, Q4::kScaleBytes},
+    {"q8", Q8::kBlockBytes, Q8::kScaleBytes},
+};
+inline const FormatInfo& format_info(WeightFormat f) { return kFormatInfo[int(f)]; }
 
 // Activations of the `fast` precision: per-32 symmetric int16 (scale = block max / 32639), so
 // expert dot products run as exact integer sums. int8 blocks (llama.cpp's Q8_0) were measured too

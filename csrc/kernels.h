@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "formats.h"
+
 namespace moemesh {
 
 // Activation rows sharing one pass over a weight row. 4 tokens' activations stay in L1 while a
@@ -47,31 +49,41 @@ struct Q16Row {
     const int32_t* s;
 };
 
-// Tokens per step of a matrix-unit path (AMX: one tile's 16 columns), and the weight formats it
-// packs activations for.
+// Tokens per step of a matrix-unit path (AMX: one tile's 16 columns).
 constexpr int kTileTokens = 16;
-enum class TileFormat { Mxfp4, Q8 };
+
+// One weight format's kernels on one ISA: a cell of the format table (formats.h's kFormatInfo
+// gives the row: block bytes, scale bytes). Weight rows are `values` (packed codes, or int8
+// values) with one scale per 32-block, each as the format stores them.
+struct FormatKernels {
+    // out[t] = sum_k W[k] * x[t][k] over one row of n_blocks blocks (values as stored), fp32
+    // activations (the exact precision).
+    void (*dot_f32)(const uint8_t* values, const uint8_t* scales, int64_t n_blocks, const float* const* x, int n_tok,
+                    float* out);
+    // The same with int16-quantized activations (exact integer sums per block), laid out by
+    // q16_layout; values in weight_layout's order.
+    void (*dot_q16)(const uint8_t* values, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                    float* out);
+    // The order this ISA's dot_q16 reads a row's values in, applied once to a copy (nullptr: as stored).
+    void (*weight_layout)(uint8_t* values, int64_t n_blocks);
+    // Optional (nullptr when absent): a matrix-unit path for many tokens, bit-identical to dot_q16.
+    // out[(g * n_rows + r) * kTileTokens + t] = sum_k W[r][k] * x[g][t][k] for n_rows consecutive
+    // rows and n_groups consecutive groups packed by tile_pack for this format.
+    void (*tile_q16)(const uint8_t* values, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
+                     const int8_t* packed, int64_t n_groups, float* out);
+};
 
 struct KernelTable {
     const char* name;
-    // out[t] = sum_k W[k] * x[t][k], W one MXFP4 row of n_blocks blocks.
-    void (*mxfp4_dot_f32)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
-                          const float* const* x, int n_tok, float* out);
-    // Same with int16-quantized activations (exact integer sums per block), laid out by q16_layout.
-    void (*mxfp4_dot_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
-                          const Q16Row* x, int n_tok, float* out);
-    // Reorders one row of int16 activations in place into the order this ISA's mxfp4_dot_q16
-    // decodes weights in (nullptr: natural element order).
+    // By WeightFormat.
+    FormatKernels formats[kWeightFormats];
+    // Reorders one row of int16 activations in place into the order this ISA's dot_q16 kernels
+    // decode weights in (nullptr: natural element order).
     void (*q16_layout)(int16_t* q, int64_t n_blocks);
     // out[r * n_tok + t] = sum_k W[r][k] * x[t][k], W n_rows consecutive bf16 rows of length n (any
     // n), x laid out by bf16_layout. Each row gets the same bits whatever n_rows is.
     void (*bf16_dot_f32)(const uint16_t* w, int64_t n_rows, int64_t n, const float* const* x, int n_tok,
                          float* out);
-    // out[t] = sum_k W[k] * x[t][k], W one Q8 row (int8 values reordered by q8_layout, fp16 scales).
-    void (*q8_dot_q16)(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
-                       float* out);
-    // The q16_layout permutation applied to a row of Q8 values, once, when the copy is made.
-    void (*q8_layout)(int8_t* w, int64_t n_blocks);
     // Reorders one row of fp32 activations (length n) in place into the order bf16_dot_f32 reads
     // them in (nullptr: natural order).
     void (*bf16_layout)(float* x, int64_t n);
@@ -85,19 +97,11 @@ struct KernelTable {
                          int64_t d, const float* sinks, const int64_t* k_pos, int64_t q_pos, int64_t window,
                          float sqrt_d, float* scores, float* out);
 
-    // Optional (nullptr when absent): a matrix-unit path for many tokens, whose results are
-    // bit-identical to mxfp4_dot_q16's and q8_dot_q16's, so any token may take either.
-    // Bytes of one packed group of kTileTokens tokens' activations over n_blocks blocks.
-    int64_t (*tile_group_bytes)(TileFormat format, int64_t n_blocks);
-    // Packs up to kTileTokens laid-out activation rows (the rest are zeros) for one weight format.
-    void (*tile_pack)(TileFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
-    // out[(g * n_rows + r) * kTileTokens + t] = sum_k W[r][k] * x[g][t][k] for n_rows consecutive
-    // MXFP4 rows and n_groups consecutive packed groups (each weight row is decoded once).
-    void (*mxfp4_tile_q16)(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
-                           const int8_t* packed, int64_t n_groups, float* out);
-    // The same over n_rows consecutive rows of a Q8 copy (q8_layout's layout).
-    void (*q8_tile_q16)(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
-                        const int8_t* packed, int64_t n_groups, float* out);
+    // With any FormatKernels::tile_q16: bytes of one packed group of kTileTokens tokens'
+    // activations over n_blocks blocks, and the packing of up to kTileTokens laid-out activation
+    // rows (the rest are zeros) for one weight format.
+    int64_t (*tile_group_bytes)(WeightFormat format, int64_t n_blocks);
+    void (*tile_pack)(WeightFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
     // The bf16 matmul for many tokens (K a multiple of 32, n_rows of 64): packed groups of
     // kTileTokens fp32 activation rows, out[(g * n_rows + r) * kTileTokens + t]. Its sums are
     // rounded in the matrix unit's order, not bf16_dot_f32's: exact within tolerance, not bit for bit.
@@ -105,6 +109,8 @@ struct KernelTable {
     void (*bf16_tile_pack)(const float* const* x, int n_tok, int64_t K, int8_t* packed);
     void (*bf16_tile_f32)(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups,
                           float* out);
+
+    const FormatKernels& of(WeightFormat f) const { return formats[int(f)]; }
 };
 
 // Rows per step of bf16_tile_f32.

@@ -5,12 +5,11 @@
 // group's weights are decoded once for all its token groups, or just ahead of use for one or two
 // (DecodedRows).
 //
-// The fast path's results are bit-identical to the AVX-512 VNNI kernels' (mxfp4_dot_q16,
-// q8_dot_q16), so a token may take either path: the same sum per block, the same float operations
+// The fast path's results are bit-identical to the AVX-512 VNNI kernels' (their dot_q16), so a token may take either path: the same sum per block, the same float operations
 // on it, accumulated into 16 lanes per output with block b in lane b % 16 in the same order, folded
 // by the same tree. Only the order of the products inside a block differs; exact sums do not care.
 //
-// MXFP4 (AMX-BF16): doubled weights and the codes' hi bytes times 256 and lo bytes are integers
+// MXFP4 and Q4 (AMX-BF16): their integers (doubled weights, codes - 8) and the codes' hi bytes times 256 and lo bytes are integers
 // bf16 holds exactly, and every partial sum of a block stays below 2^24, so TDPBF16PS's fp32
 // accumulation yields the block's exact sum of weights times codes, hi and lo in one C tile,
 // which is what the VNNI kernel converts to float. Q8 (AMX-INT8): its sums can pass 2^24, so
@@ -25,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "avx512_layout.h"
@@ -84,11 +84,12 @@ inline void load_tiles(const uint8_t* a_block, int a_bytes, const int8_t* pb, in
     _tile_loadd(7, pb + b_tile_bytes, 64);
 }
 
-// MXFP4 on AMX-BF16. C tiles 0-1 take even blocks and 2-3 odd ones, so zeroing a block's C tiles
+// 4-bit formats (MXFP4, Q4) on AMX-BF16. C tiles 0-1 take even blocks and 2-3 odd ones, so zeroing a block's C tiles
 // need not wait for the previous block's stores. (Measured: tile and vector work did not overlap
 // on this Sapphire Rapids guest whatever the order; the tiles' time plus the vector epilogue's is
 // what a block costs.)
-struct Mxfp4Bf16 {
+template <typename Format>
+struct NibblesBf16 {
     static constexpr int kABytes = 64;                         // 32 bf16 weights per tile row
     static constexpr int kABlockBytes = kABytes * kRowGroup;   // a block of a row group, decoded
     static constexpr int kBRows = 16;                          // pairs of K
@@ -99,7 +100,7 @@ struct Mxfp4Bf16 {
     const uint8_t* scales;
     int64_t n_blocks, rows_total;
 
-    // Blocks g0 .. g0 + 3 of the row group at r0 as bf16 doubled weights: out[i * kABlockBytes +
+    // Blocks g0 .. g0 + 3 of the row group at r0 as bf16 integers (Format::kInts): out[i * kABlockBytes +
     // r * 64] = block g0 + i of row r (rows past n_rows: 0). A zmm of codes is 4 blocks: nibbles L
     // (low) and H (high) of dword c are planes 2c and 2c + 1, interleaved to L0 H0 L1 H1 L2 H2 L3
     // H3, then widened and looked up as bf16. The next row group's codes are pulled into L2 in step
@@ -109,7 +110,7 @@ struct Mxfp4Bf16 {
             uint16_t bf16[32];
             Table() : bf16{} {
                 for (int i = 0; i < 32; ++i) {
-                    const float v = float(Mxfp4::kDoubled[i & 15]);
+                    const float v = float(Format::kInts[i & 15]);
                     uint32_t bits;
                     std::memcpy(&bits, &v, 4);
                     bf16[i] = uint16_t(bits >> 16);  // small integers: exact
@@ -121,14 +122,14 @@ struct Mxfp4Bf16 {
         const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);  // lanes 2, 3
         const int n_blk = int(std::min<int64_t>(4, n_blocks - g0));
         const __mmask64 m = n_blk == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * n_blk)) - 1;
-        const int64_t row_bytes = n_blocks * Mxfp4::kBlockBytes;
+        const int64_t row_bytes = n_blocks * Format::kBlockBytes;
         const uint8_t* next = blocks + (r0 + kRowGroup) * row_bytes;
         const int64_t next_bytes = std::min<int64_t>(kRowGroup, std::max<int64_t>(0, rows_total - r0 - kRowGroup)) * row_bytes;
         for (int64_t p = g0 * next_bytes / n_blocks / 64 * 64; p < (g0 + n_blk) * next_bytes / n_blocks; p += 64)
             _mm_prefetch(reinterpret_cast<const char*>(next) + p, _MM_HINT_T1);
         for (int r = 0; r < kRowGroup; ++r) {
             __m512i x = _mm512_setzero_si512();
-            if (r < n_rows) x = _mm512_maskz_loadu_epi8(m, blocks + (r0 + r) * row_bytes + g0 * Mxfp4::kBlockBytes);
+            if (r < n_rows) x = _mm512_maskz_loadu_epi8(m, blocks + (r0 + r) * row_bytes + g0 * Format::kBlockBytes);
             const __m512i lo = _mm512_and_si512(x, low), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
             const __m512i u0 = _mm512_unpacklo_epi32(lo, hi), u1 = _mm512_unpackhi_epi32(lo, hi);
             const __m512i b01 = _mm512_permutex2var_epi64(u0, first, u1), b23 = _mm512_permutex2var_epi64(u0, second, u1);
@@ -139,7 +140,10 @@ struct Mxfp4Bf16 {
                                     _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles[i]), table));
         }
     }
-    __m512 scales16(int64_t r, int64_t g0, int n) const { return avx512::half_scales16(n, scales + r * n_blocks + g0); }
+    __m512 scales16(int64_t r, int64_t g0, int n) const {
+        if constexpr (std::is_same_v<Format, Mxfp4>) return avx512::half_scales16(n, scales + r * n_blocks + g0);
+        else return avx512::f16_scales16(n, reinterpret_cast<const uint16_t*>(scales) + r * n_blocks + g0);
+    }
 
     // C tiles of block b: both row tiles, hi*256 and lo products summed in one tile each.
     static void multiply(int64_t b, const uint8_t* a_block, const int8_t* pb) {
@@ -213,7 +217,7 @@ struct Q8Int8 {
     const uint16_t* scales;
     int64_t n_blocks, rows_total;
 
-    // Blocks g0 .. g0 + 3, laid out as Mxfp4Bf16::decode4's. The copy is already offset bytes in
+    // Blocks g0 .. g0 + 3, laid out as NibblesBf16::decode4's. The copy is already offset bytes in
     // plane layout: a block's 8 dwords come from its chunk's planes.
     void decode4(int64_t r0, int n_rows, int64_t g0, uint8_t* out) const {
         const int64_t row_bytes = n_blocks * Q8::kBlock;
@@ -372,24 +376,32 @@ int64_t packed_bytes(int64_t n_blocks) { return n_blocks * Format::kPackedBlockB
 
 }  // namespace
 
-int64_t tile_group_bytes(TileFormat format, int64_t n_blocks) {
-    return format == TileFormat::Mxfp4 ? packed_bytes<Mxfp4Bf16>(n_blocks) : packed_bytes<Q8Int8>(n_blocks);
+// Q4 packs activations as MXFP4 does: both multiply bf16 integers.
+int64_t tile_group_bytes(WeightFormat format, int64_t n_blocks) {
+    return format == WeightFormat::Q8 ? packed_bytes<Q8Int8>(n_blocks) : packed_bytes<NibblesBf16<Mxfp4>>(n_blocks);
 }
 
-void tile_pack(TileFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
+void tile_pack(WeightFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
     std::memset(packed, 0, size_t(tile_group_bytes(format, n_blocks)));
-    if (format == TileFormat::Mxfp4) Mxfp4Bf16::pack(x, n_tok, n_blocks, packed);
-    else Q8Int8::pack(x, n_tok, n_blocks, packed);
+    if (format == WeightFormat::Q8) Q8Int8::pack(x, n_tok, n_blocks, packed);
+    else NibblesBf16<Mxfp4>::pack(x, n_tok, n_blocks, packed);
 }
 
 void mxfp4_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
                     const int8_t* packed, int64_t n_groups, float* out) {
-    tile_matmul(Mxfp4Bf16{blocks, scales, n_blocks, n_rows}, packed, n_groups, out);
+    tile_matmul(NibblesBf16<Mxfp4>{blocks, scales, n_blocks, n_rows}, packed, n_groups, out);
 }
 
-void q8_tile_q16(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
+void q4_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
                  const int8_t* packed, int64_t n_groups, float* out) {
-    tile_matmul(Q8Int8{values, scales, n_blocks, n_rows}, packed, n_groups, out);
+    tile_matmul(NibblesBf16<Q4>{blocks, scales, n_blocks, n_rows}, packed, n_groups, out);
+}
+
+void q8_tile_q16(const uint8_t* values, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
+                 const int8_t* packed, int64_t n_groups, float* out) {
+    tile_matmul(Q8Int8{reinterpret_cast<const int8_t*>(values), reinterpret_cast<const uint16_t*>(scales), n_blocks,
+                       n_rows},
+                packed, n_groups, out);
 }
 
 // The bf16 dense matmul on AMX-BF16. fp32 activations are exactly the sum of three bf16 parts

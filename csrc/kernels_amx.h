@@ -9,11 +9,13 @@
 namespace moemesh {
 namespace amx {
 
-int64_t tile_group_bytes(TileFormat format, int64_t n_blocks);
-void tile_pack(TileFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
+int64_t tile_group_bytes(WeightFormat format, int64_t n_blocks);
+void tile_pack(WeightFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed);
 void mxfp4_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
                     const int8_t* packed, int64_t n_groups, float* out);
-void q8_tile_q16(const int8_t* values, const uint16_t* scales, int64_t n_blocks, int64_t n_rows,
+void q4_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
+                 const int8_t* packed, int64_t n_groups, float* out);
+void q8_tile_q16(const uint8_t* values, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
                  const int8_t* packed, int64_t n_groups, float* out);
 
 int64_t bf16_tile_bytes(int64_t K);

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "attention.h"
 #include "byte_planes.h"
@@ -24,7 +25,6 @@ namespace avx2 {
 namespace {
 
 constexpr int kChunk = 8;
-using planes::Mxfp4OffsetBytes;
 
 // Lanes [0, n) of 8 as a mask for maskload (all of them from 8 on).
 inline __m256i first_lanes(int n) {
@@ -88,15 +88,28 @@ inline __m256 scales8(const uint8_t* s, int n) {
     return _mm256_castsi256_ps(bits);
 }
 
-// MXFP4 rows: blocks k and k + 4 of a chunk share a register (a 128-bit half each), two dword
-// unpacks then give register c lane k = code bytes 4c .. 4c + 3 of block k, and a nibble lookup
-// in each half gives the offset bytes of weight planes 2c (low nibbles) and 2c + 1 (high).
-struct Mxfp4Row {
-    // Each block's exact sum of doubled weights times codes (|sum| <= 32 * 12 * 32639 < 2^24, so
-    // the convert is exact), with the offset's share, 12 * (sum of codes), taken back out.
+// fp16 scales of the first n of 8 blocks (Q4, Q8; nothing past them read), as floats.
+template <bool kFull>
+inline __m256 f16_scales8(const uint16_t* s, int n) {
+    if (kFull) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+    alignas(16) uint16_t tail[kChunk] = {};
+    for (int k = 0; k < n; ++k) tail[k] = s[k];
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+}
+
+// Rows of a 4-bit format (MXFP4, Q4): blocks k and k + 4 of a chunk share a register (a 128-bit
+// half each), two dword unpacks then give register c lane k = code bytes 4c .. 4c + 3 of block k,
+// and a nibble lookup in each half gives the offset bytes of weight planes 2c (low nibbles) and
+// 2c + 1 (high); Q4's offset bytes are its codes, so it needs no lookup.
+template <typename Format>
+struct NibbleRow {
+    static constexpr bool kCodesAreBytes = std::is_same_v<Format, Q4>;
+    // Each block's exact sum of integers times codes (|sum| <= 32 * 12 * 32639 < 2^24, so the
+    // convert is exact), with the offset's share, kIntOffset * (sum of codes), taken back out.
     static __m256 block_sums(__m256i p, __m256i code_sums) {
-        static_assert(Mxfp4OffsetBytes::kOffset == 12, "the share is 8 s + 4 s");
-        const __m256i share = _mm256_add_epi32(_mm256_slli_epi32(code_sums, 3), _mm256_slli_epi32(code_sums, 2));
+        static_assert(Format::kIntOffset == 12 || Format::kIntOffset == 8, "the share is 8 s (+ 4 s)");
+        __m256i share = _mm256_slli_epi32(code_sums, 3);
+        if constexpr (Format::kIntOffset == 12) share = _mm256_add_epi32(share, _mm256_slli_epi32(code_sums, 2));
         return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, share));
     }
     template <bool kFull>
@@ -106,17 +119,19 @@ struct Mxfp4Row {
     const uint8_t* blocks;
     const uint8_t* scales;
 
-    // The doubled weights' factor 2, taken out once per row.
-    static constexpr float kRowFactor = 0.5f;
+    // MXFP4's doubled integers: their factor 2 is taken out once per row.
+    static constexpr float kRowFactor = std::is_same_v<Format, Mxfp4> ? 0.5f : 1.f;
     template <bool kFull>
     __m256 scales8(int n, int64_t g0) const {
-        // The scale stream runs 16x slower than the codes: the same lead in time is 1/16 the bytes.
-        _mm_prefetch(reinterpret_cast<const char*>(scales + g0) + kPrefetchFarBytes / 16, _MM_HINT_T0);
-        return avx2::scales8<kFull>(scales + g0, n);
+        // The scale stream runs 16x (8x) slower than the codes: the same lead in time is 1/16 the bytes.
+        _mm_prefetch(reinterpret_cast<const char*>(scales) + g0 * Format::kScaleBytes +
+                         kPrefetchFarBytes * Format::kScaleBytes / 16, _MM_HINT_T0);
+        if constexpr (std::is_same_v<Format, Mxfp4>) return avx2::scales8<kFull>(scales + g0, n);
+        else return f16_scales8<kFull>(reinterpret_cast<const uint16_t*>(scales) + g0, n);
     }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m256i w[8]) const {
-        const __m128i* codes = reinterpret_cast<const __m128i*>(blocks + g0 * Mxfp4::kBlockBytes);
+        const __m128i* codes = reinterpret_cast<const __m128i*>(blocks + g0 * Format::kBlockBytes);
         x86::prefetch_ahead(codes);
         x86::prefetch_ahead(codes + 4);
         auto block = [&](int k) {  // a row's short last chunk reads zeros past its n blocks
@@ -131,11 +146,12 @@ struct Mxfp4Row {
         const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
         const __m256i r[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
                               _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
-        const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes::kMxfp4OffsetBytes.values));
+        const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes::kOffsetBytes<Format>.values));
         const __m256i low = _mm256_set1_epi8(0x0F);
         for (int c = 0; c < 4; ++c) {
-            w[2 * c] = _mm256_shuffle_epi8(table, _mm256_and_si256(r[c], low));
-            w[2 * c + 1] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(r[c], 4), low));
+            const __m256i lo = _mm256_and_si256(r[c], low), hi = _mm256_and_si256(_mm256_srli_epi16(r[c], 4), low);
+            w[2 * c] = kCodesAreBytes ? lo : _mm256_shuffle_epi8(table, lo);
+            w[2 * c + 1] = kCodesAreBytes ? hi : _mm256_shuffle_epi8(table, hi);
         }
     }
 };
@@ -179,13 +195,7 @@ struct Q8Row {
 
     static constexpr float kRowFactor = 1.f;
     template <bool kFull>
-    __m256 scales8(int n, int64_t g0) const {
-        const __m128i* s = reinterpret_cast<const __m128i*>(scales + g0);
-        if (kFull) return _mm256_cvtph_ps(_mm_loadu_si128(s));
-        alignas(16) uint16_t tail[kChunk] = {};
-        for (int k = 0; k < n; ++k) tail[k] = scales[g0 + k];
-        return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
-    }
+    __m256 scales8(int n, int64_t g0) const { return f16_scales8<kFull>(scales + g0, n); }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m256i w[8]) const {
         const int8_t* v = values + g0 * Q8::kBlock;
@@ -220,37 +230,41 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
 }
 
 void activation_layout(int16_t* q, int64_t n_blocks) { planes::activation_layout<kChunk>(q, n_blocks); }
-void q8_weight_layout(int8_t* w, int64_t n_blocks) { planes::q8_weight_layout<kChunk, Q8Row::kOffset>(w, n_blocks); }
+void q8_weight_layout(uint8_t* w, int64_t n_blocks) {
+    planes::q8_weight_layout<kChunk, Q8Row::kOffset>(reinterpret_cast<int8_t*>(w), n_blocks);
+}
 
-void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
-                   float* out) {
-    const Mxfp4Row row{blocks, scales};
+template <typename Format>
+void nibbles_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                     float* out) {
+    const NibbleRow<Format> row{blocks, scales};
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
-void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok, float* out) {
-    const Q8Row row{w, scales};
+void q8_dot_q16(const uint8_t* w, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok, float* out) {
+    const Q8Row row{reinterpret_cast<const int8_t*>(w), reinterpret_cast<const uint16_t*>(scales)};
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
 // The `exact` path: fp32 activations, one block per step, its 32 weights widened to floats once
 // for every token.
-template <int NT>
-void mxfp4_dot_f32_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* const* x,
-                     float* out) {
+template <typename Format, int NT>
+void blocks_dot_f32_n(const uint8_t* blocks, const uint8_t* scale_bytes, int64_t n_blocks, const float* const* x,
+                       float* out) {
+    const auto* scales = reinterpret_cast<const typename Format::Scale*>(scale_bytes);
     __m256 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
-        x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-        x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
+        x86::prefetch_ahead(blocks + g * Format::kBlockBytes);
+        x86::decode_block_i8<Format>(blocks + g * Format::kBlockBytes, &e0, &e1);
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0));
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8)));
         const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1));
         const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e1, 8)));
-        const __m256 sc = _mm256_set1_ps(Mxfp4::scale(scales[g]) * 0.5f);
+        const __m256 sc = _mm256_set1_ps(Format::int_scale(scales[g]));
         for (int t = 0; t < NT; ++t) {
-            const float* xb = x[t] + g * Mxfp4::kBlock;
+            const float* xb = x[t] + g * Format::kBlock;
             __m256 s = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
             s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), s);
             s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), s);
@@ -261,9 +275,10 @@ void mxfp4_dot_f32_n(const uint8_t* blocks, const uint8_t* scales, int64_t n_blo
     for (int t = 0; t < NT; ++t) out[t] = x86::hsum256(acc[t]);
 }
 
-void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* const* x, int n_tok,
-                   float* out) {
-    with_token_count(n_tok, [&](auto nt) { mxfp4_dot_f32_n<decltype(nt)::value>(blocks, scales, n_blocks, x, out); });
+template <typename Format>
+void blocks_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* const* x, int n_tok,
+                     float* out) {
+    with_token_count(n_tok, [&](auto nt) { blocks_dot_f32_n<Format, decltype(nt)::value>(blocks, scales, n_blocks, x, out); });
 }
 
 // bf16 weights 16 at a time: one load, even elements to fp32 by a shift and odd ones by a mask
@@ -494,8 +509,19 @@ const KernelTable kAvx2VnniKernels =
 #else
 const KernelTable kAvx2Kernels =
 #endif
-    {"avx2", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout, bf16_dot_f32, q8_dot_q16, q8_weight_layout,
-     bf16_activation_layout, softmax_row, attend_group, nullptr, nullptr, nullptr, nullptr,
-     fma_tiles::tile_bytes, fma_tiles::tile_pack, bf16_tile_f32};
+    {"avx2",
+     {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, nullptr},
+      {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, nullptr},
+      {blocks_dot_f32<Q8>, q8_dot_q16, q8_weight_layout, nullptr}},
+     activation_layout,
+     bf16_dot_f32,
+     bf16_activation_layout,
+     softmax_row,
+     attend_group,
+     nullptr,
+     nullptr,
+     fma_tiles::tile_bytes,
+     fma_tiles::tile_pack,
+     bf16_tile_f32};
 
 }  // namespace moemesh

@@ -4,6 +4,7 @@
 // of offset bytes and 8-bit VNNI (vpdpbusd) against activation codes split into bytes.
 #include <immintrin.h>
 
+#include <type_traits>
 
 #include "attention.h"
 #include "avx512_layout.h"
@@ -23,19 +24,21 @@ inline float hsum512(__m512 v) {
     return x86::hsum256(_mm256_add_ps(lo, hi));
 }
 
-void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
-                   const float* const* x, int n_tok, float* out) {
+template <typename Format>
+void blocks_dot_f32(const uint8_t* blocks, const uint8_t* scale_bytes, int64_t n_blocks, const float* const* x,
+                     int n_tok, float* out) {
+    const auto* scales = reinterpret_cast<const typename Format::Scale*>(scale_bytes);
     __m512 acc[kMaxTokens];
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_blocks; ++g) {
         __m128i e0, e1;
-        x86::prefetch_ahead(blocks + g * Mxfp4::kBlockBytes);
-        x86::decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
+        x86::prefetch_ahead(blocks + g * Format::kBlockBytes);
+        x86::decode_block_i8<Format>(blocks + g * Format::kBlockBytes, &e0, &e1);
         const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(e0));
         const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(e1));
-        const __m512 sc = _mm512_set1_ps(Mxfp4::scale(scales[g]) * 0.5f);
+        const __m512 sc = _mm512_set1_ps(Format::int_scale(scales[g]));
         for (int t = 0; t < n_tok; ++t) {
-            const float* xb = x[t] + g * Mxfp4::kBlock;
+            const float* xb = x[t] + g * Format::kBlock;
             const __m512 s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
             acc[t] = _mm512_fmadd_ps(s, sc, acc[t]);
         }
@@ -63,7 +66,9 @@ inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : _
 inline __mmask64 lanes_mask(int n) { return bytes_mask(4 * n); }
 
 void activation_layout(int16_t* q, int64_t n_blocks) { planes::activation_layout<kChunk>(q, n_blocks); }
-void q8_weight_layout(int8_t* w, int64_t n_blocks) { planes::q8_weight_layout<kChunk, 128>(w, n_blocks); }
+void q8_weight_layout(uint8_t* w, int64_t n_blocks) {
+    planes::q8_weight_layout<kChunk, 128>(reinterpret_cast<int8_t*>(w), n_blocks);
+}
 
 // The dword picks of the MXFP4 transpose, built at compile time (with the nibble table built per
 // call, they cost ~100 cycles a row).
@@ -80,43 +85,57 @@ struct alignas(64) Mxfp4Picks {
 };
 constexpr Mxfp4Picks kMxfp4Picks{};
 
-// MXFP4 rows: 4 loads of 4 blocks, a dword transpose (register c, lane k = code bytes 4c..4c+3 of
-// block k), then a nibble lookup in each 128-bit lane gives offset bytes.
-struct Mxfp4Row {
-    // The offset's share comes out in int32, leaving each block's exact sum of doubled weights
-    // times codes (|sum| <= 32 * 12 * 32639 < 2^24, so the convert is exact too): the AMX tiles
-    // reach the same float by multiplying bf16 integers (kernels_amx.cpp).
+// Rows of a 4-bit format (MXFP4, Q4): 4 loads of 4 blocks, a dword transpose (register c, lane k
+// = code bytes 4c..4c+3 of block k), then a nibble lookup in each 128-bit lane gives offset bytes
+// (Q4's offset bytes are its codes: no lookup).
+template <typename Format>
+struct NibbleRow {
+    static constexpr bool kCodesAreBytes = std::is_same_v<Format, Q4>;
+    // The offset's share comes out in int32, leaving each block's exact sum of integers times
+    // codes (|sum| <= 32 * 12 * 32639 < 2^24, so the convert is exact too): the AMX tiles reach
+    // the same float by multiplying bf16 integers (kernels_amx.cpp).
     static __m512 block_sums(__m512i p, __m512i code_sums) {
-        static_assert(avx512::Mxfp4OffsetBytes::kOffset == 12, "the share is 8 s + 4 s");
-        const __m512i share = _mm512_add_epi32(_mm512_slli_epi32(code_sums, 3), _mm512_slli_epi32(code_sums, 2));
+        static_assert(Format::kIntOffset == 12 || Format::kIntOffset == 8, "the share is 8 s (+ 4 s)");
+        __m512i share = _mm512_slli_epi32(code_sums, 3);
+        if constexpr (Format::kIntOffset == 12) share = _mm512_add_epi32(share, _mm512_slli_epi32(code_sums, 2));
         return _mm512_cvtepi32_ps(_mm512_sub_epi32(p, share));
     }
     const uint8_t* blocks;
     const uint8_t* scales;
     __m512i table, pick01, pick23;
 
-    Mxfp4Row(const uint8_t* b, const uint8_t* s)
-        : blocks(b), scales(s), table(_mm512_load_si512(avx512::kMxfp4OffsetBytes.values)),
+    NibbleRow(const uint8_t* b, const uint8_t* s)
+        : blocks(b), scales(s), table(_mm512_load_si512(avx512::kOffsetBytes<Format>.values)),
           pick01(_mm512_load_si512(kMxfp4Picks.pick01)), pick23(_mm512_load_si512(kMxfp4Picks.pick23)) {}
     __m512 scales16(int n, int64_t g0) const {
-        // The scale stream runs 16x slower than the codes: the same lead in time is 1/16 the bytes.
-        _mm_prefetch(reinterpret_cast<const char*>(scales + g0) + kPrefetchFarBytes / 16, _MM_HINT_T0);
-        return avx512::half_scales16(n, scales + g0);
+        // The scale stream runs 16x (8x) slower than the codes: the same lead in time is 1/16 the bytes.
+        _mm_prefetch(reinterpret_cast<const char*>(scales) + g0 * Format::kScaleBytes +
+                         kPrefetchFarBytes * Format::kScaleBytes / 16, _MM_HINT_T0);
+        if constexpr (std::is_same_v<Format, Mxfp4>) return avx512::half_scales16(n, scales + g0);
+        else return avx512::f16_scales16(n, reinterpret_cast<const uint16_t*>(scales) + g0);
     }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m512i w[8]) const {
-        const uint8_t* codes = blocks + g0 * Mxfp4::kBlockBytes;
+        const uint8_t* codes = blocks + g0 * Format::kBlockBytes;
         __m512i a[4];
         for (int j = 0; j < 4; ++j) {
             x86::prefetch_ahead(codes + 64 * j);
             const int in_reg = n - 4 * j < 0 ? 0 : n - 4 * j;  // blocks of a short chunk in register j
             a[j] = kFull ? _mm512_loadu_si512(codes + 64 * j)
-                         : _mm512_maskz_loadu_epi8(bytes_mask(Mxfp4::kBlockBytes * in_reg), codes + 64 * j);
+                         : _mm512_maskz_loadu_epi8(bytes_mask(Format::kBlockBytes * in_reg), codes + 64 * j);
         }
         const __m512i p01 = _mm512_permutex2var_epi32(a[0], pick01, a[1]), p23 = _mm512_permutex2var_epi32(a[0], pick23, a[1]);
         const __m512i q01 = _mm512_permutex2var_epi32(a[2], pick01, a[3]), q23 = _mm512_permutex2var_epi32(a[2], pick23, a[3]);
         const __m512i r[4] = {_mm512_shuffle_i64x2(p01, q01, 0x44), _mm512_shuffle_i64x2(p01, q01, 0xEE),
                               _mm512_shuffle_i64x2(p23, q23, 0x44), _mm512_shuffle_i64x2(p23, q23, 0xEE)};
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        if constexpr (kCodesAreBytes) {
+            for (int c = 0; c < 4; ++c) {
+                w[2 * c] = _mm512_and_si512(r[c], low);
+                w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(r[c], 4), low);
+            }
+            return;
+        }
 #if defined(MOEMESH_VBMI)
         // vpermb reads 6 index bits: the table repeats every 16 entries, so no masking.
         for (int c = 0; c < 4; ++c) {
@@ -124,7 +143,6 @@ struct Mxfp4Row {
             w[2 * c + 1] = _mm512_permutexvar_epi8(_mm512_srli_epi16(r[c], 4), table);
         }
 #else
-        const __m512i low = _mm512_set1_epi8(0x0F);
         for (int c = 0; c < 4; ++c) {
             w[2 * c] = _mm512_shuffle_epi8(table, _mm512_and_si512(r[c], low));
             w[2 * c + 1] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(r[c], 4), low));
@@ -142,9 +160,7 @@ struct Q8Row {
     const int8_t* values;
     const uint16_t* scales;
 
-    __m512 scales16(int n, int64_t g0) const {
-        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), scales + g0));
-    }
+    __m512 scales16(int n, int64_t g0) const { return avx512::f16_scales16(n, scales + g0); }
     template <bool kFull>
     void chunk(int64_t g0, int n, __m512i w[8]) const {
         const int8_t* v = values + g0 * Q8::kBlock;
@@ -195,15 +211,15 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) out[t] = hsum512(acc[t]);
 }
 
-void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
-                   int n_tok, float* out) {
-    const Mxfp4Row row(blocks, scales);
+template <typename Format>
+void nibbles_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                     float* out) {
+    const NibbleRow<Format> row(blocks, scales);
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
-void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
-                float* out) {
-    const Q8Row row{w, scales};
+void q8_dot_q16(const uint8_t* w, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok, float* out) {
+    const Q8Row row{reinterpret_cast<const int8_t*>(w), reinterpret_cast<const uint16_t*>(scales)};
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
@@ -465,17 +481,37 @@ const KernelTable kAvx512VbmiKernels =
 #else
 const KernelTable kAvx512Kernels =
 #endif
-    {"avx512",   mxfp4_dot_f32, mxfp4_dot_q16,   activation_layout,
-     bf16_dot_f32, q8_dot_q16,  q8_weight_layout, bf16_activation_layout, softmax_row, attend_group,
-     nullptr,      nullptr,     nullptr,          nullptr,                fma_tiles::tile_bytes,
-     fma_tiles::tile_pack,      bf16_tile_f32};
+    {"avx512",
+     {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, nullptr},
+      {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, nullptr},
+      {blocks_dot_f32<Q8>, q8_dot_q16, q8_weight_layout, nullptr}},
+     activation_layout,
+     bf16_dot_f32,
+     bf16_activation_layout,
+     softmax_row,
+     attend_group,
+     nullptr,
+     nullptr,
+     fma_tiles::tile_bytes,
+     fma_tiles::tile_pack,
+     bf16_tile_f32};
 
 #if defined(MOEMESH_VBMI) && defined(MOEMESH_AMX)
-const KernelTable kAvx512AmxKernels = {"avx512",         mxfp4_dot_f32,       mxfp4_dot_q16,    activation_layout,
-                                       bf16_dot_f32,     q8_dot_q16,          q8_weight_layout, bf16_activation_layout,
-                                       softmax_row,      attend_group,        amx::tile_group_bytes,
-                                       amx::tile_pack, amx::mxfp4_tile_q16, amx::q8_tile_q16,
-                                       amx::bf16_tile_bytes, amx::bf16_tile_pack, amx::bf16_tile_f32};
+const KernelTable kAvx512AmxKernels = {
+    "avx512",
+    {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, amx::mxfp4_tile_q16},
+     {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, amx::q4_tile_q16},
+     {blocks_dot_f32<Q8>, q8_dot_q16, q8_weight_layout, amx::q8_tile_q16}},
+    activation_layout,
+    bf16_dot_f32,
+    bf16_activation_layout,
+    softmax_row,
+    attend_group,
+    amx::tile_group_bytes,
+    amx::tile_pack,
+    amx::bf16_tile_bytes,
+    amx::bf16_tile_pack,
+    amx::bf16_tile_f32};
 #endif
 
 }  // namespace moemesh

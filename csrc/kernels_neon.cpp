@@ -3,6 +3,7 @@
 #include <arm_neon.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "formats.h"
 #include "kernels.h"
@@ -10,14 +11,21 @@
 namespace moemesh {
 namespace {
 
-// 16 code bytes -> 32 doubled int8 values in element order (e0: elements 0..15, e1: 16..31).
+// A block's 32 integers in element order (e0: elements 0..15, e1: 16..31): Q8's values as
+// stored, a 4-bit format's 16 code bytes through Format::kInts.
+template <typename Format>
 inline void decode_block_i8(const uint8_t* codes, int8x16_t* e0, int8x16_t* e1) {
-    const int8x16_t lut = vld1q_s8(Mxfp4::kDoubled);
-    const uint8x16_t b = vld1q_u8(codes);
-    const int8x16_t even = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F)));
-    const int8x16_t odd = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
-    *e0 = vzip1q_s8(even, odd);
-    *e1 = vzip2q_s8(even, odd);
+    if constexpr (std::is_same_v<Format, Q8>) {  // values as stored
+        *e0 = vld1q_s8(reinterpret_cast<const int8_t*>(codes));
+        *e1 = vld1q_s8(reinterpret_cast<const int8_t*>(codes + 16));
+    } else {
+        const int8x16_t lut = vld1q_s8(Format::kInts);
+        const uint8x16_t b = vld1q_u8(codes);
+        const int8x16_t even = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F)));
+        const int8x16_t odd = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+        *e0 = vzip1q_s8(even, odd);
+        *e1 = vzip2q_s8(even, odd);
+    }
 }
 
 inline float32x4_t widen_i8(int8x8_t v, bool high_half) {
@@ -31,13 +39,15 @@ inline float hsum(float32x4_t v) {
     return vget_lane_f32(p, 0) + vget_lane_f32(p, 1);
 }
 
-void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
-                   const float* const* x, int n_tok, float* out) {
+template <typename Format>
+void blocks_dot_f32(const uint8_t* blocks, const uint8_t* scale_bytes, int64_t n_blocks, const float* const* x,
+                     int n_tok, float* out) {
+    const auto* scales = reinterpret_cast<const typename Format::Scale*>(scale_bytes);
     float32x4_t acc[kMaxTokens];
     for (int t = 0; t < kMaxTokens; ++t) acc[t] = vdupq_n_f32(0.f);
     for (int64_t g = 0; g < n_blocks; ++g) {
         int8x16_t e0, e1;
-        decode_block_i8(blocks + g * Mxfp4::kBlockBytes, &e0, &e1);
+        decode_block_i8<Format>(blocks + g * Format::kBlockBytes, &e0, &e1);
         float32x4_t w[8];
         for (int h = 0; h < 2; ++h) {
             const int8x16_t e = h ? e1 : e0;
@@ -46,9 +56,9 @@ void mxfp4_dot_f32(const uint8_t* blocks, const uint8_t* scales, int64_t n_block
             w[4 * h + 2] = widen_i8(vget_high_s8(e), false);
             w[4 * h + 3] = widen_i8(vget_high_s8(e), true);
         }
-        const float sc = Mxfp4::scale(scales[g]) * 0.5f;
+        const float sc = Format::int_scale(scales[g]);
         for (int t = 0; t < n_tok; ++t) {
-            const float* xb = x[t] + g * Mxfp4::kBlock;
+            const float* xb = x[t] + g * Format::kBlock;
             float32x4_t s = vmulq_f32(w[0], vld1q_f32(xb));
             for (int i = 1; i < 8; ++i) s = vfmaq_f32(s, w[i], vld1q_f32(xb + 4 * i));
             acc[t] = vfmaq_n_f32(acc[t], s, sc);
@@ -83,9 +93,9 @@ void activation_layout(int16_t* q, int64_t n_blocks) {
 }
 
 // A row of Q8 values -> per block [even elements | odd elements], as MXFP4 nibbles decode.
-void q8_weight_layout(int8_t* w, int64_t n_blocks) {
+void q8_weight_layout(uint8_t* w, int64_t n_blocks) {
     for (int64_t g = 0; g < n_blocks; ++g) {
-        int8_t* block = w + g * 32, tmp[32];
+        uint8_t* block = w + g * 32, tmp[32];
         for (int e = 0; e < 32; ++e) tmp[(e % 2) * 16 + e / 2] = block[e];
         std::memcpy(block, tmp, sizeof tmp);
     }
@@ -101,9 +111,10 @@ inline int32x4_t block_partials(int8x16_t even, int8x16_t odd, const int16_t* co
     return vaddq_s32(vshlq_n_s32(hi, 8), lo);
 }
 
-// One MXFP4 block's 32 doubled weights as [even | odd] elements.
-inline void mxfp4_weights(const uint8_t* codes, int8x16_t w[2]) {
-    const int8x16_t lut = vld1q_s8(Mxfp4::kDoubled);
+// One 4-bit block's 32 integers as [even | odd] elements.
+template <typename Format>
+inline void nibble_weights(const uint8_t* codes, int8x16_t w[2]) {
+    const int8x16_t lut = vld1q_s8(Format::kInts);
     const uint8x16_t b = vld1q_u8(codes);
     w[0] = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F)));
     w[1] = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
@@ -122,25 +133,31 @@ inline int32x4_t block_partials(int8x16_t e0, int8x16_t e1, const int16_t* q) {
     return s;
 }
 
-// One MXFP4 block's 32 doubled weights in element order.
-inline void mxfp4_weights(const uint8_t* codes, int8x16_t w[2]) { decode_block_i8(codes, &w[0], &w[1]); }
+// One 4-bit block's 32 integers in element order.
+template <typename Format>
+inline void nibble_weights(const uint8_t* codes, int8x16_t w[2]) { decode_block_i8<Format>(codes, &w[0], &w[1]); }
 #endif
 
-struct Mxfp4Row {
+template <typename Format>
+struct NibbleRow {
     const uint8_t* blocks;
     const uint8_t* scales;
     void weights(int64_t g, int8x16_t w[2]) const {
-        __builtin_prefetch(blocks + g * Mxfp4::kBlockBytes + kPrefetchBytes);
-        mxfp4_weights(blocks + g * Mxfp4::kBlockBytes, w);
+        __builtin_prefetch(blocks + g * Format::kBlockBytes + kPrefetchBytes);
+        nibble_weights<Format>(blocks + g * Format::kBlockBytes, w);
     }
-    float scale(int64_t g) const { return Mxfp4::scale(scales[g]) * 0.5f; }
-    // Four blocks' scale(g + k): 2^(s-127) from bits (s = 0: the denormal 2^-127), halved.
+    float scale(int64_t g) const { return Format::int_scale(reinterpret_cast<const typename Format::Scale*>(scales)[g]); }
+    // Four blocks' scale(g + k).
     float32x4_t scales4(int64_t g) const {
-        uint32_t four;
-        std::memcpy(&four, scales + g, 4);
-        const uint32x4_t e = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(four))));
-        const uint32x4_t bits = vbslq_u32(vceqzq_u32(e), vdupq_n_u32(0x00400000u), vshlq_n_u32(e, 23));
-        return vmulq_n_f32(vreinterpretq_f32_u32(bits), 0.5f);
+        if constexpr (std::is_same_v<Format, Q4>) {
+            return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(scales) + g)));
+        } else {  // 2^(s-127) from bits (s = 0: the denormal 2^-127), halved
+            uint32_t four;
+            std::memcpy(&four, scales + g, 4);
+            const uint32x4_t e = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(four))));
+            const uint32x4_t bits = vbslq_u32(vceqzq_u32(e), vdupq_n_u32(0x00400000u), vshlq_n_u32(e, 23));
+            return vmulq_n_f32(vreinterpretq_f32_u32(bits), 0.5f);
+        }
     }
 };
 
@@ -191,9 +208,10 @@ void dot_q16_n(const Row& row, int64_t n_blocks, const Q16Row* x, float* out) {
     for (int t = 0; t < NT; ++t) out[t] = acc[t];
 }
 
-void mxfp4_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x,
-                   int n_tok, float* out) {
-    const Mxfp4Row row{blocks, scales};
+template <typename Format>
+void nibbles_dot_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
+                     float* out) {
+    const NibbleRow<Format> row{blocks, scales};
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
@@ -216,19 +234,27 @@ void bf16_dot_f32(const uint16_t* w, int64_t n_rows, int64_t n, const float* con
     for (int64_t r = 0; r < n_rows; ++r) bf16_dot_row(w + r * n, n, x, n_tok, out + r * n_tok);
 }
 
-void q8_dot_q16(const int8_t* w, const uint16_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok,
-                float* out) {
-    const Q8Row row{w, scales};
+void q8_dot_q16(const uint8_t* w, const uint8_t* scales, int64_t n_blocks, const Q16Row* x, int n_tok, float* out) {
+    const Q8Row row{reinterpret_cast<const int8_t*>(w), reinterpret_cast<const uint16_t*>(scales)};
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
 }  // namespace
 
 #if defined(MOEMESH_DOTPROD)
-const KernelTable kNeonDotKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, activation_layout,
-                                     bf16_dot_f32, q8_dot_q16,    q8_weight_layout};
+const KernelTable kNeonDotKernels = {"neon",
+                                     {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, nullptr},
+                                      {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, nullptr},
+                                      {blocks_dot_f32<Q8>, q8_dot_q16, q8_weight_layout, nullptr}},
+                                     activation_layout,
+                                     bf16_dot_f32};
 #else
-const KernelTable kNeonKernels = {"neon", mxfp4_dot_f32, mxfp4_dot_q16, nullptr, bf16_dot_f32, q8_dot_q16, nullptr};
+const KernelTable kNeonKernels = {"neon",
+                                  {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, nullptr},
+                                   {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, nullptr},
+                                   {blocks_dot_f32<Q8>, q8_dot_q16, nullptr, nullptr}},
+                                  nullptr,
+                                  bf16_dot_f32};
 #endif
 
 }  // namespace moemesh

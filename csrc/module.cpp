@@ -348,8 +348,30 @@ float py_max_abs(const py::array& a) {
     return max_abs(p, int64_t(a.size()));
 }
 
-// The layout a Q8 copy was made in: values only make sense to kernels of the same layout.
-std::string q8_layout_name(const KernelTable& kt) { return kt.q8_layout ? kt.name : "natural"; }
+WeightFormat parse_format(const std::string& name) {
+    std::string known;
+    for (int f = 0; f < kWeightFormats; ++f) {
+        if (name == kFormatInfo[f].name) return WeightFormat(f);
+        known += (f ? ", " : "") + std::string(kFormatInfo[f].name);
+    }
+    fail("format: '" + name + "' is not one of " + known);
+}
+
+// A format's stored values and scales, checked: values uint8 (int8 for Q8) [..., block bytes],
+// scales uint8 (MXFP4's exponents) or uint16 (fp16) [...].
+const uint8_t* values_ptr(const py::array& a, WeightFormat f, const char* name, std::vector<py::ssize_t> shape) {
+    shape.push_back(format_info(f).block_bytes);
+    if (f == WeightFormat::Q8) return reinterpret_cast<const uint8_t*>(in_ptr<int8_t>(a, name, shape));
+    return in_ptr<uint8_t>(a, name, shape);
+}
+const uint8_t* scales_ptr(const py::array& a, WeightFormat f, const char* name, std::vector<py::ssize_t> shape) {
+    if (format_info(f).scale_bytes == 1) return in_ptr<uint8_t>(a, name, shape);
+    return reinterpret_cast<const uint8_t*>(in_ptr<uint16_t>(a, name, shape));
+}
+
+// The layout a format's values are in for a kernel table: values only make sense to kernels of
+// the same layout.
+std::string layout_name(const KernelTable& kt, WeightFormat f) { return kt.of(f).weight_layout ? kt.name : "natural"; }
 
 py::tuple py_q8_quantize(const py::array& w, const std::optional<std::string>& isa) {
     if (w.ndim() != 2) fail("w: expected shape (N, K), got " + shape_str(w));
@@ -363,22 +385,45 @@ py::tuple py_q8_quantize(const py::array& w, const std::optional<std::string>& i
     uint16_t* sp = scales.mutable_data();
     {
         py::gil_scoped_release nogil;
-        q8_quantize(kt, wp, N, K, vp, sp);
+        q8_copy(kt, wp, N, K, vp, sp);
     }
-    return py::make_tuple(values, scales, q8_layout_name(kt));
+    return py::make_tuple(values, scales, layout_name(kt, WeightFormat::Q8));
 }
 
-void py_mxfp4_quantize(const py::array& w, py::array& blocks, py::array& scales) {
+// bf16 rows -> a format's values and scales as stored in a checkpoint (natural order).
+void py_quantize(const std::string& format, const py::array& w, py::array& values, py::array& scales) {
+    const WeightFormat f = parse_format(format);
     if (w.ndim() != 2) fail("w: expected shape (N, K), got " + shape_str(w));
     const int64_t N = w.shape(0), K = w.shape(1);
-    if (K % Mxfp4::kBlock) fail("w: K = " + std::to_string(K) + " is not a multiple of 32");
+    if (K % 32) fail("w: K = " + std::to_string(K) + " is not a multiple of 32");
     const uint16_t* wp = in_ptr<uint16_t>(w, "w", {N, K});
-    uint8_t* bp = out_ptr<uint8_t>(blocks, "blocks", {N, K / Mxfp4::kBlock, Mxfp4::kBlockBytes});
-    uint8_t* sp = out_ptr<uint8_t>(scales, "scales", {N, K / Mxfp4::kBlock});
+    auto* vp = const_cast<uint8_t*>(values_ptr(values, f, "values", {N, K / 32}));
+    auto* sp = const_cast<uint8_t*>(scales_ptr(scales, f, "scales", {N, K / 32}));
+    if (!values.writeable() || !scales.writeable()) fail("values, scales: must be writeable");
     for (int64_t i = 0; i < N * K; ++i)
         if ((wp[i] & 0x7F80) == 0x7F80) fail("w: contains NaN or Inf at flat index " + std::to_string(i));
     py::gil_scoped_release nogil;
-    mxfp4_quantize(wp, N, K, bp, sp);
+    switch (f) {
+        case WeightFormat::Mxfp4: mxfp4_quantize(wp, N, K, vp, sp); break;
+        case WeightFormat::Q4: q4_quantize(wp, N, K, vp, reinterpret_cast<uint16_t*>(sp)); break;
+        case WeightFormat::Q8: q8_quantize(wp, N, K, reinterpret_cast<int8_t*>(vp), reinterpret_cast<uint16_t*>(sp)); break;
+    }
+}
+
+// Puts a format's values [..., n_blocks, block bytes] in place into the active kernels' order;
+// returns that layout's name.
+std::string py_weight_layout(const std::string& format, py::array& values, const std::optional<std::string>& isa) {
+    const WeightFormat f = parse_format(format);
+    if (values.ndim() < 2) fail("values: expected shape (..., n_blocks, block bytes), got " + shape_str(values));
+    std::vector<py::ssize_t> shape = shape_of(values);
+    shape.pop_back();
+    auto* vp = const_cast<uint8_t*>(values_ptr(values, f, "values", shape));
+    if (!values.writeable()) fail("values: must be writeable");
+    const int64_t n_blocks = values.shape(values.ndim() - 2);
+    const KernelTable& kt = resolve_kernels(isa);
+    py::gil_scoped_release nogil;
+    weight_layout(kt, f, vp, int64_t(values.size()) / (n_blocks * format_info(f).block_bytes), n_blocks);
+    return layout_name(kt, f);
 }
 
 void py_q8_matmul(const py::array& x, const py::array& values, const py::array& scales, const std::string& layout,
@@ -394,38 +439,51 @@ void py_q8_matmul(const py::array& x, const py::array& values, const py::array& 
     check_no_overlap(out, x, "out", "x");
     check_finite(xp, size_t(T * K), "x");
     const KernelTable& kt = resolve_kernels(isa);
-    if (layout != q8_layout_name(kt))
+    if (layout != layout_name(kt, WeightFormat::Q8))
         fail("layout: the copy was made in layout '" + layout + "', the " + kt.name + " kernels read '" +
-             q8_layout_name(kt) + "'");
+             layout_name(kt, WeightFormat::Q8) + "'");
     py::gil_scoped_release nogil;
     q8_matmul(kt, xp, T, K, vp, sp, N, op);
 }
 
 void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::array& gate_up_blocks,
-                    const py::array& gate_up_scales, const py::array& gate_up_bias, const py::array& down_blocks,
-                    const py::array& down_scales, const py::array& down_bias, py::array& out,
-                    const std::string& precision, float swiglu_alpha, float swiglu_limit,
-                    const std::string& activation, const std::optional<std::string>& isa) {
+                    const py::array& gate_up_scales, const std::optional<py::array>& gate_up_bias,
+                    const py::array& down_blocks, const py::array& down_scales,
+                    const std::optional<py::array>& down_bias, py::array& out, const std::string& precision,
+                    float swiglu_alpha, float swiglu_limit, const std::string& activation, const std::string& format,
+                    const std::string& layout, const std::optional<std::string>& isa) {
     if (activation != "swiglu_clamped" && activation != "swiglu")
         fail("activation: '" + activation + "' is not one of swiglu_clamped, swiglu");
+    const WeightFormat f = parse_format(format);
+    const int64_t block_bytes = format_info(f).block_bytes;
     if (x.ndim() != 2) fail("x: expected shape (T, H), got " + shape_str(x));
     if (expert_ids.ndim() != 2) fail("expert_ids: expected shape (T, k), got " + shape_str(expert_ids));
-    if (gate_up_blocks.ndim() != 4) fail("gate_up_blocks: expected shape (E, 2I, H/32, 16), got " + shape_str(gate_up_blocks));
+    if (gate_up_blocks.ndim() != 4)
+        fail("gate_up_blocks: expected shape (E, 2I, H/32, " + std::to_string(block_bytes) + "), got " +
+             shape_str(gate_up_blocks));
     const int64_t T = x.shape(0), H = x.shape(1), k = expert_ids.shape(1);
     const int64_t E = gate_up_blocks.shape(0), I2 = gate_up_blocks.shape(1);
-    if (H % Mxfp4::kBlock) fail("x: hidden size " + std::to_string(H) + " is not a multiple of 32");
-    if (I2 % 2 || (I2 / 2) % Mxfp4::kBlock) fail("gate_up_blocks: 2I = " + std::to_string(I2) + " must be 2 * a multiple of 32");
+    if (H % 32) fail("x: hidden size " + std::to_string(H) + " is not a multiple of 32");
+    if (I2 % 2 || (I2 / 2) % 32) fail("gate_up_blocks: 2I = " + std::to_string(I2) + " must be 2 * a multiple of 32");
     const int64_t I = I2 / 2;
+    const Precision p = parse_precision(precision);
+    const KernelTable& kt = resolve_kernels(isa);
+    // The exact kernels read values as stored, the fast ones in their weight_layout.
+    const std::string expected = p == Precision::Exact ? "natural" : layout_name(kt, f);
+    if (layout != expected)
+        fail("layout: the values are in layout '" + layout + "', the " + kt.name + " kernels read " + format +
+             " values in '" + expected + "' at " + precision + " precision");
     MoeWeights w;
     w.n_experts = E;
     w.hidden = H;
     w.inter = I;
-    w.gate_up_blocks = in_ptr<uint8_t>(gate_up_blocks, "gate_up_blocks", {E, 2 * I, H / 32, 16});
-    w.gate_up_scales = in_ptr<uint8_t>(gate_up_scales, "gate_up_scales", {E, 2 * I, H / 32});
-    w.gate_up_bias = in_ptr<uint16_t>(gate_up_bias, "gate_up_bias", {E, 2 * I});
-    w.down_blocks = in_ptr<uint8_t>(down_blocks, "down_blocks", {E, H, I / 32, 16});
-    w.down_scales = in_ptr<uint8_t>(down_scales, "down_scales", {E, H, I / 32});
-    w.down_bias = in_ptr<uint16_t>(down_bias, "down_bias", {E, H});
+    w.format = f;
+    w.gate_up_values = values_ptr(gate_up_blocks, f, "gate_up_blocks", {E, 2 * I, H / 32});
+    w.gate_up_scales = scales_ptr(gate_up_scales, f, "gate_up_scales", {E, 2 * I, H / 32});
+    w.gate_up_bias = gate_up_bias ? in_ptr<uint16_t>(*gate_up_bias, "gate_up_bias", {E, 2 * I}) : nullptr;
+    w.down_values = values_ptr(down_blocks, f, "down_blocks", {E, H, I / 32});
+    w.down_scales = scales_ptr(down_scales, f, "down_scales", {E, H, I / 32});
+    w.down_bias = down_bias ? in_ptr<uint16_t>(*down_bias, "down_bias", {E, H}) : nullptr;
     w.swiglu_alpha = swiglu_alpha;
     w.swiglu_limit = swiglu_limit;
     w.clamped = activation == "swiglu_clamped";
@@ -438,8 +496,6 @@ void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::a
             fail("expert_ids: id " + std::to_string(ids[i]) + " at flat index " + std::to_string(i) +
                  " is out of range [-1, " + std::to_string(E) + ")");
     check_finite(xp, size_t(T * H), "x");
-    const Precision p = parse_precision(precision);
-    const KernelTable& kt = resolve_kernels(isa);
     py::gil_scoped_release nogil;
     moe_experts(kt, p, w, xp, T, ids, k, op);
 }
@@ -476,8 +532,11 @@ PYBIND11_MODULE(_native, m) {
     m.def("q16_decode", &py_q16_decode, py::arg("data"), py::arg("rows"), py::arg("cols"),
           "q16 wire bytes -> (float32 [rows, cols], largest |value| or inf).");
     m.def("max_abs", &py_max_abs, py::arg("a"), "Largest |value| of a float32 array; inf if any is NaN or Inf.");
-    m.def("mxfp4_quantize", &py_mxfp4_quantize, py::arg("w"), py::arg("blocks"), py::arg("scales"),
-          "bf16 rows [N, K] (uint16) -> MXFP4 blocks [N, K/32, 16] and scales [N, K/32], as formats.mxfp4_quantize");
+    m.def("quantize", &py_quantize, py::arg("format"), py::arg("w"), py::arg("values"), py::arg("scales"),
+          "bf16 rows [N, K] (uint16) -> a format's values [N, K/32, block bytes] and scales [N, K/32] as a "
+          "checkpoint stores them: the bytes of formats.mxfp4_quantize, q4_quantize or q8_quantize.");
+    m.def("weight_layout", &py_weight_layout, py::arg("format"), py::arg("values"), py::arg("isa") = py::none(),
+          "A format's values [..., n_blocks, block bytes] in place into the kernels' order; the layout's name.");
     m.def("q8_quantize", &py_q8_quantize, py::arg("w"), py::arg("isa") = py::none(),
           "The Q8 copy of bf16 w[N, K]: (values int8 [N, K], fp16 scales [N, K/32], layout name).");
     m.def("q8_matmul", &py_q8_matmul, py::arg("x"), py::arg("values"), py::arg("scales"), py::arg("layout"),
@@ -486,8 +545,10 @@ PYBIND11_MODULE(_native, m) {
     m.def("moe_experts", &py_moe_experts, py::arg("x"), py::arg("expert_ids"), py::arg("gate_up_blocks"),
           py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down_blocks"), py::arg("down_scales"),
           py::arg("down_bias"), py::arg("out"), py::arg("precision") = "exact", py::arg("swiglu_alpha") = 1.702f,
-          py::arg("swiglu_limit") = 7.0f, py::arg("activation") = "swiglu_clamped", py::arg("isa") = py::none(),
-          "out[t, slot] = unweighted gpt-oss expert FFN of x[t] for expert_ids[t, slot] (-1 = skip, zeros).");
+          py::arg("swiglu_limit") = 7.0f, py::arg("activation") = "swiglu_clamped", py::arg("format") = "mxfp4",
+          py::arg("layout") = "natural", py::arg("isa") = py::none(),
+          "out[t, slot] = unweighted expert FFN of x[t] for expert_ids[t, slot] (-1 = skip, zeros); weights in "
+          "`format` (values in `layout`, weight_layout's name), biases optional (None: none).");
     m.def("stream_read", [](const py::buffer& buf, bool prefetch) {
         py::buffer_info info = buf.request();
         const auto* p = static_cast<const uint8_t*>(info.ptr);
@@ -514,7 +575,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("park_workers", [] { global_pool().park(); },
           "Idle kernel threads sleep now rather than spin (call before waiting on the network).");
     m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
-    m.def("matrix_tiles", [] { return kernel_table(active_isa())->mxfp4_tile_q16 != nullptr; },
+    m.def("matrix_tiles", [] { return kernel_table(active_isa())->of(WeightFormat::Mxfp4).tile_q16 != nullptr; },
           "Whether the active path multiplies many tokens' experts on matrix tiles (AMX; MOEMESH_AMX=0 turns it off).");
     m.def("kernel_variant", [] { return std::string(table_variant(kernel_table(active_isa()))); },
           "The build of the active path: 'vnni' (AVX2 with AVX-VNNI; MOEMESH_AVXVNNI=0 turns it off), 'vbmi' or "

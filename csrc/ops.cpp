@@ -168,35 +168,47 @@ void store_tile_results(const float* res, int64_t n_tok, int64_t r0, int64_t row
     }
 }
 
+// A matrix in one weight format: rows of n_blocks blocks, values and scales as the format stores them.
+struct QuantRows {
+    const FormatKernels& kernels;
+    const FormatInfo& info;
+    const uint8_t* values;
+    const uint8_t* scales;
+    int64_t n_blocks;
+
+    QuantRows(const KernelTable& kt, WeightFormat f, const uint8_t* v, const uint8_t* s, int64_t nb)
+        : kernels(kt.of(f)), info(format_info(f)), values(v), scales(s), n_blocks(nb) {}
+    const uint8_t* values_of(int64_t r) const { return values + r * n_blocks * info.block_bytes; }
+    const uint8_t* scales_of(int64_t r) const { return scales + r * n_blocks * info.scale_bytes; }
+    int64_t row_bytes() const { return n_blocks * (info.block_bytes + info.scale_bytes); }
+};
+
 // y[out_row(i) * ldy + r] = W[r] . act[in_row(i)] + bias[r] for rows r in [r0, r1) and the listed
 // activation rows: the tiled ones a group at a time, the rest kMaxTokens at a time over all rows.
-void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* scales, int64_t nb,
-                const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
+void quant_rows(const QuantRows& w, const uint16_t* bias, int64_t r0, int64_t r1, const Activations& act,
                 const int64_t* in_rows, const int64_t* out_rows, int64_t n, const TiledRows& tiled, float* y,
                 int64_t ldy) {
     auto bias_of = [&](int64_t r) { return bias ? bf16_to_f32(bias[r]) : 0.f; };
+    const int64_t nb = w.n_blocks;
     if (tiled.n > 0) {
         const int64_t rows = r1 - r0;
         thread_local std::vector<float> res;
         res.resize(size_t(tiled.n_groups() * rows * kTileTokens));
-        kt.mxfp4_tile_q16(blocks + r0 * nb * Mxfp4::kBlockBytes, scales + r0 * nb, nb, rows, tiled.groups,
-                          tiled.n_groups(), res.data());
+        w.kernels.tile_q16(w.values_of(r0), w.scales_of(r0), nb, rows, tiled.groups, tiled.n_groups(), res.data());
         store_tile_results(res.data(), tiled.n, r0, rows, [&](int64_t i) { return out_rows[i]; }, ldy, bias_of, y);
     }
     for (int64_t i0 = tiled.n; i0 < n; i0 += kMaxTokens) {
         const int cnt = int(std::min<int64_t>(kMaxTokens, n - i0));
         for (int64_t r = r0; r < r1; ++r) {
-            const uint8_t* rb = blocks + r * nb * Mxfp4::kBlockBytes;
-            const uint8_t* rs = scales + r * nb;
             float res[kMaxTokens];
             if (act.fast()) {
                 Q16Row xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) xs[j] = act.row(in_rows[i0 + j]);
-                kt.mxfp4_dot_q16(rb, rs, nb, xs, cnt, res);
+                w.kernels.dot_q16(w.values_of(r), w.scales_of(r), nb, xs, cnt, res);
             } else {
                 const float* xs[kMaxTokens];
                 for (int j = 0; j < cnt; ++j) xs[j] = act.f32 + in_rows[i0 + j] * act.ld;
-                kt.mxfp4_dot_f32(rb, rs, nb, xs, cnt, res);
+                w.kernels.dot_f32(w.values_of(r), w.scales_of(r), nb, xs, cnt, res);
             }
             for (int j = 0; j < cnt; ++j) y[out_rows[i0 + j] * ldy + r] = res[j] + bias_of(r);
         }
@@ -204,15 +216,15 @@ void mxfp4_rows(const KernelTable& kt, const uint8_t* blocks, const uint8_t* sca
 }
 
 // Lists of activation rows (one per expert, or one for a dense matmul), each packed for the matrix
-// unit kTileTokens at a time; none when `enabled` is false (no matrix unit, or exact precision).
+// unit kTileTokens at a time; none without the format's matrix-unit kernel or with exact precision.
 class TileGroups {
 public:
-    TileGroups(const KernelTable& kt, TileFormat format, bool enabled, const Activations& act, int64_t nb,
+    TileGroups(const KernelTable& kt, WeightFormat format, const Activations& act, int64_t nb,
                const std::vector<std::vector<int64_t>>& rows_by_expert, std::vector<int8_t>& storage) {
         const size_t E = rows_by_expert.size();
         first_group_.assign(E, 0);
         n_tiled_.assign(E, 0);
-        if (!enabled || !act.fast()) return;
+        if (!kt.of(format).tile_q16 || !act.fast()) return;
         group_bytes_ = kt.tile_group_bytes(format, nb);
         std::vector<std::pair<size_t, int64_t>> jobs;  // (expert, first row of the group)
         for (size_t e = 0; e < E; ++e) {
@@ -367,14 +379,17 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
     if (tiled_tokens > 0 && tiled_rows < N) vector_part(tiled_rows, 0, tiled_tokens);
 }
 
-void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {
+// Largest finite fp16: Q4 and Q8 scales saturate there (formats.py's FP16_MAX).
+constexpr float kF16Max = 65504.f;
+
+void q8_quantize(const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {
     const int64_t nb = K / Q8::kBlock;
     global_pool().parallel_for(N, [&](int64_t r) {
         for (int64_t g = 0; g < nb; ++g) {
             const uint16_t* wb = w + r * K + g * Q8::kBlock;
             float amax = 0.f;
             for (int i = 0; i < Q8::kBlock; ++i) amax = std::max(amax, std::fabs(bf16_to_f32(wb[i])));
-            const uint16_t d16 = f32_to_f16(amax / Q8::kMax);
+            const uint16_t d16 = f32_to_f16(std::min(amax / Q8::kMax, kF16Max));  // saturated
             const float d = f16_to_f32(d16);  // quantize against the scale as stored
             const float id = d > 0.f ? 1.f / d : 0.f;
             for (int i = 0; i < Q8::kBlock; ++i) {
@@ -383,7 +398,44 @@ void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K,
             }
             scales[r * nb + g] = d16;
         }
-        if (kt.q8_layout) kt.q8_layout(values + r * K, nb);
+    });
+}
+
+void q8_copy(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {
+    q8_quantize(w, N, K, values, scales);
+    if (const auto layout = kt.of(WeightFormat::Q8).weight_layout)
+        global_pool().parallel_for(N, [&](int64_t r) { layout(reinterpret_cast<uint8_t*>(values + r * K), K / Q8::kBlock); });
+}
+
+void weight_layout(const KernelTable& kt, WeightFormat f, uint8_t* values, int64_t rows, int64_t n_blocks) {
+    const auto layout = kt.of(f).weight_layout;
+    if (!layout) return;
+    const int64_t row_bytes = n_blocks * format_info(f).block_bytes;
+    global_pool().parallel_for(rows, [&](int64_t r) { layout(values + r * row_bytes, n_blocks); });
+}
+
+void q4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint16_t* scales) {
+    const int64_t nb = K / Q4::kBlock;
+    global_pool().parallel_for(N, [&](int64_t r) {
+        for (int64_t g = 0; g < nb; ++g) {
+            const uint16_t* wb = w + r * K + g * Q4::kBlock;
+            float extreme = 0.f;  // the value of largest magnitude, the first on ties
+            for (int i = 0; i < Q4::kBlock; ++i)
+                if (std::fabs(bf16_to_f32(wb[i])) > std::fabs(extreme)) extreme = bf16_to_f32(wb[i]);
+            const uint16_t d16 = f32_to_f16(std::max(-kF16Max, std::min(kF16Max, extreme / -8.f)));  // saturated
+            const float d = f16_to_f32(d16);  // quantize against the scale as stored
+            const float id = d != 0.f ? 1.f / d : 0.f;
+            uint8_t* out = blocks + (r * nb + g) * Q4::kBlockBytes;
+            for (int i = 0; i < Q4::kBlock; i += 2) {
+                uint8_t code[2];
+                for (int j = 0; j < 2; ++j) {
+                    const float q = round_half_even(bf16_to_f32(wb[i + j]) * id) + 8.f;
+                    code[j] = uint8_t(std::max(0.f, std::min(15.f, q)));
+                }
+                out[i / 2] = uint8_t(code[0] | (code[1] << 4));
+            }
+            scales[r * nb + g] = d16;
+        }
     });
 }
 
@@ -435,21 +487,23 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
     thread_local std::vector<int8_t> tile_storage;
     const Activations act(kt, Precision::Fast, x, T, K, scratch_tl);
     const int64_t nb = K / Q8::kBlock;
+    const QuantRows w(kt, WeightFormat::Q8, reinterpret_cast<const uint8_t*>(values),
+                      reinterpret_cast<const uint8_t*>(scales), nb);
     std::vector<std::vector<int64_t>> all_rows(1, std::vector<int64_t>(size_t(T)));
     for (int64_t t = 0; t < T; ++t) all_rows[0][size_t(t)] = t;
-    const TileGroups tiles(kt, TileFormat::Q8, kt.q8_tile_q16 != nullptr, act, nb, all_rows, tile_storage);
+    const TileGroups tiles(kt, WeightFormat::Q8, act, nb, all_rows, tile_storage);
     const TiledRows tiled = tiles.of(0);
     if (tiled.n > 0)
         dense_tile_rows(N, tiled, [&](int64_t r0, int64_t n, float* res) {
-            kt.q8_tile_q16(values + r0 * K, scales + r0 * nb, nb, n, tiled.groups, tiled.n_groups(), res);
+            w.kernels.tile_q16(w.values_of(r0), w.scales_of(r0), nb, n, tiled.groups, tiled.n_groups(), res);
         }, [](int64_t) { return 0.f; }, N, y);
     const int64_t t_rest = tiled.n;
-    for_rows_and_token_passes(N, T - t_rest, K + nb * 2, [&](int64_t r0, int64_t r1, int64_t i0, int cnt) {
+    for_rows_and_token_passes(N, T - t_rest, w.row_bytes(), [&](int64_t r0, int64_t r1, int64_t i0, int cnt) {
         Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
         for (int j = 0; j < cnt; ++j) xs[j] = act.row(t_rest + i0 + j);
         for (int64_t r = r0; r < r1; ++r) {
-            kt.q8_dot_q16(values + r * K, scales + r * nb, nb, xs, cnt, res);
+            w.kernels.dot_q16(w.values_of(r), w.scales_of(r), nb, xs, cnt, res);
             for (int j = 0; j < cnt; ++j) y[(t_rest + i0 + j) * N + r] = res[j];
         }
     });
@@ -494,7 +548,9 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     for (int64_t e = 0; e < E; ++e)
         for (int64_t a : by_expert[size_t(e)]) tokens_by_expert[size_t(e)].push_back(token_of[size_t(a)]);
 
-    const int64_t nb1 = H / Mxfp4::kBlock, nb2 = I / Mxfp4::kBlock;
+    const int64_t nb1 = H / 32, nb2 = I / 32;
+    const QuantRows gate_up_rows(kt, w.format, w.gate_up_values, w.gate_up_scales, nb1);
+    const QuantRows down_rows(kt, w.format, w.down_values, w.down_scales, nb2);
     // This thread's buffers, by reference: a thread_local named inside the lambdas below would be
     // each worker's own, empty one.
     struct MoeScratch {
@@ -507,15 +563,21 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     std::vector<float>& h = scratch.h;
     std::vector<float>& act = scratch.act;
     h.resize(static_cast<size_t>(A * 2 * I));
+    // An expert's rows in one projection: r rows from its first.
+    auto expert_rows = [](const QuantRows& rows, int64_t first) {
+        QuantRows out = rows;
+        out.values = rows.values_of(first);
+        out.scales = rows.scales_of(first);
+        return out;
+    };
     {
         Activations xa(kt, precision, x, T, H, scratch.x);
-        const TileGroups tiles(kt, TileFormat::Mxfp4, kt.mxfp4_tile_q16 != nullptr, xa, nb1, tokens_by_expert, scratch.tiles);
+        const TileGroups tiles(kt, w.format, xa, nb1, tokens_by_expert, scratch.tiles);
         run_tasks(make_tasks(2 * I), !tiles.any(), [&](const Task& t, int64_t r0, int64_t r1) {
             const auto& as = by_expert[size_t(t.expert)];
-            mxfp4_rows(kt, w.gate_up_blocks + t.expert * 2 * I * nb1 * Mxfp4::kBlockBytes,
-                       w.gate_up_scales + t.expert * 2 * I * nb1, nb1, w.gate_up_bias + t.expert * 2 * I,
-                       r0, r1, xa, tokens_by_expert[size_t(t.expert)].data(), as.data(),
-                       int64_t(as.size()), tiles.of(t.expert), h.data(), 2 * I);
+            quant_rows(expert_rows(gate_up_rows, t.expert * 2 * I), w.gate_up_bias ? w.gate_up_bias + t.expert * 2 * I : nullptr,
+                       r0, r1, xa, tokens_by_expert[size_t(t.expert)].data(), as.data(), int64_t(as.size()),
+                       tiles.of(t.expert), h.data(), 2 * I);
         });
     }
     act.resize(static_cast<size_t>(A * I));
@@ -524,11 +586,10 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     });
     {
         Activations aa(kt, precision, act.data(), A, I, scratch.act_q);
-        const TileGroups tiles(kt, TileFormat::Mxfp4, kt.mxfp4_tile_q16 != nullptr, aa, nb2, by_expert, scratch.tiles);
+        const TileGroups tiles(kt, w.format, aa, nb2, by_expert, scratch.tiles);
         run_tasks(make_tasks(H), !tiles.any(), [&](const Task& t, int64_t r0, int64_t r1) {
             const auto& as = by_expert[size_t(t.expert)];
-            mxfp4_rows(kt, w.down_blocks + t.expert * H * nb2 * Mxfp4::kBlockBytes,
-                       w.down_scales + t.expert * H * nb2, nb2, w.down_bias + t.expert * H, r0, r1,
+            quant_rows(expert_rows(down_rows, t.expert * H), w.down_bias ? w.down_bias + t.expert * H : nullptr, r0, r1,
                        aa, as.data(), as.data(), int64_t(as.size()), tiles.of(t.expert), out, H);
         });
     }

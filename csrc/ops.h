@@ -1,4 +1,4 @@
-// Layer-level operations built from the per-ISA primitives: matmuls over MXFP4 and bf16 weights and
+// Layer-level operations built from the per-ISA primitives: matmuls over quantized and bf16 weights and
 // the fused MoE expert FFN. Buffers in, buffers out: no Python, no files, no configs.
 // Callers (module.cpp) have already validated every shape and index.
 #pragma once
@@ -29,11 +29,17 @@ void mxfp4_dequant(const uint8_t* blocks, const uint8_t* scales, int64_t rows, i
 void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const uint16_t* w,
                  int64_t N, const uint16_t* bias, float* y);
 
-// The Q8 copy of a bf16 matrix W[N, K] (K a multiple of 32): values [N, K] int8 in this ISA's
-// q8_layout, scales [N, K/32] fp16. Made once at load.
-void q8_quantize(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales);
+// bf16 rows [N, K] (K a multiple of 32) -> Q8 values [N, K] int8 and fp16 scales [N, K/32], as
+// formats.q8_quantize; q8_copy then puts the values in this ISA's layout (the dense 8-bit copy).
+void q8_quantize(const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales);
+void q8_copy(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales);
 // bf16 rows [N, K] -> MXFP4 blocks [N, K/32, 16] and scales [N, K/32], as formats.mxfp4_quantize.
 void mxfp4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint8_t* scales);
+// bf16 rows [N, K] -> Q4 blocks [N, K/32, 16] and fp16 scales [N, K/32], as formats.q4_quantize.
+void q4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint16_t* scales);
+// Puts `rows` rows of a format's stored values in the order this ISA's kernels read (in place;
+// nothing to do for most formats).
+void weight_layout(const KernelTable& kt, WeightFormat f, uint8_t* values, int64_t rows, int64_t n_blocks);
 
 // y[T, N] = x[T, K] . W[N, K]^T over a Q8 copy, activations as int16 blocks (the fast precision).
 void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
@@ -41,12 +47,13 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
 
 struct MoeWeights {
     int64_t n_experts, hidden, inter;  // E, H, I  (gate_up has 2I rows over H, down has H rows over I)
-    const uint8_t* gate_up_blocks;     // [E, 2I, H/32, 16]
-    const uint8_t* gate_up_scales;     // [E, 2I, H/32]
-    const uint16_t* gate_up_bias;      // [E, 2I] bf16, rows interleaved gate/up
-    const uint8_t* down_blocks;        // [E, H, I/32, 16]
-    const uint8_t* down_scales;        // [E, H, I/32]
-    const uint16_t* down_bias;         // [E, H] bf16
+    WeightFormat format;               // of both projections (values in weight_layout's order)
+    const uint8_t* gate_up_values;     // [E, 2I, H/32, block bytes]
+    const uint8_t* gate_up_scales;     // [E, 2I, H/32] scales
+    const uint16_t* gate_up_bias;      // [E, 2I] bf16, rows interleaved gate/up; null: none
+    const uint8_t* down_values;        // [E, H, I/32, block bytes]
+    const uint8_t* down_scales;        // [E, H, I/32] scales
+    const uint16_t* down_bias;         // [E, H] bf16; null: none
     float swiglu_alpha, swiglu_limit;
     bool clamped = true;  // gpt-oss's clamped SwiGLU (alpha, limit, up + 1); false: the plain silu(gate) * up
 };

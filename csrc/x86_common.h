@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "formats.h"
 #include "kernels.h"
@@ -12,16 +13,23 @@
 namespace moemesh {
 namespace x86 {
 
-// 16 code bytes -> the block's 32 doubled int8 values in element order: e0 = elements 0..15,
-// e1 = 16..31 (low nibble = even element, high nibble = odd element).
+// A block's 32 integers in element order, e0 = elements 0..15, e1 = 16..31: Q8's values as
+// stored (natural order), a 4-bit format's (MXFP4, Q4) 16 code bytes through Format::kInts (low
+// nibble = even element, high nibble = odd element).
+template <typename Format>
 static inline void decode_block_i8(const uint8_t* codes, __m128i* e0, __m128i* e1) {
-    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Mxfp4::kDoubled));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-    const __m128i even = _mm_shuffle_epi8(lut, _mm_and_si128(b, m));
-    const __m128i odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    *e0 = _mm_unpacklo_epi8(even, odd);
-    *e1 = _mm_unpackhi_epi8(even, odd);
+    if constexpr (std::is_same_v<Format, Q8>) {
+        *e0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+        *e1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16));
+    } else {
+        const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Format::kInts));
+        const __m128i m = _mm_set1_epi8(0x0F);
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+        const __m128i even = _mm_shuffle_epi8(lut, _mm_and_si128(b, m));
+        const __m128i odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), m));
+        *e0 = _mm_unpacklo_epi8(even, odd);
+        *e1 = _mm_unpackhi_epi8(even, odd);
+    }
 }
 
 // The near prefetch into L1, the far one into L2 (distances and why: kernels.h).

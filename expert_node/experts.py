@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from . import reference
 from .checkpoint import Checkpoint, bf16_to_f32
-from .formats import ACTIVATION_DTYPE, MXFP4
+from .formats import ACTIVATION_DTYPE, MXFP4, Q4, Q8, QuantFormat
 
 SWIGLU_ALPHA = reference.SWIGLU_ALPHA
 
@@ -104,15 +105,18 @@ class ExpertPieces:
 
 @dataclass(frozen=True)
 class LayerExperts(ExpertPieces):
-    """MXFP4 experts in gpt-oss's Hugging Face layout (gate and up rows interleaved in one fused
+    """Quantized experts in gpt-oss's Hugging Face layout (gate and up rows interleaved in one fused
     tensor, with biases; `moemesh convert` writes other models' experts the same way, without
-    biases): views zero-copy from a checkpoint, or compact copies a node hosts."""
+    biases): views zero-copy from a checkpoint, or compact copies a node hosts. MXFP4 here; the
+    subclasses below are the other formats of expert_node.formats (QUANT), tensors named alike."""
 
-    gate_up_blocks: np.ndarray  # [E, 2I, H/32, 16] u8
-    gate_up_scales: np.ndarray  # [E, 2I, H/32] u8
+    QUANT: ClassVar[QuantFormat] = MXFP4
+
+    gate_up_blocks: np.ndarray  # [E, 2I, H/32, block bytes] (MXFP4, Q4: u8 codes; Q8: i8 values)
+    gate_up_scales: np.ndarray  # [E, 2I, H/32] (MXFP4: u8 exponents; Q4, Q8: fp16 bits as u16)
     gate_up_bias: np.ndarray  # [E, 2I] bf16 as u16
-    down_blocks: np.ndarray  # [E, H, I/32, 16] u8
-    down_scales: np.ndarray  # [E, H, I/32] u8
+    down_blocks: np.ndarray  # [E, H, I/32, block bytes]
+    down_scales: np.ndarray  # [E, H, I/32]
     down_bias: np.ndarray  # [E, H] bf16 as u16
 
     @classmethod
@@ -120,52 +124,89 @@ class LayerExperts(ExpertPieces):
         """One layer's experts, whose tensors are named prefix + gate_up_proj_blocks etc. (the
         model family, or a node's assignment, says where a layer's experts sit)."""
         E, H, I = shape.n_experts, shape.hidden, shape.inter
-        p = prefix
-        gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
-        dn_b, dn_s = MXFP4.packed_shapes(H, I)
+        p, q = prefix, cls.QUANT
+        gu_b, gu_s = q.packed_shapes(2 * I, H)
+        dn_b, dn_s = q.packed_shapes(H, I)
+
+        def scales(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            a = ckpt.tensor(p + name, shape, (q.scales_dtype,))
+            return a.view(np.uint16) if q.scale_bytes == 2 else a  # fp16 scales: the kernels take their bits
 
         def bias(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            """A model without expert biases (Qwen3-MoE converted to MXFP4) has none: zeros."""
+            """A model without expert biases (Qwen3-MoE converted) has none: zeros."""
             if p + name in ckpt.tensor_names:
                 return ckpt.tensor(p + name, shape, ("BF16",))
             return np.zeros(shape, np.uint16)
         return cls(
-            ckpt.tensor(p + "gate_up_proj_blocks", (E, *gu_b), ("U8",)),
-            ckpt.tensor(p + "gate_up_proj_scales", (E, *gu_s), ("U8",)),
+            ckpt.tensor(p + "gate_up_proj_blocks", (E, *gu_b), (q.values_dtype,)),
+            scales("gate_up_proj_scales", (E, *gu_s)),
             bias("gate_up_proj_bias", (E, 2 * I)),
-            ckpt.tensor(p + "down_proj_blocks", (E, *dn_b), ("U8",)),
-            ckpt.tensor(p + "down_proj_scales", (E, *dn_s), ("U8",)),
+            ckpt.tensor(p + "down_proj_blocks", (E, *dn_b), (q.values_dtype,)),
+            scales("down_proj_scales", (E, *dn_s)),
             bias("down_proj_bias", (E, H)),
         )
 
     FIELDS = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
 
-    @staticmethod
-    def piece_layout(shape: "ExpertShape") -> list[tuple[tuple[int, ...], np.dtype]]:
+    @classmethod
+    def piece_layout(cls, shape: "ExpertShape") -> list[tuple[tuple[int, ...], np.dtype]]:
         """(shape, dtype) of each array in a piece."""
-        H, I = shape.hidden, shape.inter
-        gu_b, gu_s = MXFP4.packed_shapes(2 * I, H)
-        dn_b, dn_s = MXFP4.packed_shapes(H, I)
-        u8, u16 = np.dtype(np.uint8), np.dtype("<u2")
-        return [(gu_b, u8), (gu_s, u8), ((2 * I,), u16), (dn_b, u8), (dn_s, u8), ((H,), u16)]
+        H, I, q = shape.hidden, shape.inter, cls.QUANT
+        gu_b, gu_s = q.packed_shapes(2 * I, H)
+        dn_b, dn_s = q.packed_shapes(H, I)
+        values = np.dtype(np.int8) if q.values_dtype == "I8" else np.dtype(np.uint8)
+        scales = np.dtype("<u2") if q.scale_bytes == 2 else np.dtype(np.uint8)
+        u16 = np.dtype("<u2")
+        return [(gu_b, values), (gu_s, scales), ((2 * I,), u16), (dn_b, values), (dn_s, scales), ((H,), u16)]
 
     def float_weights(self, expert: int) -> tuple[np.ndarray, ...]:
-        w1 = MXFP4.dequant(self.gate_up_blocks[expert], self.gate_up_scales[expert])
+        w1 = self.QUANT.dequant(self.gate_up_blocks[expert], self.gate_up_scales[expert])
         b1 = bf16_to_f32(self.gate_up_bias[expert])
         gate, up = reference.split_gate_up(w1.T)
         b_gate, b_up = reference.split_gate_up(b1)
-        return (gate.T, up.T, b_gate, b_up, MXFP4.dequant(self.down_blocks[expert], self.down_scales[expert]),
+        return (gate.T, up.T, b_gate, b_up, self.QUANT.dequant(self.down_blocks[expert], self.down_scales[expert]),
                 bf16_to_f32(self.down_bias[expert]))
 
+    def native_values(self, native, precision: str) -> tuple[np.ndarray, np.ndarray, str]:
+        """(gate_up values, down values, their layout) as the active kernels read them."""
+        return self.gate_up_blocks, self.down_blocks, "natural"
+
     def run_native(self, native, shape, x, expert_ids, precision):
-        """One call into the fused MXFP4 kernels."""
+        """One call into the fused expert kernels of the format."""
         out = np.empty(expert_ids.shape + (x.shape[1],), np.float32)
+        gate_up, down, layout = self.native_values(native, precision)
         native.moe_experts(
             np.ascontiguousarray(x, np.float32), np.ascontiguousarray(expert_ids, np.int32),
-            self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias, self.down_blocks, self.down_scales,
+            gate_up, self.gate_up_scales, self.gate_up_bias, down, self.down_scales,
             self.down_bias, out, precision=precision, swiglu_alpha=shape.swiglu_alpha, swiglu_limit=shape.swiglu_limit,
-            activation=shape.activation)
+            activation=shape.activation, format=self.QUANT.name, layout=layout)
         return out
+
+
+@dataclass(frozen=True)
+class Q4LayerExperts(LayerExperts):
+    """Q4 experts (int4 per 32 with an fp16 scale: `moemesh convert --experts q4`)."""
+    QUANT: ClassVar[QuantFormat] = Q4
+
+
+@dataclass(frozen=True)
+class Q8LayerExperts(LayerExperts):
+    """Q8 experts (int8 per 32 with an fp16 scale: `moemesh convert --experts q8`). The fast
+    kernels on x86 and dot-product NEON read a chunk's values in an order of their own: the first
+    fast run makes that copy of the values and keeps it (twice the memory of the other formats:
+    the price of the format that is for accuracy, not size). Exact runs read them as stored."""
+    QUANT: ClassVar[QuantFormat] = Q8
+
+    def native_values(self, native, precision: str) -> tuple[np.ndarray, np.ndarray, str]:
+        if precision != "fast":
+            return self.gate_up_blocks, self.down_blocks, "natural"
+        laid_out = self.__dict__.get("_laid_out")
+        if laid_out is None or laid_out[2] != native.active_isa():
+            copies = [np.array(v) for v in (self.gate_up_blocks, self.down_blocks)]
+            layout = [native.weight_layout("q8", c) for c in copies][0]
+            laid_out = (*copies, native.active_isa(), layout)
+            object.__setattr__(self, "_laid_out", laid_out)  # a cache: the dataclass's fields stay as they are
+        return laid_out[0], laid_out[1], laid_out[3]
 
 
 @dataclass(frozen=True)
@@ -220,7 +261,8 @@ class Bf16LayerExperts(ExpertPieces):
 
 
 # Expert formats by the name an ExpertSpec carries.
-EXPERT_FORMATS: dict[str, type[ExpertPieces]] = {"mxfp4": LayerExperts, "bf16": Bf16LayerExperts}
+EXPERT_FORMATS: dict[str, type[ExpertPieces]] = {
+    "mxfp4": LayerExperts, "q4": Q4LayerExperts, "q8": Q8LayerExperts, "bf16": Bf16LayerExperts}
 
 
 def experts_format(shape: ExpertShape) -> type[ExpertPieces]:

@@ -1,7 +1,8 @@
-"""Quantized weight formats as a table: one QuantFormat record per format.
+"""Quantized weight formats as a table: one QuantFormat record per format (csrc/formats.h holds
+the native side's rows: block geometry, and each ISA's kernels per format).
 
-Adding a format = one row here, one reference decode function, one native kernel; parametrised
-tests iterate over QUANT_FORMATS. The numpy decode functions are the spec the kernels are tested
+Adding a format = one row here, its reference encode and decode functions, its native kernels;
+parametrised tests iterate over QUANT_FORMATS. The numpy decode functions are the spec the kernels are tested
 against. Not here: which tensors use which format (the model family decides).
 """
 from __future__ import annotations
@@ -89,6 +90,58 @@ def q16_dequantize(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (blocks * d[..., None]).reshape(q.shape)
 
 
+FP16_MAX = np.float32(65504.0)  # Q4 and Q8 scales saturate here (weights beyond 8 or 127 times it clip)
+
+
+def fp16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits).view("<f2").astype(np.float32)
+
+
+def q4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., K] (K % 32 == 0, finite) -> Q4 blocks [..., K/32, 16] u8 and fp16 scales [..., K/32]
+    (as uint16 bits): llama.cpp's Q4_0 values in MXFP4's nibble order.
+
+    A block's scale is its value of largest magnitude (the first on ties) over -8, rounded to fp16
+    (saturated at fp16's largest), so that value lands on code 0 (-8) and the rest use the 16
+    steps; codes are round-half-even of w / scale (the fp16 scale, as stored) plus 8, clipped to
+    0..15.
+    """
+    blocks = w.astype(np.float32).reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    at = np.abs(blocks).argmax(axis=-1)
+    extreme = np.take_along_axis(blocks, at[..., None], axis=-1)[..., 0]
+    d16 = np.clip(extreme / np.float32(-8.0), -FP16_MAX, FP16_MAX).astype(np.float16)
+    d = d16.astype(np.float32)
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
+    codes = np.clip(np.rint(blocks * inv[..., None]) + np.float32(8.0), 0, 15).astype(np.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8), d16.view(np.uint16)
+
+
+def q4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q4 blocks [..., G, 16] u8 and fp16 scales [..., G] (uint16 bits) -> float32 [..., G*32], exactly."""
+    values = mxfp4_unpack_codes(blocks).astype(np.float32) - np.float32(8.0)
+    out = values * fp16_bits_to_f32(scales)[..., None]
+    return out.reshape(out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
+
+
+def q8_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., K] (K % 32 == 0, finite) -> Q8 values [..., K/32, 32] int8 and fp16 scales [..., K/32]
+    (uint16 bits), llama.cpp's Q8_0: scale = block max magnitude / 127 rounded to fp16 (saturated), values
+    w / scale rounded half away from zero (the native quantizer's lround), clipped to +-127."""
+    blocks = w.astype(np.float32).reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    d16 = np.minimum(np.abs(blocks).max(axis=-1) / np.float32(127.0), FP16_MAX).astype(np.float16)
+    d = d16.astype(np.float32)
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
+    v = (blocks * inv[..., None]).astype(np.float64)  # exact: the half-away rounding below is too
+    values = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int8)
+    return values, d16.view(np.uint16)
+
+
+def q8_dequant(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q8 values [..., G, 32] int8 and fp16 scales [..., G] (uint16 bits) -> float32 [..., G*32], exactly."""
+    out = values.astype(np.float32) * fp16_bits_to_f32(scales)[..., None]
+    return out.reshape(out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
+
+
 @dataclass(frozen=True)
 class QuantFormat:
     name: str
@@ -96,6 +149,9 @@ class QuantFormat:
     block_bytes: int  # packed bytes per block
     scale_bytes: int  # scale bytes per block
     dequant: Callable[[np.ndarray, np.ndarray], np.ndarray]  # numpy reference decode
+    quantize: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # numpy reference encode
+    values_dtype: str  # safetensors dtype of the blocks tensor (numpy: checkpoint.SAFETENSORS_DTYPES)
+    scales_dtype: str  # ... and of the scales tensor; F16 scales are handled as their uint16 bits
 
     def packed_shapes(self, rows: int, cols: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
         """Shapes of the blocks and scales tensors for a [rows, cols] weight matrix."""
@@ -103,5 +159,7 @@ class QuantFormat:
         return (rows, groups, self.block_bytes), (rows, groups)
 
 
-MXFP4 = QuantFormat("mxfp4", block_size=32, block_bytes=16, scale_bytes=1, dequant=mxfp4_dequant)
-QUANT_FORMATS: dict[str, QuantFormat] = {f.name: f for f in (MXFP4,)}
+MXFP4 = QuantFormat("mxfp4", 32, 16, 1, mxfp4_dequant, mxfp4_quantize, "U8", "U8")
+Q4 = QuantFormat("q4", 32, 16, 2, q4_dequant, q4_quantize, "U8", "F16")
+Q8 = QuantFormat("q8", 32, 32, 2, q8_dequant, q8_quantize, "I8", "F16")
+QUANT_FORMATS: dict[str, QuantFormat] = {f.name: f for f in (MXFP4, Q4, Q8)}

@@ -19,7 +19,6 @@ try:
         max_abs,
         moe_experts,
         mxfp4_dequant,
-        mxfp4_quantize,
         park_workers,
         q16_decode,
         q16_dequantize,
@@ -28,12 +27,14 @@ try:
         q16_round,
         q8_matmul,
         q8_quantize,
+        quantize,
         rmsnorm,
         rope_rotate,
         router_topk,
         set_threads,
         stream_read,
         stream_triad,
+        weight_layout,
     )
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError(f"moemesh native kernels are not built ({e}); run `pip install .` in the repository") from e

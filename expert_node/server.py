@@ -118,7 +118,7 @@ class RequestTooLarge(WireError):
 
 # What this node computes (format, activation): MXFP4 experts with gpt-oss's clamped SwiGLU or the
 # plain one (Qwen3-MoE converted by `moemesh convert`), bf16 experts with the plain one (Qwen3-MoE).
-SERVED = (("mxfp4", "swiglu_clamped"), ("mxfp4", "swiglu"), ("bf16", "swiglu"))
+SERVED = (("mxfp4", "swiglu_clamped"), ("mxfp4", "swiglu"), ("q4", "swiglu"), ("q8", "swiglu"), ("bf16", "swiglu"))
 
 
 def spec_problem(spec: pb.ExpertSpec) -> str | None:

@@ -1,5 +1,5 @@
-"""`moemesh convert` and the MXFP4 quantizer it uses: bf16 Qwen3-MoE experts to gpt-oss's fused
-MXFP4 layout, loaded directly by the engine, the native kernels (plain SwiGLU) and the nodes."""
+"""`moemesh convert` and the quantizers it uses: bf16 Qwen3-MoE experts to gpt-oss's fused layout in
+MXFP4, Q4 or Q8, loaded directly by the engine, the native kernels (plain SwiGLU) and the nodes."""
 import json
 import subprocess
 
@@ -10,7 +10,7 @@ from support import MOEMESH, TESTS
 from coordinator import Engine, cluster
 from coordinator.convert import convert
 from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
-from expert_node.formats import FP4_VALUES, mxfp4_dequant, mxfp4_quantize
+from expert_node.formats import FP4_VALUES, QUANT_FORMATS, mxfp4_dequant, mxfp4_quantize
 
 
 def brute_force_mxfp4(w: np.ndarray) -> np.ndarray:
@@ -39,45 +39,33 @@ def test_mxfp4_quantize_is_the_nearest_value_with_the_smallest_scale():
     np.testing.assert_array_equal(mxfp4_dequant(blocks, scales), brute_force_mxfp4(w))
 
 
-def test_native_mxfp4_quantize_gives_the_references_bytes():
-    from expert_node import native
-    from expert_node.checkpoint import f32_to_bf16
-
-    rng = np.random.default_rng(1)
-    w = f32_to_bf16((rng.standard_normal((37, 256)) * np.exp2(rng.integers(-130, 100, (37, 1)))).astype(np.float32))
-    w[0, :32] = 0
-    w[1, :8] = f32_to_bf16(np.array([0.25, -0.75, 1.25, -1.75, 2.5, 3.5, 5.0, -6.0], np.float32))
-    blocks, scales = np.empty((37, 8, 16), np.uint8), np.empty((37, 8), np.uint8)
-    native.mxfp4_quantize(w, blocks, scales)
-    ref_blocks, ref_scales = mxfp4_quantize(bf16_to_f32(w))
-    np.testing.assert_array_equal(scales, ref_scales)
-    np.testing.assert_array_equal(blocks, ref_blocks)
-    w[3, 5] = 0x7FC0  # NaN
-    with pytest.raises(ValueError, match="NaN or Inf at flat index 773"):
-        native.mxfp4_quantize(w, blocks, scales)
-
-
-@pytest.fixture(scope="module")
-def converted(qwen3_dir, tmp_path_factory):
-    return convert(qwen3_dir, tmp_path_factory.mktemp("qwen3-mxfp4") / "out", "mxfp4", max_shard_bytes=8_000_000,
-                   progress=False)
+@pytest.fixture(scope="module", params=list(QUANT_FORMATS))
+def converted(request, qwen3_dir, tmp_path_factory):
+    return convert(qwen3_dir, tmp_path_factory.mktemp(f"qwen3-{request.param}") / "out", request.param,
+                   max_shard_bytes=8_000_000, progress=False)
 
 
 def test_converted_experts_are_the_quantized_source_and_the_rest_is_copied(qwen3_dir, converted):
     src, out = Checkpoint(qwen3_dir), Checkpoint(converted)
-    assert out.config["quantization_config"] == {"quant_method": "moemesh", "experts": "mxfp4",
+    fmt = QUANT_FORMATS[out.config["quantization_config"]["experts"]]
+    assert out.config["quantization_config"] == {"quant_method": "moemesh", "experts": fmt.name,
                                                  "source_experts": "bf16"}
     assert len(set(out._where.values())) > 1  # sharded, with an index
     p = "model.layers.2.mlp.experts."
+
+    def stored(name: str) -> np.ndarray:  # fp16 scales compare as their bits
+        a = out.tensor(name)
+        return a.view(np.uint16) if a.dtype == np.float16 else a
     for e in (0, 7):
         gate, up = (bf16_to_f32(src.tensor(f"{p}{e}.{w}.weight")) for w in ("gate_proj", "up_proj"))
         fused = np.empty((2 * gate.shape[0], gate.shape[1]), np.float32)
         fused[0::2], fused[1::2] = gate, up
-        blocks, scales = mxfp4_quantize(fused)
-        np.testing.assert_array_equal(out.tensor(p + "gate_up_proj_blocks")[e], blocks)
-        np.testing.assert_array_equal(out.tensor(p + "gate_up_proj_scales")[e], scales)
-        blocks, scales = mxfp4_quantize(bf16_to_f32(src.tensor(f"{p}{e}.down_proj.weight")))
-        np.testing.assert_array_equal(out.tensor(p + "down_proj_blocks")[e], blocks)
+        blocks, scales = fmt.quantize(fused)
+        np.testing.assert_array_equal(stored(p + "gate_up_proj_blocks")[e], blocks)
+        np.testing.assert_array_equal(stored(p + "gate_up_proj_scales")[e], scales)
+        blocks, scales = fmt.quantize(bf16_to_f32(src.tensor(f"{p}{e}.down_proj.weight")))
+        np.testing.assert_array_equal(stored(p + "down_proj_blocks")[e], blocks)
+        np.testing.assert_array_equal(stored(p + "down_proj_scales")[e], scales)
     for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_norm.weight", "lm_head.weight"):
         np.testing.assert_array_equal(out.tensor(name), src.tensor(name))
     assert not any(".experts.0." in n for n in out.tensor_names)

@@ -13,7 +13,7 @@ import pytest
 from coordinator.models.layers import reference_linear
 from expert_node import native
 from expert_node.checkpoint import f32_to_bf16
-from expert_node.experts import ExpertShape, LayerExperts, ReferenceExpertBackend
+from expert_node.experts import EXPERT_FORMATS, ExpertShape, LayerExperts, ReferenceExpertBackend
 
 ISAS = native.available_isas()
 TOL = {"exact": 2e-5, "fast": 2e-4}
@@ -53,6 +53,62 @@ def test_moe_experts_match_reference(isa, precision, T, activation):
     ids = np.stack([rng.choice([0, 2, 3], 2, replace=False) for _ in range(T)]).astype(np.int32)  # 1, 4 unused
     ref = ReferenceExpertBackend({0: w}, shape).run(0, x, ids)
     assert_close(run_native(w, shape, x, ids, precision, isa), ref, TOL[precision])
+
+
+def random_quantized_experts(rng, fmt, E=5, H=640, I=544):
+    """Q4 or Q8 experts with random codes and fp16 scales sized for unit-scale outputs (no biases)."""
+    cls = EXPERT_FORMATS[fmt]
+    q = cls.QUANT
+    scales = lambda *s: np.exp2(rng.uniform(-7, -4, s) - (4 if fmt == "q8" else 0)).astype(np.float16).view(np.uint16)  # noqa: E731
+    values = lambda *s: rng.integers(-127, 128, (*s, 32), dtype=np.int8) if fmt == "q8" else \
+        rng.integers(0, 256, (*s, 16), dtype=np.uint8)  # noqa: E731
+    w = cls(values(E, 2 * I, H // 32), scales(E, 2 * I, H // 32), np.zeros((E, 2 * I), np.uint16),
+            values(E, H, I // 32), scales(E, H, I // 32), np.zeros((E, H), np.uint16))
+    assert w.gate_up_blocks.shape[-1] == q.block_bytes
+    return w, ExpertShape(E, H, I, 7.0, format=fmt, activation="swiglu")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("T", [1, 7, 40])
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_quantized_experts_match_reference(isa, precision, T, fmt):
+    """Q4 and Q8 experts (what `moemesh convert` writes for bf16-trained models) on every path:
+    Q8's fast kernels read values put in their own order first (weight_layout), exact ones as stored."""
+    rng = np.random.default_rng(T)
+    w, shape = random_quantized_experts(rng, fmt)
+    x = rng.standard_normal((T, shape.hidden)).astype(np.float32)
+    ids = np.stack([rng.choice([0, 2, 3], 2, replace=False) for _ in range(T)]).astype(np.int32)
+    ref = ReferenceExpertBackend({0: w}, shape).run(0, x, ids)
+    gate_up, down, layout = w.gate_up_blocks, w.down_blocks, "natural"
+    if precision == "fast":
+        gate_up, down = gate_up.copy(), down.copy()
+        layout = native.weight_layout(fmt, gate_up, isa=isa)
+        assert native.weight_layout(fmt, down, isa=isa) == layout
+    out = np.empty(ids.shape + (x.shape[1],), np.float32)
+    native.moe_experts(x, ids, gate_up, w.gate_up_scales, None, down, w.down_scales, None, out,
+                       precision=precision, activation="swiglu", format=fmt, layout=layout, isa=isa)
+    assert_close(out, ref, TOL[precision])
+
+
+def test_quantized_experts_refuse_values_in_another_layout():
+    rng = np.random.default_rng(0)
+    w, shape = random_quantized_experts(rng, "q8", E=2, H=64, I=64)
+    x = np.ones((1, 64), np.float32)
+    out = np.empty((1, 1, 64), np.float32)
+    args = (x, np.zeros((1, 1), np.int32), w.gate_up_blocks, w.gate_up_scales, None, w.down_blocks, w.down_scales,
+            None, out)
+    if native.weight_layout("q8", w.gate_up_blocks.copy()) != "natural":
+        with pytest.raises(ValueError, match="layout: the values are in layout 'natural'"):
+            native.moe_experts(*args, precision="fast", activation="swiglu", format="q8")
+    with pytest.raises(ValueError, match="gate_up_blocks: expected dtype int8"):
+        native.moe_experts(x, np.zeros((1, 1), np.int32), w.gate_up_blocks.view(np.uint8), *args[3:],
+                           activation="swiglu", format="q8")
+    with pytest.raises(ValueError, match="gate_up_scales: expected dtype uint16"):
+        native.moe_experts(x, np.zeros((1, 1), np.int32), w.gate_up_blocks, w.gate_up_scales.view(np.uint8)[..., ::2].copy(),
+                           *args[4:], activation="swiglu", format="q8")
+    with pytest.raises(ValueError, match="format: 'q5' is not one of mxfp4, q4, q8"):
+        native.moe_experts(*args, activation="swiglu", format="q5")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -43,7 +43,7 @@ def test_qwen3_30b_a3b_plan_matches_the_published_sizes():
     assert shapes["model.layers.47.mlp.experts.127.down_proj.weight"] == ((2048, 768), "BF16")
     assert shapes["model.layers.0.self_attn.q_norm.weight"] == ((128,), "BF16")
     assert shapes["model.layers.0.mlp.gate.weight"] == ((128, 2048), "BF16")
-    mx = synth.tensor_plan(synth.with_mxfp4_experts(cfg))
+    mx = synth.tensor_plan(synth.with_quantized_experts(cfg))
     assert {t.name: t.shape for t in mx}["model.layers.3.mlp.experts.gate_up_proj_blocks"] == (128, 1536, 64, 16)
     assert sum(t.nbytes for t in mx) == 18_483_671_040
 
@@ -51,7 +51,7 @@ def test_qwen3_30b_a3b_plan_matches_the_published_sizes():
 def test_qwen3_with_mxfp4_experts_loads_and_its_kernels_match_the_reference(tmp_path):
     from coordinator import Engine
 
-    folder = synth.write_checkpoint(tmp_path, synth.with_mxfp4_experts(synth.make_config("qwen3-tiny")), seed=5,
+    folder = synth.write_checkpoint(tmp_path, synth.with_quantized_experts(synth.make_config("qwen3-tiny")), seed=5,
                                     progress=False)
     ids = np.arange(500, 530)
     ref = Engine.load(folder, precision="reference").logits(ids)

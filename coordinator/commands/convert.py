@@ -1,11 +1,11 @@
-"""`moemesh convert`: a bf16 checkpoint's experts to 4-bit, streamed tensor by tensor."""
+"""`moemesh convert`: a bf16 checkpoint's experts to 4 or 8 bits, streamed tensor by tensor."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-NAME, HELP = "convert", "convert a bf16 checkpoint's experts (Qwen3-MoE) to 4-bit MXFP4, with its accuracy cost"
+NAME, HELP = "convert", "convert a bf16 checkpoint's experts (Qwen3-MoE) to MXFP4, Q4 or Q8, with its accuracy cost"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "in the local Hugging Face cache) with bf16 experts")
     p.add_argument("-o", "--out", required=True, help="the new folder to write")
     p.add_argument("--experts", choices=EXPERT_FORMATS, default="mxfp4",
-                   help="the experts' format: mxfp4 (4.25 bits a weight, the native kernels' format)")
+                   help="the experts' format: mxfp4 (4.25 bits a weight: FP4 values, a power-of-two scale per 32), "
+                        "q4 (4.5 bits: int4 with an fp16 scale per 32, as llama.cpp's Q4_0; closer to a bf16-trained "
+                        "model) or q8 (8.5 bits: int8 per 32, as Q8_0)")
     p.add_argument("--dense", choices=("bf16",), default="bf16",
                    help="dense matrices are copied as bf16 (an 8-bit copy is made at load: --dense q8 on chat, "
                         "serve, generate)")

@@ -19,9 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="largest shard size")
-    p.add_argument("--experts", choices=("bf16", "mxfp4"),
+    p.add_argument("--experts", choices=("bf16", "mxfp4", "q4", "q8"),
                    help="Qwen3-MoE presets: the experts as the hub ships them (bf16) or as `moemesh convert` writes "
-                        "them (mxfp4) (default: bf16 when it fits the disk, else mxfp4)")
+                        "them (mxfp4, q4, q8) (default: bf16 when it fits the disk, else mxfp4)")
     p.add_argument("--dry-run", action="store_true", help="print the tensor plan's totals, write nothing")
 
 
@@ -40,12 +40,12 @@ def main(args) -> int:
     if cfg.get("model_type") == "qwen3_moe" and args.experts != "bf16":
         needed = sum(t.nbytes for t in synth.tensor_plan(cfg))
         free = shutil.disk_usage(next(p for p in Path(args.out or ".").resolve().parents if p.exists())).free
-        if args.experts == "mxfp4" or needed > 0.95 * free:
+        if args.experts is not None or needed > 0.95 * free:
             if args.experts is None:
                 print(f"moemesh synth: bf16 experts need {needed / 1e9:.1f} GB, the disk has {free / 1e9:.1f} GB "
                       "free: writing MXFP4 experts (as `moemesh convert` would)", file=sys.stderr)
-            cfg = synth.with_mxfp4_experts(cfg)
-    elif args.experts == "mxfp4":
+            cfg = synth.with_quantized_experts(cfg, args.experts or "mxfp4")
+    elif args.experts is not None:
         print("moemesh synth: --experts applies to Qwen3-MoE presets (gpt-oss's experts are MXFP4)", file=sys.stderr)
         return 2
     if args.dry_run:

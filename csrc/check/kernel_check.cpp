@@ -1,5 +1,5 @@
 // Every ISA path this build and CPU support, against the portable scalar kernels, on random
-// inputs: the full MoE expert FFN (fp32 and int16 activations), the bf16 matmul, the Q8 copy and
+// inputs: the full MoE expert FFN in every weight format (fp32 and int16 activations), the bf16 matmul, the Q8 copy and
 // its matmul, attention (bit for bit: every path redoes attention.h's operations). Fast results
 // must not change when a batch is run token by token (which moves tokens between matrix tiles and
 // vector kernels) nor between the builds of one path (VBMI, AMX).
@@ -36,21 +36,28 @@ void expect_close(const char* what, const char* isa, const std::vector<float>& g
     (ok ? passed : failed)++;
 }
 
+// Random experts in every format: the same code bytes serve MXFP4 and Q4 (with their own scales),
+// Q8 has its own values (natural order; each table's copy is put in its layout).
 struct Inputs {
     int64_t E = 5, H = 640, I = 544, T, k = 2;  // 20 and 17 blocks: 16-block chunks and tails
-    std::vector<uint8_t> gu_blocks, gu_scales, dn_blocks, dn_scales;
-    std::vector<uint16_t> gu_bias, dn_bias;
+    std::vector<uint8_t> gu_blocks, gu_e8m0, dn_blocks, dn_e8m0, gu_q8, dn_q8;
+    std::vector<uint16_t> gu_f16, dn_f16, gu_bias, dn_bias;
     std::vector<float> x;
     std::vector<int32_t> ids;
 
     Inputs(std::mt19937& rng, int64_t tokens) : T(tokens) {
-        std::uniform_int_distribution<int> byte(0, 255), scale(118, 124), expert(-1, int(E) - 1);
+        std::uniform_int_distribution<int> byte(0, 255), scale(118, 124), expert(-1, int(E) - 1), q8(-127, 127);
+        std::uniform_int_distribution<int> f16(0x2000, 0x2C00);  // fp16 scales 2^-7 .. 2^-4
         std::normal_distribution<float> normal(0.f, 1.f);
-        auto fill = [&](std::vector<uint8_t>& v, size_t n, auto& dist) { v.resize(n); for (auto& b : v) b = uint8_t(dist(rng)); };
+        auto fill = [&](auto& v, size_t n, auto& dist) { v.resize(n); for (auto& b : v) b = decltype(v[0] + 0)(dist(rng)); };
         fill(gu_blocks, size_t(E * 2 * I * H / 2), byte);
-        fill(gu_scales, size_t(E * 2 * I * H / 32), scale);
+        fill(gu_e8m0, size_t(E * 2 * I * H / 32), scale);
         fill(dn_blocks, size_t(E * H * I / 2), byte);
-        fill(dn_scales, size_t(E * H * I / 32), scale);
+        fill(dn_e8m0, size_t(E * H * I / 32), scale);
+        fill(gu_f16, size_t(E * 2 * I * H / 32), f16);
+        fill(dn_f16, size_t(E * H * I / 32), f16);
+        fill(gu_q8, size_t(E * 2 * I * H), q8);
+        fill(dn_q8, size_t(E * H * I), q8);
         auto bf16 = [&](std::vector<uint16_t>& v, size_t n) {
             v.resize(n);
             for (auto& b : v) { float f = 0.3f * normal(rng); uint32_t u; std::memcpy(&u, &f, 4); b = uint16_t(u >> 16); }
@@ -62,9 +69,28 @@ struct Inputs {
         ids.resize(size_t(T * k));
         for (auto& v : ids) v = expert(rng);
     }
-    MoeWeights weights() const {
-        return {E, H, I, gu_blocks.data(), gu_scales.data(), gu_bias.data(), dn_blocks.data(), dn_scales.data(),
-                dn_bias.data(), 1.702f, 7.0f};
+};
+
+// One format's weights of `in` as `kt` reads them at precision p (Q8 values laid out in a copy of
+// their own for the fast kernels).
+struct FormatWeights {
+    std::vector<uint8_t> gu_values, dn_values;
+    MoeWeights w;
+
+    FormatWeights(const Inputs& in, WeightFormat f, const KernelTable& kt, Precision p) {
+        auto bytes = [](const std::vector<uint16_t>& v) { return reinterpret_cast<const uint8_t*>(v.data()); };
+        if (f == WeightFormat::Q8) {
+            gu_values = in.gu_q8, dn_values = in.dn_q8;
+            if (p == Precision::Fast) {  // exact kernels read values as stored
+                weight_layout(kt, f, gu_values.data(), in.E * 2 * in.I, in.H / 32);
+                weight_layout(kt, f, dn_values.data(), in.E * in.H, in.I / 32);
+            }
+        }
+        const bool q8 = f == WeightFormat::Q8, e8m0 = f == WeightFormat::Mxfp4;
+        w = {in.E, in.H, in.I, f,
+             q8 ? gu_values.data() : in.gu_blocks.data(), e8m0 ? in.gu_e8m0.data() : bytes(in.gu_f16), in.gu_bias.data(),
+             q8 ? dn_values.data() : in.dn_blocks.data(), e8m0 ? in.dn_e8m0.data() : bytes(in.dn_f16), in.dn_bias.data(),
+             1.702f, 7.0f};
     }
 };
 
@@ -85,30 +111,35 @@ int main() {
     // Variants of one path must agree bit for bit: key (path, token count).
     std::map<std::pair<std::string, int64_t>, std::vector<float>> fast_by_path;
     for (const KernelTable* kt : all_kernel_tables()) {
-        for (const Inputs* inputs : {&few, &many})
-            for (Precision p : {Precision::Exact, Precision::Fast}) {
-                const Inputs& v = *inputs;
-                std::vector<float> ref(size_t(v.T * v.k * v.H)), got(ref.size());
-                moe_experts(scalar, p, v.weights(), v.x.data(), v.T, v.ids.data(), v.k, ref.data());
-                moe_experts(*kt, p, v.weights(), v.x.data(), v.T, v.ids.data(), v.k, got.data());
-                const std::string what = std::string("moe_experts ") + (p == Precision::Exact ? "exact" : "fast") +
-                                         " T=" + std::to_string(v.T);
-                expect_close(what.c_str(), kt->name, got, ref, 2e-5f);
-                if (p != Precision::Fast) continue;
-                // NEON redoes the scalar path's float steps on the same exact integer sums.
-                if (std::string(kt->name) == "neon")
-                    expect(got == ref, kt->name, ("fast bit-identical to scalar T=" + std::to_string(v.T)).c_str());
-                // Token by token (4-token passes only) must give what the whole batch gave.
-                std::vector<float> one_by_one(got.size());
-                for (int64_t t = 0; t < v.T; ++t)
-                    moe_experts(*kt, p, v.weights(), v.x.data() + t * v.H, 1, v.ids.data() + t * v.k, v.k,
-                                one_by_one.data() + t * v.k * v.H);
-                expect(one_by_one == got, kt->name, ("token split identical T=" + std::to_string(v.T)).c_str());
-                const auto key = std::make_pair(std::string(kt->name), v.T);
-                const auto seen = fast_by_path.find(key);
-                if (seen == fast_by_path.end()) fast_by_path.emplace(key, got);
-                else expect(seen->second == got, kt->name, ("variants bit-identical T=" + std::to_string(v.T)).c_str());
-            }
+        for (int fi = 0; fi < kWeightFormats; ++fi)
+            for (const Inputs* inputs : {&few, &many})
+                for (Precision p : {Precision::Exact, Precision::Fast}) {
+                    const WeightFormat f = WeightFormat(fi);
+                    const Inputs& v = *inputs;
+                    const FormatWeights ref_w(v, f, scalar, p), got_w(v, f, *kt, p);
+                    std::vector<float> ref(size_t(v.T * v.k * v.H)), got(ref.size());
+                    moe_experts(scalar, p, ref_w.w, v.x.data(), v.T, v.ids.data(), v.k, ref.data());
+                    moe_experts(*kt, p, got_w.w, v.x.data(), v.T, v.ids.data(), v.k, got.data());
+                    // "moe_experts" alone is MXFP4 (the names the qemu test looks for).
+                    const std::string fmt = f == WeightFormat::Mxfp4 ? "" : std::string(format_info(f).name) + " ";
+                    const std::string tail = " T=" + std::to_string(v.T);
+                    expect_close(("moe_experts " + fmt + (p == Precision::Exact ? "exact" : "fast") + tail).c_str(),
+                                 kt->name, got, ref, 2e-5f);
+                    if (p != Precision::Fast) continue;
+                    // NEON redoes the scalar path's float steps on the same exact integer sums.
+                    if (std::string(kt->name) == "neon")
+                        expect(got == ref, kt->name, (fmt + "fast bit-identical to scalar" + tail).c_str());
+                    // Token by token (4-token passes only) must give what the whole batch gave.
+                    std::vector<float> one_by_one(got.size());
+                    for (int64_t t = 0; t < v.T; ++t)
+                        moe_experts(*kt, p, got_w.w, v.x.data() + t * v.H, 1, v.ids.data() + t * v.k, v.k,
+                                    one_by_one.data() + t * v.k * v.H);
+                    expect(one_by_one == got, kt->name, (fmt + "token split identical" + tail).c_str());
+                    const auto key = std::make_pair(std::string(kt->name) + fmt, v.T);
+                    const auto seen = fast_by_path.find(key);
+                    if (seen == fast_by_path.end()) fast_by_path.emplace(key, got);
+                    else expect(seen->second == got, kt->name, (fmt + "variants bit-identical" + tail).c_str());
+                }
         const int64_t N = 37, K = 100, T = 5;
         std::vector<uint16_t> w(size_t(N * K));
         for (size_t i = 0; i < w.size(); ++i) w[i] = uint16_t(0x3C00 + (i * 2654435761u) % 0x1000);
@@ -140,8 +171,8 @@ int main() {
         std::vector<uint16_t> ref_scales(size_t(N * KQ / 32)), scales(ref_scales.size()), wq(size_t(N * KQ));
         // bf16 magnitudes 2^-7 .. 2^9: their Q8 scales stay well inside fp16's range.
         for (size_t i = 0; i < wq.size(); ++i) wq[i] = uint16_t(0x3C00 + (i * 2654435761u) % 0x0800) ^ (i & 1 ? 0x8000 : 0);
-        q8_quantize(scalar, wq.data(), N, KQ, ref_values.data(), ref_scales.data());
-        q8_quantize(*kt, wq.data(), N, KQ, values.data(), scales.data());
+        q8_copy(scalar, wq.data(), N, KQ, ref_values.data(), ref_scales.data());
+        q8_copy(*kt, wq.data(), N, KQ, values.data(), scales.data());
         for (const int64_t TQ : {T, int64_t(40)}) {  // 40: matrix-unit groups and a 4-token pass
             std::vector<float> ref_q(size_t(TQ * N)), got_q(ref_q.size()), one_by_one(ref_q.size());
             q8_matmul(scalar, many.x.data(), TQ, KQ, ref_values.data(), ref_scales.data(), N, ref_q.data());
