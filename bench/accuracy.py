@@ -7,13 +7,13 @@ distributions against `exact` over every position of a few random prompts, and t
 
     python bench/accuracy.py --formats [--prompts 4] [--tokens 32]
 
-What 4-bit experts cost a bf16-trained model (issue 21), on the tiny Qwen3-MoE models (written
-here by synth): `moemesh convert`'s MXFP4 (the real converted checkpoint through the MXFP4
-kernels), and llama.cpp's own quantizers (the `gguf` package's numpy MXFP4 and Q4_0: int4 per 32
-with an fp16 scale) applied to the same experts, dequantized and stored back as bf16 (exact for
-MXFP4; Q4_0's values pick up a bf16 rounding, ~0.2% of a weight, far below its own ~9% error).
-Per format: rms error per weight relative to the weights' rms, mean KL against the bf16 source,
-top-1 agreement.
+What quantized experts cost a bf16-trained model (issue 21), on the tiny Qwen3-MoE models (written
+here by synth): `moemesh convert`'s MXFP4, Q4 and Q8 (the real converted checkpoints through the
+native kernels), and llama.cpp's own quantizers (the `gguf` package's numpy MXFP4, Q4_0 and Q8_0)
+applied to the same experts, dequantized and stored back as bf16 (exact for MXFP4; Q4_0's and
+Q8_0's values pick up a bf16 rounding, ~0.2% of a weight: far below Q4_0's own ~9% error, about
+Q8_0's own). Per format: rms error per weight relative to the weights' rms, mean KL against the
+bf16 source, top-1 agreement.
 """
 from __future__ import annotations
 
@@ -68,12 +68,14 @@ def formats_report(prompts: int, tokens: int) -> dict:
     from coordinator import synth
     from coordinator.convert import accuracy, convert
     from expert_node.checkpoint import Checkpoint, bf16_to_f32
-    from expert_node.formats import mxfp4_dequant, mxfp4_quantize
+    from expert_node.formats import QUANT_FORMATS
 
     ggml = lambda kind: (lambda w: quants.dequantize(quants.quantize(w, kind), kind))  # noqa: E731
-    schemes = {"moemesh mxfp4": lambda w: mxfp4_dequant(*mxfp4_quantize(w)),
+    ours = {f"moemesh {f.name}": (lambda w, f=f: f.dequant(*f.quantize(w))) for f in QUANT_FORMATS.values()}
+    schemes = {**ours,
                "llama.cpp MXFP4": ggml(gguf.GGMLQuantizationType.MXFP4),
-               "llama.cpp Q4_0": ggml(gguf.GGMLQuantizationType.Q4_0)}
+               "llama.cpp Q4_0": ggml(gguf.GGMLQuantizationType.Q4_0),
+               "llama.cpp Q8_0": ggml(gguf.GGMLQuantizationType.Q8_0)}
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset, seed in (("qwen3-tiny", 3), ("qwen3-tiny-wide", 4)):
@@ -83,8 +85,9 @@ def formats_report(prompts: int, tokens: int) -> dict:
             for name, fn in schemes.items():
                 err = np.sqrt(np.mean([np.mean((fn(w) - w) ** 2) for w in experts]) /
                               np.mean([np.mean(w ** 2) for w in experts]))
-                if name == "moemesh mxfp4":  # the real thing: convert's checkpoint on the MXFP4 kernels
-                    dst = convert(src, Path(tmp) / f"{preset}-convert", progress=False)
+                if name in ours:  # the real thing: convert's checkpoint on the native kernels
+                    fmt = name.split()[-1]
+                    dst = convert(src, Path(tmp) / f"{preset}-convert-{fmt}", fmt, progress=False)
                 else:
                     dst = with_experts(src, Path(tmp) / f"{preset}-{name.split()[-1]}", fn)
                 cost = accuracy(src, dst, prompts=prompts, tokens=tokens)
@@ -97,7 +100,8 @@ def formats_report(prompts: int, tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-m", "--model")
-    ap.add_argument("--formats", action="store_true", help="4-bit expert formats on the tiny Qwen3-MoE models")
+    ap.add_argument("--formats", action="store_true",
+                    help="expert formats (ours and llama.cpp's) on the tiny Qwen3-MoE models")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
     args = ap.parse_args()

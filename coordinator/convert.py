@@ -7,7 +7,9 @@ formats — MXFP4, Q4 (int4 per 32 with an fp16 scale) or Q8 — so the native k
 serve them, and copies every other tensor as it is. Memory holds one expert's projections
 and one layer's scales at a time; output is written tensor by tensor into shards with an index,
 as the hub's snapshots are, and config.json records the format in quantization_config
-({"quant_method": "moemesh", "experts": "mxfp4"}), which the model family reads.
+({"quant_method": "moemesh", "experts": "mxfp4", "dense": "bf16"}), which the model family reads.
+`dense="q8"` stores the attention projections and the unembedding in 8 bits too (Q8, as
+llama.cpp's quantized models keep their dense tensors in Q8_0; models.layers.Q8Matrix).
 
 MXFP4's shared power-of-two scale was made for a model trained with it (gpt-oss); a bf16-trained
 model loses less to Q4's finer scale. The cost is measured after converting (`accuracy`: mean KL
@@ -17,6 +19,7 @@ prompts).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +28,19 @@ from typing import Callable, Iterator
 import numpy as np
 
 from expert_node.checkpoint import INDEX_NAME, Checkpoint, CheckpointError
-from expert_node.formats import QUANT_FORMATS, QuantFormat
+from expert_node.formats import Q8, QUANT_FORMATS, QuantFormat
 from expert_node.protocol import layer_prefix
 
 from .models import family_of
+from .models.layers import Q8_SCALE_SUFFIX
 from .shards import CHUNK_BYTES, DEFAULT_SHARD_BYTES, write_shards
 
 EXPERT_FORMATS = ("mxfp4", "q4", "q8")
+DENSE_FORMATS = ("bf16", "q8")
+# What --dense q8 stores in 8 bits: the attention projections and the unembedding, the matrices every
+# token reads through the model's linear (MoeTransformer.matmul_weights). The embedding table (one
+# row a token), norms, biases and the router stay as they are.
+Q8_DENSE = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight|lm_head\.weight")
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1}
 
 
@@ -117,10 +126,43 @@ def quantized_layer(ckpt: Checkpoint, prefix: str, quant: QuantFormat, n_experts
             Planned(prefix + "down_proj_scales", (n_experts, *dn_s), sc, scale_chunks("down"))]
 
 
-def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
+def q8_dense(ckpt: Checkpoint, name: str) -> list[Planned]:
+    """A bf16 matrix [N, K] as Q8 (models.layers.Q8Matrix): int8 values under its name, then fp16
+    scales under name + Q8_SCALE_SUFFIX, made a band of rows at a time (the native twin of
+    formats.q8_quantize)."""
+    (rows, cols), scales = ckpt.info(name)[0], []
+    band = max(1, CHUNK_BYTES // (2 * cols))
+
+    def values() -> Iterator[bytes]:
+        from expert_node import native
+
+        w = ckpt.tensor(name, (rows, cols), ("BF16",))
+        scales.clear()
+        for r in range(0, rows, band):
+            part = w[r:r + band]
+            v = np.empty((part.shape[0], cols // Q8.block_size, Q8.block_size), np.int8)
+            s = np.empty((part.shape[0], cols // Q8.block_size), np.uint16)
+            try:
+                native.quantize("q8", part, v, s)
+            except ValueError as err:  # NaN or Inf in the source
+                raise CheckpointError(f"{ckpt.where(name)}: {name} (rows from {r}): {err}") from None
+            scales.append(s.tobytes())
+            yield v.tobytes()
+        ckpt.release(w)
+
+    def scale_chunks() -> Iterator[bytes]:
+        yield from scales
+        scales.clear()
+    return [Planned(name, (rows, cols), "I8", values),
+            Planned(name + Q8_SCALE_SUFFIX, (rows, cols // Q8.block_size), "F16", scale_chunks)]
+
+
+def plan(ckpt: Checkpoint, experts: str, dense: str = "bf16") -> tuple[list[Planned], dict]:
     """The output's tensors in write order, and its config.json."""
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"--experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
+    if dense not in DENSE_FORMATS:
+        raise ValueError(f"--dense must be one of {', '.join(DENSE_FORMATS)}, got {dense!r}")
     family = family_of(ckpt)
     shape = family.expert_shape(ckpt.config)
     if shape.format != "bf16":
@@ -132,7 +174,8 @@ def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
     for name in ckpt.tensor_names:
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None:
-            out.append(copied(ckpt, name))
+            q8 = dense == "q8" and Q8_DENSE.fullmatch(name) and ckpt.info(name)[1] == "BF16"
+            out += q8_dense(ckpt, name) if q8 else [copied(ckpt, name)]
             continue
         expected = {f"{prefix}{e}.{proj}.weight" for e in range(shape.n_experts)
                     for proj in ("gate_proj", "up_proj", "down_proj")}
@@ -143,17 +186,17 @@ def plan(ckpt: Checkpoint, experts: str) -> tuple[list[Planned], dict]:
             converted.add(prefix)
             out += quantized_layer(ckpt, prefix, QUANT_FORMATS[experts], shape.n_experts, shape.hidden, shape.inter)
     config = dict(ckpt.config, quantization_config={"quant_method": "moemesh", "experts": experts,
-                                                    "source_experts": shape.format})
+                                                    "source_experts": shape.format, "dense": dense})
     return out, config
 
 
 def convert(src: str | Path, dst: str | Path, experts: str = "mxfp4", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool | None = None) -> Path:
+            progress: bool | None = None, dense: str = "bf16") -> Path:
     """Write src's conversion into dst (created; an existing checkpoint there is refused)."""
     from tqdm import tqdm
 
     ckpt = Checkpoint(src)
-    tensors, config = plan(ckpt, experts)
+    tensors, config = plan(ckpt, experts, dense)
     out = Path(dst)
     if out.resolve() == Path(src).resolve() or (out / "config.json").exists():
         raise CheckpointError(f"{out}: holds a checkpoint already; convert writes into a new folder")

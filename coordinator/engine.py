@@ -14,22 +14,27 @@ import numpy as np
 
 from expert_node.checkpoint import Checkpoint, CheckpointError
 from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
+from expert_node.formats import Q8
 
 from .drafting import DraftParams
 from .generation import ContextLimitError, ConversationCache, Generation, NonFiniteError
 from .models import family_of, layer_experts
-from .models.layers import LayerOps, attention_with_sinks, reference_linear
+from .models.layers import LayerOps, Q8Matrix, attention_with_sinks, matrix_arrays, reference_linear
 from .sampling import SamplingParams
 
 PRECISIONS = ("reference", "exact", "fast")
 DENSE_FORMATS = ("bf16", "q8")  # q8: an 8-bit copy of the dense matrices, with the fast precision
 
 
-def native_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+def native_linear(x: np.ndarray, w, b: np.ndarray | None) -> np.ndarray:
+    """x @ w^T (+ b) with fp32 activations: w bf16, or a Q8Matrix stored by `convert --dense q8`."""
     from expert_node import native
 
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
+    if isinstance(w, Q8Matrix):
+        native.q8_matmul(np.ascontiguousarray(x, np.float32), w.values, w.scales, "natural", out, precision="exact")
+    else:
+        native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
     return out if b is None else out + b
 
 
@@ -106,16 +111,25 @@ NATIVE_OPS = LayerOps(native_attend, native_rmsnorm, native_rotate, native_topk,
 
 class Q8DenseLinear:
     """The native linear over 8-bit copies (Q8: int8 per 32, fp16 scales) of the dense matrices,
-    made once at load. They halve the bytes a decoded token reads outside the experts; the cost
-    in accuracy is measured against exact in tests/test_kernels.py. Other matrices (the router)
-    stay bf16."""
+    made once at load: quantized from bf16 (`--dense q8`), or the matrices `convert --dense q8`
+    stored, their values put in the kernels' order. They halve the bytes a decoded token reads
+    outside the experts; the cost in accuracy is measured against exact in tests/test_kernels.py.
+    Other matrices (the router) stay bf16. With the fast precision only (int16 activations)."""
 
-    def __init__(self, matrices: list[np.ndarray]):
+    def __init__(self, matrices: list):
         from expert_node import native
 
         self._native = native
-        self.copies = {id(w): native.q8_quantize(w) for w in matrices}
+        self.copies = {id(w): self._copy(w) for w in matrices}
         self._sources = matrices  # keeps the ids above valid
+        self.replaced = {id(a) for w in matrices for a in matrix_arrays(w)}
+
+    def _copy(self, w) -> tuple[np.ndarray, np.ndarray, str]:
+        if not isinstance(w, Q8Matrix):
+            return self._native.q8_quantize(w)
+        values = np.array(w.values)
+        layout = self._native.weight_layout("q8", values.reshape(values.shape[0], -1, Q8.block_size))
+        return values, np.ascontiguousarray(w.scales), layout
 
     def __call__(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         copy = self.copies.get(id(w))
@@ -179,11 +193,12 @@ class Engine:
         if precision != "reference":
             ckpt.advise_hugepages()
         model = family.build_model(ckpt, linear, experts, LayerOps() if precision == "reference" else NATIVE_OPS)
-        if dense == "q8":
-            matrices = model.matmul_weights()
+        matrices = model.matmul_weights()
+        stored_q8 = any(isinstance(w, Q8Matrix) for w in matrices)  # `convert --dense q8` wrote them
+        if dense == "q8" or (stored_q8 and precision == "fast"):
             model.linear = Q8DenseLinear(matrices)
-            for w in matrices:
-                ckpt.release(w)  # read once for the copy; never again
+            for a in (a for w in matrices if w is not model.embed for a in matrix_arrays(w)):
+                ckpt.release(a)  # read once for the copy; never again (a tied unembedding is the embedding table)
         return cls(ckpt, model, precision)
 
     def chat_format(self, tokenizer):
@@ -197,9 +212,9 @@ class Engine:
     def weight_arrays(self) -> list[np.ndarray]:
         """What this device reads to compute: dense weights (8-bit copies where made) and, when
         the experts are in-process, theirs."""
-        copies = self.model.linear.copies if isinstance(self.model.linear, Q8DenseLinear) else {}
-        arrays = [a for a in self.model.weight_arrays() if id(a) not in copies]
-        arrays += [a for values, scales, _ in copies.values() for a in (values, scales)]
+        q8 = self.model.linear if isinstance(self.model.linear, Q8DenseLinear) else None
+        arrays = [a for a in self.model.weight_arrays() if q8 is None or id(a) not in q8.replaced]
+        arrays += [a for values, scales, _ in (q8.copies.values() if q8 else ()) for a in (values, scales)]
         return arrays + self.expert_arrays()
 
     def set_tracer(self, tracer) -> None:

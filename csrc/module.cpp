@@ -427,7 +427,7 @@ std::string py_weight_layout(const std::string& format, py::array& values, const
 }
 
 void py_q8_matmul(const py::array& x, const py::array& values, const py::array& scales, const std::string& layout,
-                  py::array& out, const std::optional<std::string>& isa) {
+                  py::array& out, const std::string& precision, const std::optional<std::string>& isa) {
     if (x.ndim() != 2) fail("x: expected shape (T, K), got " + shape_str(x));
     if (values.ndim() != 2) fail("values: expected shape (N, K), got " + shape_str(values));
     const int64_t T = x.shape(0), K = x.shape(1), N = values.shape(0);
@@ -438,12 +438,16 @@ void py_q8_matmul(const py::array& x, const py::array& values, const py::array& 
     float* op = out_ptr<float>(out, "out", {T, N});
     check_no_overlap(out, x, "out", "x");
     check_finite(xp, size_t(T * K), "x");
+    const Precision p = parse_precision(precision);
     const KernelTable& kt = resolve_kernels(isa);
-    if (layout != layout_name(kt, WeightFormat::Q8))
-        fail("layout: the copy was made in layout '" + layout + "', the " + kt.name + " kernels read '" +
-             layout_name(kt, WeightFormat::Q8) + "'");
+    // The exact kernels read values as stored, the fast ones in their weight_layout.
+    const std::string expected = p == Precision::Exact ? "natural" : layout_name(kt, WeightFormat::Q8);
+    if (layout != expected)
+        fail("layout: the copy was made in layout '" + layout + "', the " + kt.name + " kernels read '" + expected +
+             "' at " + precision + " precision");
     py::gil_scoped_release nogil;
-    q8_matmul(kt, xp, T, K, vp, sp, N, op);
+    quant_matmul(kt, p, WeightFormat::Q8, xp, T, K, reinterpret_cast<const uint8_t*>(vp),
+                 reinterpret_cast<const uint8_t*>(sp), N, op);
 }
 
 void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::array& gate_up_blocks,
@@ -540,8 +544,9 @@ PYBIND11_MODULE(_native, m) {
     m.def("q8_quantize", &py_q8_quantize, py::arg("w"), py::arg("isa") = py::none(),
           "The Q8 copy of bf16 w[N, K]: (values int8 [N, K], fp16 scales [N, K/32], layout name).");
     m.def("q8_matmul", &py_q8_matmul, py::arg("x"), py::arg("values"), py::arg("scales"), py::arg("layout"),
-          py::arg("out"), py::arg("isa") = py::none(),
-          "out[T, N] = x[T, K] @ W^T over a Q8 copy (activations as int16 blocks).");
+          py::arg("out"), py::arg("precision") = "fast", py::arg("isa") = py::none(),
+          "out[T, N] = x[T, K] @ W^T over Q8 values [N, K] (int8) and fp16 scales: fast (int16 activation "
+          "blocks) over a copy in the kernels' layout, or exact (fp32 activations) over values as stored.");
     m.def("moe_experts", &py_moe_experts, py::arg("x"), py::arg("expert_ids"), py::arg("gate_up_blocks"),
           py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down_blocks"), py::arg("down_scales"),
           py::arg("down_bias"), py::arg("out"), py::arg("precision") = "exact", py::arg("swiglu_alpha") = 1.702f,

@@ -481,17 +481,16 @@ void mxfp4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, ui
     });
 }
 
-void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
-               const uint16_t* scales, int64_t N, float* y) {
+void quant_matmul(const KernelTable& kt, Precision precision, WeightFormat format, const float* x, int64_t T,
+                  int64_t K, const uint8_t* values, const uint8_t* scales, int64_t N, float* y) {
     thread_local Scratch scratch_tl;
     thread_local std::vector<int8_t> tile_storage;
-    const Activations act(kt, Precision::Fast, x, T, K, scratch_tl);
-    const int64_t nb = K / Q8::kBlock;
-    const QuantRows w(kt, WeightFormat::Q8, reinterpret_cast<const uint8_t*>(values),
-                      reinterpret_cast<const uint8_t*>(scales), nb);
+    const Activations act(kt, precision, x, T, K, scratch_tl);
+    const int64_t nb = K / 32;
+    const QuantRows w(kt, format, values, scales, nb);
     std::vector<std::vector<int64_t>> all_rows(1, std::vector<int64_t>(size_t(T)));
     for (int64_t t = 0; t < T; ++t) all_rows[0][size_t(t)] = t;
-    const TileGroups tiles(kt, WeightFormat::Q8, act, nb, all_rows, tile_storage);
+    const TileGroups tiles(kt, format, act, nb, all_rows, tile_storage);
     const TiledRows tiled = tiles.of(0);
     if (tiled.n > 0)
         dense_tile_rows(N, tiled, [&](int64_t r0, int64_t n, float* res) {
@@ -499,11 +498,16 @@ void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, cons
         }, [](int64_t) { return 0.f; }, N, y);
     const int64_t t_rest = tiled.n;
     for_rows_and_token_passes(N, T - t_rest, w.row_bytes(), [&](int64_t r0, int64_t r1, int64_t i0, int cnt) {
-        Q16Row xs[kMaxTokens];
         float res[kMaxTokens];
-        for (int j = 0; j < cnt; ++j) xs[j] = act.row(t_rest + i0 + j);
+        Q16Row xq[kMaxTokens];
+        const float* xf[kMaxTokens];
+        for (int j = 0; j < cnt; ++j) {
+            if (act.fast()) xq[j] = act.row(t_rest + i0 + j);
+            else xf[j] = x + (t_rest + i0 + j) * K;
+        }
         for (int64_t r = r0; r < r1; ++r) {
-            w.kernels.dot_q16(w.values_of(r), w.scales_of(r), nb, xs, cnt, res);
+            if (act.fast()) w.kernels.dot_q16(w.values_of(r), w.scales_of(r), nb, xq, cnt, res);
+            else w.kernels.dot_f32(w.values_of(r), w.scales_of(r), nb, xf, cnt, res);
             for (int j = 0; j < cnt; ++j) y[(t_rest + i0 + j) * N + r] = res[j];
         }
     });

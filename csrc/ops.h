@@ -41,9 +41,11 @@ void q4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint1
 // nothing to do for most formats).
 void weight_layout(const KernelTable& kt, WeightFormat f, uint8_t* values, int64_t rows, int64_t n_blocks);
 
-// y[T, N] = x[T, K] . W[N, K]^T over a Q8 copy, activations as int16 blocks (the fast precision).
-void q8_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, const int8_t* values,
-               const uint16_t* scales, int64_t N, float* y);
+// y[T, N] = x[T, K] . W[N, K]^T over a matrix in one weight format (K a multiple of 32): values
+// as stored with exact precision (fp32 activations), in the ISA's weight_layout with fast (int16
+// activation blocks). The dense 8-bit copy is Q8.
+void quant_matmul(const KernelTable& kt, Precision precision, WeightFormat format, const float* x, int64_t T,
+                  int64_t K, const uint8_t* values, const uint8_t* scales, int64_t N, float* y);
 
 struct MoeWeights {
     int64_t n_experts, hidden, inter;  // E, H, I  (gate_up has 2I rows over H, down has H rows over I)

@@ -10,7 +10,7 @@ from support import MOEMESH, TESTS
 from coordinator import Engine, cluster
 from coordinator.convert import convert
 from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
-from expert_node.formats import FP4_VALUES, QUANT_FORMATS, mxfp4_dequant, mxfp4_quantize
+from expert_node.formats import FP4_VALUES, Q8, QUANT_FORMATS, mxfp4_dequant, mxfp4_quantize
 
 
 def brute_force_mxfp4(w: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_converted_experts_are_the_quantized_source_and_the_rest_is_copied(qwen3
     src, out = Checkpoint(qwen3_dir), Checkpoint(converted)
     fmt = QUANT_FORMATS[out.config["quantization_config"]["experts"]]
     assert out.config["quantization_config"] == {"quant_method": "moemesh", "experts": fmt.name,
-                                                 "source_experts": "bf16"}
+                                                 "source_experts": "bf16", "dense": "bf16"}
     assert len(set(out._where.values())) > 1  # sharded, with an index
     p = "model.layers.2.mlp.experts."
 
@@ -91,11 +91,51 @@ def test_nodes_serve_converted_experts(converted, start_node):
         remote.model.experts.close()
 
 
+@pytest.fixture(scope="module")
+def q8_dense(qwen3_dir, tmp_path_factory):
+    """Q4 experts, and the attention projections and unembedding stored in 8 bits."""
+    return convert(qwen3_dir, tmp_path_factory.mktemp("qwen3-q4-q8") / "out", "q4", max_shard_bytes=8_000_000,
+                   progress=False, dense="q8")
+
+
+def test_dense_q8_stores_the_attention_and_the_unembedding_in_8_bits(qwen3_dir, q8_dense):
+    src, out = Checkpoint(qwen3_dir), Checkpoint(q8_dense)
+    assert out.config["quantization_config"]["dense"] == "q8"
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.self_attn.o_proj.weight", "lm_head.weight"):
+        values, scales = Q8.quantize(bf16_to_f32(src.tensor(name)))
+        assert out.info(name) == (src.info(name)[0], "I8")
+        np.testing.assert_array_equal(out.tensor(name), values.reshape(out.tensor(name).shape))
+        np.testing.assert_array_equal(out.tensor(name + "_scale").view(np.uint16), scales)
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.gate.weight", "model.layers.0.self_attn.q_norm.weight"):
+        np.testing.assert_array_equal(out.tensor(name), src.tensor(name))
+
+
+def test_a_q8_dense_checkpoint_runs_on_its_8_bit_matrices(qwen3_dir, q8_dense, tmp_path):
+    """Exact precision reads the stored values as they are, fast puts them in the kernels' order once:
+    both match the reference on the same weights, and fast gives the very logits of the 8-bit copy
+    made at load from the bf16 matrices (`--dense q8`): the stored bytes are that copy's."""
+    from coordinator.engine import Q8DenseLinear
+
+    ids = np.random.default_rng(4).integers(0, 151_643, 40)
+    ref = Engine.load(q8_dense, precision="reference").logits(ids)
+    assert np.abs(Engine.load(q8_dense, precision="exact").logits(ids) - ref).max() <= 1e-3
+    fast = Engine.load(q8_dense, precision="fast")
+    assert isinstance(fast.model.linear, Q8DenseLinear)
+    got = fast.logits(ids)
+    assert np.abs(got - ref).max() <= 2e-2
+    bf16_dense = convert(qwen3_dir, tmp_path / "q4", "q4", progress=False)
+    np.testing.assert_array_equal(Engine.load(bf16_dense, precision="fast", dense="q8").logits(ids), got)
+    stored = sum(a.nbytes for a in Engine.load(q8_dense, precision="exact").weight_arrays())
+    assert stored < sum(a.nbytes for a in Engine.load(bf16_dense, precision="exact").weight_arrays())
+
+
 def test_cli_converts_reports_the_cost_and_refuses_what_it_cannot(qwen3_dir, tiny_dir, tmp_path):
     run = lambda *a: subprocess.run(MOEMESH + ["convert", *map(str, a)], capture_output=True, text=True,  # noqa: E731
                                     timeout=300, cwd=TESTS)
-    done = run("-m", qwen3_dir, "-o", tmp_path / "q", "--eval-prompts", "1")
+    done = run("-m", qwen3_dir, "-o", tmp_path / "q", "--eval-prompts", "1", "--experts", "q4", "--dense", "q8")
     assert done.returncode == 0, done.stderr
+    assert Checkpoint(tmp_path / "q").config["quantization_config"] == {
+        "quant_method": "moemesh", "experts": "q4", "source_experts": "bf16", "dense": "q8"}
     cost = json.loads(done.stdout.splitlines()[-1])
     assert cost["positions"] == 32 and 0 < cost["mean_kl"] and 0 <= cost["top1_agreement"] <= 1
     assert "mean KL" in done.stderr

@@ -184,6 +184,10 @@ def test_q8_copy_and_matmul(isa, T, K, N):
     out = np.empty((T, N), np.float32)
     native.q8_matmul(x, *copy, out, isa=isa)
     assert_close(out, ref, TOL["fast"])  # the only difference left: int16 activation blocks
+    # exact: fp32 activations over the values as stored (a checkpoint's `convert --dense q8` matrices)
+    natural = np.ascontiguousarray(values)
+    native.q8_matmul(x, natural, copy[1], "natural", out, precision="exact", isa=isa)
+    assert_close(out, ref, TOL["exact"])
 
 
 def test_q8_matmul_is_bit_identical_across_token_splits():
@@ -210,6 +214,8 @@ def test_q8_copy_refuses_a_foreign_layout_and_bad_shapes():
     if copy[2] != "natural":
         with pytest.raises(ValueError, match="layout: the copy was made in layout"):
             native.q8_matmul(np.zeros((1, 128), np.float32), *copy, out, isa="scalar")
+        with pytest.raises(ValueError, match="kernels read 'natural' at exact precision"):
+            native.q8_matmul(np.zeros((1, 128), np.float32), *copy, out, precision="exact")
 
 
 def kl_against_exact(tiny_dir, **fast_options):

@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 from safetensors import safe_open
 
 from coordinator import shards, synth
@@ -48,20 +49,32 @@ def test_qwen3_30b_a3b_plan_matches_the_published_sizes():
     assert sum(t.nbytes for t in mx) == 18_483_671_040
 
 
-def test_qwen3_with_mxfp4_experts_loads_and_its_kernels_match_the_reference(tmp_path):
+@pytest.mark.parametrize("experts", ["mxfp4", "q4", "q8"])
+def test_qwen3_with_quantized_experts_loads_and_its_kernels_match_the_reference(tmp_path, experts):
     from coordinator import Engine
 
-    folder = synth.write_checkpoint(tmp_path, synth.with_quantized_experts(synth.make_config("qwen3-tiny")), seed=5,
-                                    progress=False)
+    cfg = synth.with_quantized_experts(synth.make_config("qwen3-tiny"), experts)
+    folder = synth.write_checkpoint(tmp_path, cfg, seed=5, progress=False)
     ids = np.arange(500, 530)
     ref = Engine.load(folder, precision="reference").logits(ids)
     assert np.abs(Engine.load(folder, precision="exact").logits(ids) - ref).max() <= 1e-3
+    assert np.abs(Engine.load(folder, precision="fast").logits(ids) - ref).max() <= 2e-2
 
 
 def test_dry_run_prints_the_plan(capsys):
     assert main(["synth", "--preset", "gpt-oss-20b", "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["total_bytes"] == 13_761_264_768 and len(out["shards"]) == 3
+    # Qwen3-30B-A3B's experts in each format: 128 experts x 48 layers x 3 projections of 768 x 2048
+    expert_weights = 128 * 48 * 3 * 768 * 2048
+    sizes = {}
+    for experts in ("bf16", "mxfp4", "q4", "q8"):
+        assert main(["synth", "--preset", "qwen3-30b-a3b", "--experts", experts, "--dry-run"]) == 0
+        sizes[experts] = json.loads(capsys.readouterr().out)["total_bytes"]
+    assert sizes["bf16"] - sizes["mxfp4"] == expert_weights * (2 - 17 / 32)
+    assert sizes["q4"] - sizes["mxfp4"] == expert_weights // 32 and sizes["q8"] - sizes["q4"] == expert_weights // 2
+    assert main(["synth", "--preset", "tiny", "--experts", "q4", "--dry-run"]) == 2
+    assert "applies to Qwen3-MoE presets" in capsys.readouterr().err
 
 
 def digest(folder):

@@ -9,7 +9,7 @@ NAME, HELP = "convert", "convert a bf16 checkpoint's experts (Qwen3-MoE) to MXFP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..convert import EXPERT_FORMATS
+    from ..convert import DENSE_FORMATS, EXPERT_FORMATS
     from ..shards import DEFAULT_SHARD_BYTES
 
     p.add_argument("-m", "--model", required=True, help="the source: a Hugging Face snapshot folder (or a repo id "
@@ -19,9 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the experts' format: mxfp4 (4.25 bits a weight: FP4 values, a power-of-two scale per 32), "
                         "q4 (4.5 bits: int4 with an fp16 scale per 32, as llama.cpp's Q4_0; closer to a bf16-trained "
                         "model) or q8 (8.5 bits: int8 per 32, as Q8_0)")
-    p.add_argument("--dense", choices=("bf16",), default="bf16",
-                   help="dense matrices are copied as bf16 (an 8-bit copy is made at load: --dense q8 on chat, "
-                        "serve, generate)")
+    p.add_argument("--dense", choices=DENSE_FORMATS, default="bf16",
+                   help="the attention projections and the unembedding: copied as bf16 (an 8-bit copy can still be "
+                        "made at load: --dense q8 on chat, serve, generate), or stored as q8 (int8 per 32 with an fp16 "
+                        "scale, as llama.cpp's Q8_0: half the bytes, the fast path's default then)")
     p.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="largest shard size")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the accuracy cost against the source")
     p.add_argument("--eval-prompts", type=int, default=4, help="prompts of 32 tokens the accuracy is measured on")
@@ -32,7 +33,7 @@ def main(args) -> int:
     from ..hub import resolve
 
     src = resolve(args.model)
-    out = convert(src, args.out, args.experts, args.shard_bytes)
+    out = convert(src, args.out, args.experts, args.shard_bytes, dense=args.dense)
     print(out)
     if not args.no_eval:
         cost = accuracy(src, out, prompts=args.eval_prompts)

@@ -37,7 +37,12 @@ def main(args) -> int:
         with open(args.config, encoding="utf-8") as f:
             overrides = json.load(f)
     cfg = synth.make_config(args.preset, overrides)
-    if cfg.get("model_type") == "qwen3_moe" and args.experts != "bf16":
+    if cfg.get("model_type") != "qwen3_moe":
+        if args.experts is not None:
+            print("moemesh synth: --experts applies to Qwen3-MoE presets (gpt-oss's experts are MXFP4)",
+                  file=sys.stderr)
+            return 2
+    elif args.experts != "bf16":
         needed = sum(t.nbytes for t in synth.tensor_plan(cfg))
         free = shutil.disk_usage(next(p for p in Path(args.out or ".").resolve().parents if p.exists())).free
         if args.experts is not None or needed > 0.95 * free:
@@ -45,9 +50,6 @@ def main(args) -> int:
                 print(f"moemesh synth: bf16 experts need {needed / 1e9:.1f} GB, the disk has {free / 1e9:.1f} GB "
                       "free: writing MXFP4 experts (as `moemesh convert` would)", file=sys.stderr)
             cfg = synth.with_quantized_experts(cfg, args.experts or "mxfp4")
-    elif args.experts is not None:
-        print("moemesh synth: --experts applies to Qwen3-MoE presets (gpt-oss's experts are MXFP4)", file=sys.stderr)
-        return 2
     if args.dry_run:
         plan = synth.tensor_plan(cfg)
         shards = shard_plan(plan, args.shard_bytes)

@@ -14,7 +14,8 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint, CheckpointError
 from expert_node.experts import ExpertBackend, ExpertShape
 
-from .layers import KVCache, Linear, LayerOps, MoeTransformer, check_layers, nonfinite_weights, rope_yarn
+from .layers import (KVCache, Linear, LayerOps, MoeTransformer, check_layers, dense_matrix, matrix_arrays,
+                     nonfinite_weights, rope_yarn)
 
 MODEL_TYPE = "gpt_oss"
 
@@ -128,19 +129,20 @@ class GptOssModel(MoeTransformer):
         H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
         qw, kvw = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.embed = ckpt.tensor("model.embed_tokens.weight", (V, H), ("BF16",))
-        self.lm_head = ckpt.tensor("lm_head.weight", (V, H), ("BF16",))
+        self.lm_head = dense_matrix(ckpt, "lm_head.weight", (V, H))
         self.final_norm = ckpt.float_tensor("model.norm.weight", (H,))
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             w = lambda n, s: ckpt.tensor(p + n, s, ("BF16",))  # noqa: E731
+            m = lambda n, s: dense_matrix(ckpt, p + n, s)  # noqa: E731  (bf16, or Q8 where converted so)
             f = lambda n, s: ckpt.float_tensor(p + n, s)  # noqa: E731
             self.layers.append(AttentionWeights(
                 f("input_layernorm.weight", (H,)),
-                w("self_attn.q_proj.weight", (qw, H)), f("self_attn.q_proj.bias", (qw,)),
-                w("self_attn.k_proj.weight", (kvw, H)), f("self_attn.k_proj.bias", (kvw,)),
-                w("self_attn.v_proj.weight", (kvw, H)), f("self_attn.v_proj.bias", (kvw,)),
-                w("self_attn.o_proj.weight", (H, qw)), f("self_attn.o_proj.bias", (H,)),
+                m("self_attn.q_proj.weight", (qw, H)), f("self_attn.q_proj.bias", (qw,)),
+                m("self_attn.k_proj.weight", (kvw, H)), f("self_attn.k_proj.bias", (kvw,)),
+                m("self_attn.v_proj.weight", (kvw, H)), f("self_attn.v_proj.bias", (kvw,)),
+                m("self_attn.o_proj.weight", (H, qw)), f("self_attn.o_proj.bias", (H,)),
                 f("self_attn.sinks", (cfg.num_attention_heads,)),
                 f("post_attention_layernorm.weight", (H,)),
                 w("mlp.router.weight", (E, H)), f("mlp.router.bias", (E,)),
@@ -149,9 +151,9 @@ class GptOssModel(MoeTransformer):
 
     def weight_arrays(self) -> list[np.ndarray]:
         """The mapped dense weights (what the coordinator itself reads per token)."""
-        arrays = [self.embed, self.lm_head, self.final_norm]
+        arrays = [self.embed, *matrix_arrays(self.lm_head), self.final_norm]
         for w in self.layers:
-            arrays += list(vars(w).values())
+            arrays += [a for v in vars(w).values() for a in matrix_arrays(v)]
         return arrays
 
     def attention(self, i: int, x: np.ndarray, rows: list[slice], caches: list[KVCache], pos: np.ndarray,

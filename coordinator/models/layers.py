@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from expert_node.checkpoint import Checkpoint, CheckpointError, bf16_to_f32
 from expert_node.experts import ExpertPieces, ExpertShape, experts_format
+from expert_node.formats import Q8
 from expert_node.protocol import layer_prefix
 
 from ..tracing import NULL_TRACER
@@ -169,11 +171,53 @@ def add_experts(x: np.ndarray, outputs: np.ndarray, weights: np.ndarray) -> np.n
     return x + combine_experts(outputs, weights)
 
 
-def reference_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """x [T, K] @ w[N, K]^T (+ b), w bf16-as-uint16 widened a chunk of rows at a time."""
+@dataclass(frozen=True)
+class Q8Matrix:
+    """A dense matrix `moemesh convert --dense q8` stored in 8 bits (llama.cpp's Q8_0): int8 values
+    [N, K] under the matrix's own name, fp16 scales [N, K/32] (as uint16 bits) under name + "_scale".
+    Half a bf16 matrix's bytes, read by the same native kernels as the 8-bit copy made at load."""
+    values: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return [self.values, self.scales]
+
+    def rows_f32(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) as float32, exactly (formats.q8_dequant)."""
+        v = self.values[r0:r1]
+        return Q8.dequant(v.reshape(v.shape[0], -1, Q8.block_size), self.scales[r0:r1])
+
+
+def matrix_arrays(w) -> list[np.ndarray]:
+    """The arrays a weight matrix is stored in (one for bf16, values and scales for Q8)."""
+    return w.arrays if isinstance(w, Q8Matrix) else [w]
+
+
+def dense_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int]):
+    """A dense matrix as the checkpoint stores it: bf16 (uint16 bits), or a Q8Matrix where it is int8."""
+    if ckpt.info(name)[1] == "I8":
+        rows, cols = shape
+        scales = ckpt.tensor(name + Q8_SCALE_SUFFIX, (rows, cols // Q8.block_size), ("F16",))
+        return Q8Matrix(ckpt.tensor(name, shape, ("I8",)), scales.view(np.uint16))
+    return ckpt.tensor(name, shape, ("BF16",))
+
+
+# Where `convert --dense q8` puts a matrix's scales: beside it, under its name with this suffix.
+Q8_SCALE_SUFFIX = "_scale"
+
+
+def reference_linear(x: np.ndarray, w, b: np.ndarray | None) -> np.ndarray:
+    """x [T, K] @ w[N, K]^T (+ b), w bf16-as-uint16 (or a Q8Matrix) widened a chunk of rows at a time."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     for r in range(0, w.shape[0], REFERENCE_ROW_CHUNK):
-        out[:, r:r + REFERENCE_ROW_CHUNK] = x @ bf16_to_f32(w[r:r + REFERENCE_ROW_CHUNK]).T
+        rows = (w.rows_f32(r, r + REFERENCE_ROW_CHUNK) if isinstance(w, Q8Matrix)
+                else bf16_to_f32(w[r:r + REFERENCE_ROW_CHUNK]))
+        out[:, r:r + REFERENCE_ROW_CHUNK] = x @ rows.T
     return out if b is None else out + b
 
 
@@ -298,7 +342,8 @@ class MoeTransformer:
         return KVCache(self.cfg)
 
     def matmul_weights(self) -> list[np.ndarray]:
-        """The big bf16 matrices read through `linear` every token (not the small router)."""
+        """The big matrices read through `linear` every token (not the small router): bf16, or
+        Q8Matrix where the checkpoint stores them in 8 bits."""
         return [m for w in self.layers for m in (w.q, w.k, w.v, w.o)] + [self.lm_head]
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True,

@@ -18,8 +18,8 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint, CheckpointError
 from expert_node.experts import EXPERT_FORMATS, ExpertBackend, ExpertShape
 
-from .layers import (NO_SINK, KVCache, LayerOps, Linear, MoeTransformer, check_layers, nonfinite_weights,
-                     rope_yarn)
+from .layers import (NO_SINK, KVCache, LayerOps, Linear, MoeTransformer, check_layers, dense_matrix, matrix_arrays,
+                     nonfinite_weights, rope_yarn)
 
 MODEL_TYPE = "qwen3_moe"
 # Where a layer's experts sit in a Qwen3-MoE checkpoint ("{layer}": the layer number); expert e's
@@ -145,20 +145,21 @@ class Qwen3MoeModel(MoeTransformer):
         H, V, E, d = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts, cfg.head_dim
         qw, kvw = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         self.embed = ckpt.tensor("model.embed_tokens.weight", (V, H), ("BF16",))
-        self.lm_head = self.embed if cfg.tie_word_embeddings else ckpt.tensor("lm_head.weight", (V, H), ("BF16",))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else dense_matrix(ckpt, "lm_head.weight", (V, H))
         self.final_norm = ckpt.float_tensor("model.norm.weight", (H,))
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             w = lambda n, s: ckpt.tensor(p + n, s, ("BF16",))  # noqa: E731
+            m = lambda n, s: dense_matrix(ckpt, p + n, s)  # noqa: E731  (bf16, or Q8 where converted so)
             f = lambda n, s: ckpt.float_tensor(p + n, s)  # noqa: E731
             b = lambda n, s: f(n, s) if cfg.attention_bias else None  # noqa: E731
             self.layers.append(AttentionWeights(
                 f("input_layernorm.weight", (H,)),
-                w("self_attn.q_proj.weight", (qw, H)), b("self_attn.q_proj.bias", (qw,)),
-                w("self_attn.k_proj.weight", (kvw, H)), b("self_attn.k_proj.bias", (kvw,)),
-                w("self_attn.v_proj.weight", (kvw, H)), b("self_attn.v_proj.bias", (kvw,)),
-                w("self_attn.o_proj.weight", (H, qw)), b("self_attn.o_proj.bias", (H,)),
+                m("self_attn.q_proj.weight", (qw, H)), b("self_attn.q_proj.bias", (qw,)),
+                m("self_attn.k_proj.weight", (kvw, H)), b("self_attn.k_proj.bias", (kvw,)),
+                m("self_attn.v_proj.weight", (kvw, H)), b("self_attn.v_proj.bias", (kvw,)),
+                m("self_attn.o_proj.weight", (H, qw)), b("self_attn.o_proj.bias", (H,)),
                 f("self_attn.q_norm.weight", (d,)), f("self_attn.k_norm.weight", (d,)),
                 f("post_attention_layernorm.weight", (H,)),
                 w("mlp.gate.weight", (E, H)),
@@ -168,9 +169,9 @@ class Qwen3MoeModel(MoeTransformer):
 
     def weight_arrays(self) -> list[np.ndarray]:
         """The mapped dense weights (what the coordinator itself reads per token)."""
-        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else matrix_arrays(self.lm_head))
         for w in self.layers:
-            arrays += [a for a in vars(w).values() if a is not None]
+            arrays += [a for v in vars(w).values() if v is not None for a in matrix_arrays(v)]
         return arrays
 
     def _head_norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:

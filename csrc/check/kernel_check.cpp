@@ -167,6 +167,11 @@ int main() {
         }
 
         const int64_t KQ = 608;  // 19 blocks: a 16-block chunk and a tail, each copy in its ISA's layout
+        auto q8_matmul = [&](const KernelTable& t, const float* x, int64_t TQ, const int8_t* v, const uint16_t* sc,
+                             float* y) {
+            quant_matmul(t, Precision::Fast, WeightFormat::Q8, x, TQ, KQ, reinterpret_cast<const uint8_t*>(v),
+                         reinterpret_cast<const uint8_t*>(sc), N, y);
+        };
         std::vector<int8_t> ref_values(size_t(N * KQ)), values(ref_values.size());
         std::vector<uint16_t> ref_scales(size_t(N * KQ / 32)), scales(ref_scales.size()), wq(size_t(N * KQ));
         // bf16 magnitudes 2^-7 .. 2^9: their Q8 scales stay well inside fp16's range.
@@ -175,13 +180,13 @@ int main() {
         q8_copy(*kt, wq.data(), N, KQ, values.data(), scales.data());
         for (const int64_t TQ : {T, int64_t(40)}) {  // 40: matrix-unit groups and a 4-token pass
             std::vector<float> ref_q(size_t(TQ * N)), got_q(ref_q.size()), one_by_one(ref_q.size());
-            q8_matmul(scalar, many.x.data(), TQ, KQ, ref_values.data(), ref_scales.data(), N, ref_q.data());
-            q8_matmul(*kt, many.x.data(), TQ, KQ, values.data(), scales.data(), N, got_q.data());
+            q8_matmul(scalar, many.x.data(), TQ, ref_values.data(), ref_scales.data(), ref_q.data());
+            q8_matmul(*kt, many.x.data(), TQ, values.data(), scales.data(), got_q.data());
             expect_close(("q8_matmul T=" + std::to_string(TQ)).c_str(), kt->name, got_q, ref_q, 2e-5f);
             if (std::string(kt->name) == "neon")
                 expect(got_q == ref_q, kt->name, ("q8 bit-identical to scalar T=" + std::to_string(TQ)).c_str());
             for (int64_t t = 0; t < TQ; ++t)
-                q8_matmul(*kt, many.x.data() + t * KQ, 1, KQ, values.data(), scales.data(), N, one_by_one.data() + t * N);
+                q8_matmul(*kt, many.x.data() + t * KQ, 1, values.data(), scales.data(), one_by_one.data() + t * N);
             expect(one_by_one == got_q, kt->name, ("q8 token split identical T=" + std::to_string(TQ)).c_str());
             const auto key = std::make_pair(std::string(kt->name) + " q8", TQ);
             const auto seen = fast_by_path.find(key);
