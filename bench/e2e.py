@@ -24,6 +24,7 @@ import resource
 import numpy as np
 
 from coordinator import Engine
+from coordinator.engine import Q8DenseLinear
 from coordinator.sampling import SamplingParams
 from expert_node import native
 from llamacpp_baseline import llama_bench
@@ -79,6 +80,8 @@ def main() -> None:
         ap.error("--llama-bench and --gguf go together")
 
     engine = Engine.load(args.model, precision=args.precision, dense=args.dense, mmap=not args.no_mmap)
+    # what the dense matrices are read as: a checkpoint `convert --dense q8` wrote is q8 without the flag
+    dense = "q8" if isinstance(engine.model.linear, Q8DenseLinear) else "bf16"
     engine.warm()
     yard = weights_bandwidth(engine)
     bw = yard["gbps"]
@@ -97,7 +100,7 @@ def main() -> None:
     ckpt_gb = sum(f.stat().st_size for f in engine.checkpoint.folder.glob("*.safetensors")) / 1e9
     machine = f"{cpu_model()} ({platform.machine()}) isa={native.kernel_path()} threads={native.get_threads()}"
     held = "read into huge-page memory" if args.no_mmap else "mapped"
-    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {args.dense}   "
+    print(f"machine: {machine}   model: {args.model}   precision: {args.precision}   dense: {dense}   "
           f"weights: {held}")
     if args.no_mmap:
         print(f"huge pages granted: {huge_page_share()}")
@@ -111,7 +114,7 @@ def main() -> None:
     print(f"time to first token: {s.time_to_first_token:.2f} s; peak RSS {peak_rss_gb:.2f} GB "
           f"(checkpoint {ckpt_gb:.2f} GB)")
     result = {
-        "machine": machine, "precision": args.precision, "dense": args.dense, "mmap": not args.no_mmap,
+        "machine": machine, "precision": args.precision, "dense": dense, "mmap": not args.no_mmap,
         "prompt_tokens": s.prompt_tokens,
         "decode_tps": s.decode_tps, "decode_tps_sampled": sampled_tps, "prefill_tps": s.prefill_tps,
         "ttft_s": s.time_to_first_token,

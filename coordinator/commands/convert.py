@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="the source: a Hugging Face snapshot folder (or a repo id "
                    "in the local Hugging Face cache) with bf16 experts")
     p.add_argument("-o", "--out", required=True, help="the new folder to write")
-    p.add_argument("--experts", choices=EXPERT_FORMATS, default="mxfp4",
+    p.add_argument("--experts", choices=EXPERT_FORMATS, default="q4",
                    help="the experts' format: mxfp4 (4.25 bits a weight: FP4 values, a power-of-two scale per 32), "
                         "q4 (4.5 bits: int4 with an fp16 scale per 32, as llama.cpp's Q4_0; closer to a bf16-trained "
                         "model) or q8 (8.5 bits: int8 per 32, as Q8_0)")
