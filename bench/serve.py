@@ -8,7 +8,10 @@ link emulator. For each client count, every client streams one /v1/completions r
 --tokens tokens at once (raw completions: no stop token ends one early). Per row: aggregate decode
 tok/s (every token the clients received over the wall time from the first request to the last
 token), per-request tok/s after the first token, time to first token p50/p99, and the ratio to one
-client. Last line JSON with aggregate_tps_single and aggregate_tps_cluster_<preset> per count.
+client; on this device alone, beside it, the bound a memory-bound engine could reach at most over
+one client (bandwidth_bounds: the dense weights read once a step, the experts' union growing with the
+clients). Last line JSON with aggregate_tps_single, bandwidth_bound_single and
+aggregate_tps_cluster_<preset> per count.
 """
 from __future__ import annotations
 
@@ -68,11 +71,32 @@ def measure(url: str, clients: int, tokens: int) -> dict:
             "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3)}
 
 
-def run_rows(where: str, url: str, counts: list[int], tokens: int) -> list[dict]:
+def bandwidth_bounds(folder: Path, counts: list[int]) -> dict[int, float]:
+    """The most n clients' decoding can gain over counts[0] clients' on a device that streams
+    weights at a fixed rate: a step of n sequences reads the dense weights once and the union of
+    the experts they route to. With each token's k of E experts independent and uniform (the
+    synthetic routers' case; real models route more alike, which raises the bound), the union
+    holds E (1 - (1 - k/E)^n) experts a layer on average, so a step gives n / (D + E (1 - (1 -
+    k/E)^n) X) tokens a byte, D the dense bytes a token reads, X one expert's bytes in every layer."""
+    from coordinator import Engine
+
+    engine = Engine.load(folder, precision="fast")  # mapped: only the sizes are read
+    experts = {id(a) for a in engine.expert_arrays()}
+    dense = sum(a.nbytes for a in engine.weight_arrays() if id(a) not in experts)
+    dense -= engine.model.embed.nbytes - engine.model.embed[0].nbytes  # one row of the table a token
+    backend = engine.model.experts
+    expert = sum(type(w).piece_nbytes(backend.shape) for w in backend.layers.values())
+    k, E = engine.config.num_experts_per_tok, engine.config.num_local_experts
+    tokens_a_byte = {n: n / (dense + E * (1 - (1 - k / E) ** n) * expert) for n in counts}
+    return {n: tokens_a_byte[n] / tokens_a_byte[counts[0]] for n in counts}
+
+
+def run_rows(where: str, url: str, counts: list[int], tokens: int, bounds: dict | None = None) -> list[dict]:
     rows = [dict(where=where, **measure(url, c, tokens)) for c in counts]
     for r in rows:
+        bound = f"{bounds[r['clients']]:>8.2f}x" if bounds else ""
         print(f"{where:<14}{r['clients']:>8}{r['aggregate_tps']:>12.2f}{r['aggregate_tps'] / rows[0]['aggregate_tps']:>8.2f}x"
-              f"{r['per_request_tps']:>12.2f}{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>10.0f}", flush=True)
+              f"{r['per_request_tps']:>12.2f}{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>10.0f}{bound}", flush=True)
     return rows
 
 
@@ -86,11 +110,13 @@ def main() -> None:
     folder = Path(args.model) if args.model else default_model()
     counts = [int(c) for c in args.clients.split(",")]
     print(f"cpu: {cpu_model()}; model: {folder}; {args.tokens} tokens per request")
-    print(f"{'where':<14}{'clients':>8}{'agg tok/s':>12}{'vs 1':>9}{'per-req':>12}{'ttft p50':>10}{'p99 ms':>10}")
-    summary: dict = {"machine": cpu_model()}
+    bounds = bandwidth_bounds(folder, counts)
+    print(f"{'where':<14}{'clients':>8}{'agg tok/s':>12}{'vs 1':>9}{'per-req':>12}{'ttft p50':>10}{'p99 ms':>10}"
+          f"{'bound':>9}")
+    summary: dict = {"machine": cpu_model(), "bandwidth_bound_single": bounds}
     proc, url = start_server(folder)
     try:
-        rows = run_rows("single", url, counts, args.tokens)
+        rows = run_rows("single", url, counts, args.tokens, bounds)
     finally:
         proc.terminate()
         proc.wait()

@@ -135,3 +135,23 @@ def test_cancel_frees_the_slot_and_a_full_scheduler_refuses(tiny_dir):
         assert scheduler.busy == (0, 0)
     finally:
         scheduler.close()
+
+
+def test_requests_arriving_together_at_an_idle_scheduler_share_the_first_step(wide_dir):
+    """Clients that start at once reach the server a few milliseconds apart: an idle scheduler
+    gathers them for ADMIT_WINDOW_S, so they share one prefill step instead of the later ones
+    waiting through the first one's (submitted here one after the other, the lock not held)."""
+    engine = Engine.load(wide_dir, precision="fast")
+    passes = []
+    forward_batch = engine.forward_batch
+    engine.forward_batch = lambda batch: passes.append(len(batch)) or forward_batch(batch)
+    scheduler = Scheduler(engine, parallel=4)
+    try:
+        outs = [Collector() for _ in range(3)]
+        for p, c in zip(prompts(3, length=5, seed=10), outs):
+            scheduler.submit(engine.stream(p, 4, GREEDY), c)
+        assert all(c.done.wait(120) for c in outs)
+    finally:
+        scheduler.close()
+        engine.forward_batch = forward_batch
+    assert passes[0] == 3 and all(c.error is None and len(c.tokens) == 4 for c in outs)
