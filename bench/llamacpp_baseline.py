@@ -18,8 +18,13 @@ Qwen3-MoE (issue 21): our synthetic snapshots carry a stand-in tokenizer (coordi
 says why), whose pre-tokenizer llama.cpp's converter does not recognise by hash; it is Qwen2's, so
 `python bench/llamacpp_baseline.py convert --llama-dir DIR -m SRC -o OUT.gguf` runs the converter
 with the pre-tokenizer named "qwen2" (nothing else changes), then build `llama-quantize` and quantize
-the experts to the closest 4-bit formats, `llama-quantize OUT.gguf OUT-mxfp4.gguf MXFP4_MOE` (MXFP4
-experts, as `moemesh convert` writes) and `... Q4_0`. On a KVM guest whose AMX llama.cpp cannot use (its
+the experts to the closest formats with the dense tensors in Q8_0 (as `convert --dense q8`):
+`llama-quantize OUT.gguf OUT-mxfp4.gguf MXFP4_MOE` for MXFP4 experts, `llama-quantize --tensor-type
+ffn_gate_exps=q4_0 --tensor-type ffn_up_exps=q4_0 --tensor-type ffn_down_exps=q4_0
+--output-tensor-type q8_0 --token-embedding-type q8_0 OUT.gguf OUT-q4_0.gguf Q8_0` for Q4 (a plain
+`Q4_0` would put the attention in 4 bits too). When the bf16 source does not fit the disk (the full
+30B-A3B is 61 GB), bench/gguf_export.py writes our Q4/Q8 checkpoint as a GGUF without
+requantizing (our Q4 and Q8 are Q4_0's and Q8_0's values), metadata from a smaller cut's GGUF. On a KVM guest whose AMX llama.cpp cannot use (its
 native build died with SIGILL in ggml_backend_amx_mul_mat on Q8_0 tensors on this project's
 Sapphire Rapids guest), build the baseline without AMX: `-DGGML_NATIVE=OFF -DGGML_AVX=ON
 -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON

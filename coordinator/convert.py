@@ -175,7 +175,8 @@ def plan(ckpt: Checkpoint, experts: str, dense: str = "bf16") -> tuple[list[Plan
     for name in ckpt.tensor_names:
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None:
-            q8 = dense == "q8" and Q8_DENSE.fullmatch(name) and ckpt.info(name)[1] == "BF16"
+            dims, dtype = ckpt.info(name)
+            q8 = dense == "q8" and Q8_DENSE.fullmatch(name) and dtype == "BF16" and dims[-1] % Q8.block_size == 0
             out += q8_dense(ckpt, name) if q8 else [copied(ckpt, name)]
             continue
         expected = {f"{prefix}{e}.{proj}.weight" for e in range(shape.n_experts)
