@@ -80,7 +80,7 @@ def tensor_plan(ckpt: Checkpoint) -> list[tuple[str, Callable[[], np.ndarray], o
 
     def q8(name: str):
         rows, cols = shape(name)
-        return lambda: q8_0_blocks(*dense_q8(ckpt, name)), T.Q8_0, (rows, cols // 32, 34), u8
+        return lambda: q8_0_blocks(*dense_q8(ckpt, name)).reshape(rows, -1), T.Q8_0, (rows, cols // 32 * 34), u8
 
     def experts(prefix: str, which: str):
         def make() -> np.ndarray:
@@ -89,9 +89,10 @@ def tensor_plan(ckpt: Checkpoint) -> list[tuple[str, Callable[[], np.ndarray], o
             if which != "down":  # gate rows even, up rows odd
                 pick = slice(0, None, 2) if which == "gate" else slice(1, None, 2)
                 blocks, scales = blocks[:, pick], scales[:, pick]
-            return q4_0_blocks(np.asarray(blocks), np.asarray(scales))
+            out = q4_0_blocks(np.asarray(blocks), np.asarray(scales))
+            return out.reshape(*out.shape[:2], -1)  # a row's blocks: GGUF reads the last axis as bytes
         E, rows, groups, _ = shape(f"{prefix}{'down' if which == 'down' else 'gate_up'}_proj_blocks")
-        return make, T.Q4_0, (E, rows if which == "down" else rows // 2, groups, 18), u8
+        return make, T.Q4_0, (E, rows if which == "down" else rows // 2, groups * 18), u8
 
     embed = "model.embed_tokens.weight"
     plan = [("token_embd.weight", (lambda: np.asarray(ckpt.tensor(embed)), T.BF16, shape(embed), np.dtype("<u2"))),
