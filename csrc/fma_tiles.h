@@ -27,7 +27,8 @@ int64_t tile_bytes(int64_t K) { return K * kTileTokens * int64_t(sizeof(float));
 
 void tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed) {
     float* p = reinterpret_cast<float*>(packed);
-    std::memset(p, 0, size_t(tile_bytes(K)));
+    if (n_tok < kTileTokens)  // a full group's packing writes every element
+        std::memset(p, 0, size_t(tile_bytes(K)));
     for (int t = 0; t < n_tok; ++t)
         for (int64_t k = 0; k < K; ++k) p[k * kTileTokens + t] = x[t][k];
 }
@@ -82,7 +83,7 @@ void tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed
     constexpr int kFull = V::kTokens, kRest = kTileTokens % V::kTokens;
     static_assert(kBf16TileRows % kStrip == 0, "whole strips per block");
     thread_local std::vector<uint32_t> block;
-    block.resize(size_t(kBf16TileRows * K / 2));
+    scratch(block, size_t(kBf16TileRows * K / 2));
     for (int64_t r0 = 0; r0 < n_rows; r0 += kBf16TileRows) {
         for (int s = 0; s < kBf16TileRows / kStrip; ++s)
             strip_pack<kStrip>(w + (r0 + s * kStrip) * K, K, block.data() + s * kStrip * K / 2);

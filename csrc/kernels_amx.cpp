@@ -352,7 +352,7 @@ void tile_matmul(const Format& rows, const int8_t* packed, int64_t n_groups, flo
     thread_local std::vector<float> row_scales;
     const int64_t a_blocks = streaming ? DecodedRows<Format>::kRingBlocks : (nb + 3) / 4 * 4;
     uint8_t* a_tiles = cache_aligned(a, size_t(a_blocks * Format::kABlockBytes));
-    row_scales.resize(size_t(nb * kRowGroup));
+    scratch(row_scales, size_t(nb * kRowGroup));
     _tile_loadconfig(&kConfig);
     for (int64_t r0 = 0; r0 < n_rows; r0 += kRowGroup) {
         const int n = int(std::min<int64_t>(kRowGroup, n_rows - r0));
@@ -382,7 +382,8 @@ int64_t tile_group_bytes(WeightFormat format, int64_t n_blocks) {
 }
 
 void tile_pack(WeightFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
-    std::memset(packed, 0, size_t(tile_group_bytes(format, n_blocks)));
+    if (n_tok < kTileTokens)  // a full group's packing writes every byte
+        std::memset(packed, 0, size_t(tile_group_bytes(format, n_blocks)));
     if (format == WeightFormat::Q8) Q8Int8::pack(x, n_tok, n_blocks, packed);
     else NibblesBf16<Mxfp4>::pack(x, n_tok, n_blocks, packed);
 }
@@ -418,7 +419,8 @@ constexpr int64_t kDenseStepBytes = 3 * kDenseTileBytes;  // one step of 32 K: t
 int64_t bf16_tile_bytes(int64_t K) { return K / 32 * kDenseStepBytes; }
 
 void bf16_tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed) {
-    std::memset(packed, 0, size_t(bf16_tile_bytes(K)));
+    if (n_tok < kTileTokens)  // a full group's packing writes every byte
+        std::memset(packed, 0, size_t(bf16_tile_bytes(K)));
     const __m512i high_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
                                                 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512i pair_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),

@@ -121,10 +121,9 @@ struct Activations {
         : f32(x), ld(k), fast_(p == Precision::Fast) {
         if (!fast_) return;
         const int64_t nb = k / Q16Block::kBlock;
-        scratch.q.resize(size_t(rows * k));
-        scratch.d.resize(size_t(rows * nb));
-        scratch.s.resize(size_t(rows * nb));
-        q = scratch.q.data(), d = scratch.d.data(), s = scratch.s.data();
+        q = moemesh::scratch(scratch.q, size_t(rows * k));
+        d = moemesh::scratch(scratch.d, size_t(rows * nb));
+        s = moemesh::scratch(scratch.s, size_t(rows * nb));
         global_pool().parallel_for(rows, [&](int64_t r) {
             int16_t* qr = scratch.q.data() + r * k;
             q16_quantize(x + r * k, k, qr, scratch.d.data() + r * nb);
@@ -193,7 +192,7 @@ void quant_rows(const QuantRows& w, const uint16_t* bias, int64_t r0, int64_t r1
     if (tiled.n > 0) {
         const int64_t rows = r1 - r0;
         thread_local std::vector<float> res;
-        res.resize(size_t(tiled.n_groups() * rows * kTileTokens));
+        scratch(res, size_t(tiled.n_groups() * rows * kTileTokens));
         w.kernels.tile_q16(w.values_of(r0), w.scales_of(r0), nb, rows, tiled.groups, tiled.n_groups(), res.data());
         store_tile_results(res.data(), tiled.n, r0, rows, [&](int64_t i) { return out_rows[i]; }, ldy, bias_of, y);
     }
@@ -319,7 +318,7 @@ void dense_tile_rows(int64_t rows, const TiledRows& tiled, const Tile& tile, con
     for_ranges(rows, kRowsPerTask, [&](int64_t r0, int64_t r1) {
         const int64_t n = r1 - r0;
         thread_local std::vector<float> res;
-        res.resize(size_t(tiled.n_groups() * n * kTileTokens));
+        scratch(res, size_t(tiled.n_groups() * n * kTileTokens));
         tile(r0, n, res.data());
         store_tile_results(res.data(), tiled.n, r0, n, [](int64_t i) { return i; }, ldy, bias_of, y);
     });
@@ -368,7 +367,7 @@ void bf16_matmul(const KernelTable& kt, const float* x, int64_t T, int64_t K, co
             const int64_t t0 = t_begin + p0;
             const float* xs[kMaxTokens];
             thread_local std::vector<float> res;
-            res.resize(size_t((i1 - i0) * cnt));
+            scratch(res, size_t((i1 - i0) * cnt));
             for (int j = 0; j < cnt; ++j) xs[j] = laid_out + (t0 + j) * ldx;
             kt.bf16_dot_f32(w + (r_begin + i0) * K, i1 - i0, K, xs, cnt, res.data());
             for (int64_t i = i0; i < i1; ++i)
@@ -566,7 +565,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
     MoeScratch& scratch = scratch_tl;
     std::vector<float>& h = scratch.h;
     std::vector<float>& act = scratch.act;
-    h.resize(static_cast<size_t>(A * 2 * I));
+    moemesh::scratch(h, static_cast<size_t>(A * 2 * I));
     // An expert's rows in one projection: r rows from its first.
     auto expert_rows = [](const QuantRows& rows, int64_t first) {
         QuantRows out = rows;
@@ -584,7 +583,7 @@ void moe_experts(const KernelTable& kt, Precision precision, const MoeWeights& w
                        tiles.of(t.expert), h.data(), 2 * I);
         });
     }
-    act.resize(static_cast<size_t>(A * I));
+    moemesh::scratch(act, static_cast<size_t>(A * I));
     global_pool().parallel_for(A, [&](int64_t a) {
         if (ids[a] >= 0) swiglu(h.data() + a * 2 * I, I, w, act.data() + a * I);
     });
@@ -655,7 +654,7 @@ void attend(const KernelTable& kt, const float* q, int64_t T, int64_t nq, int64_
                 lo = (std::upper_bound(k_pos, k_pos + hi, q_pos[t] - window) - k_pos) / attention::kParts * attention::kParts;
         }
         thread_local std::vector<float> scores;
-        scores.resize(size_t(group * std::max<int64_t>(hi - lo, 1)));
+        moemesh::scratch(scores, size_t(group * std::max<int64_t>(hi - lo, 1)));
         attend_group(q + first * d, group, k + lo * nkv * d + g * d, v + lo * nkv * d + g * d, hi - lo, nkv * d, d,
                      sinks + g * group, k_pos + lo, q_pos[t], window, sqrt_d, scores.data(), out + first * d);
     });
