@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from coordinator.models.layers import Q8_SCALE_SUFFIX
+from coordinator.models.layers import Q8Matrix, dense_matrix
 from expert_node.checkpoint import Checkpoint, bf16_to_f32
 
 
@@ -54,9 +54,9 @@ def dense_q8(ckpt: Checkpoint, name: str) -> tuple[np.ndarray, np.ndarray]:
     at load (so llama.cpp and moemesh --dense q8 read the same numbers)."""
     from expert_node import native
 
-    if ckpt.info(name)[1] == "I8":
-        return ckpt.tensor(name), ckpt.tensor(name + Q8_SCALE_SUFFIX).view(np.uint16)
-    w = ckpt.tensor(name, None, ("BF16",))
+    w = dense_matrix(ckpt, name, tuple(ckpt.info(name)[0]))
+    if isinstance(w, Q8Matrix):
+        return w.values, w.scales
     values = np.empty((w.shape[0], w.shape[1] // 32, 32), np.int8)
     scales = np.empty((w.shape[0], w.shape[1] // 32), np.uint16)
     native.quantize("q8", w, values, scales)

@@ -75,8 +75,6 @@ def quantized_layer(ckpt: Checkpoint, prefix: str, quant: QuantFormat, n_experts
     """One layer's bf16 experts (prefix + '{e}.gate_proj.weight' ...) as the fused tensors of `quant`.
     Blocks stream expert by expert; their scales, made on the way, are written right after."""
     scales: dict[str, list[bytes]] = {"gate_up": [], "down": []}
-    values_dtype = np.int8 if quant.values_dtype == "I8" else np.uint8
-    scales_dtype = np.uint16 if quant.scale_bytes == 2 else np.uint8
 
     def quantized(e: int, which: str) -> np.ndarray:
         """One expert's fused gate/up or down projection, quantized by the native twin of the
@@ -92,8 +90,8 @@ def quantized_layer(ckpt: Checkpoint, prefix: str, quant: QuantFormat, n_experts
         else:
             w = sources[0]
         blocks_shape, scales_shape = quant.packed_shapes(*w.shape)
-        blocks = np.empty(blocks_shape, values_dtype)
-        s = np.empty(scales_shape, scales_dtype)
+        blocks = np.empty(blocks_shape, quant.values_np)
+        s = np.empty(scales_shape, quant.scales_np)
         try:
             native.quantize(quant.name, w, blocks, s)
         except ValueError as err:  # NaN or Inf in the source

@@ -116,8 +116,6 @@ struct KernelTable {
 // Rows per step of bf16_tile_f32.
 constexpr int64_t kBf16TileRows = 64;
 
-// n elements of v's storage from a 64-byte boundary: a tile row that straddles two cache lines
-// loads at half speed.
 // Storage for at least n elements of a scratch buffer, which never shrinks: the sizes change from
 // call to call, and resize() value-initialises whatever it grows by (memsets that were 2.7% of a
 // Qwen3 prefill when a smaller call came between two larger ones).
@@ -127,6 +125,8 @@ T* scratch(std::vector<T>& v, std::size_t n) {
     return v.data();
 }
 
+// n elements of v's storage from a 64-byte boundary: a tile row that straddles two cache lines
+// loads at half speed.
 template <typename T>
 T* cache_aligned(std::vector<T>& v, std::size_t n) {
     scratch(v, n + 64 / sizeof(T));

@@ -55,11 +55,16 @@ const T* in_ptr(const py::array& a, const char* name, std::vector<py::ssize_t> s
     return static_cast<const T*>(a.data());
 }
 
+// An input's pointer made writeable, for an argument the call writes into.
+template <typename T>
+T* writeable(const py::array& a, const char* name, const T* p) {
+    if (!a.writeable()) fail(std::string(name) + ": must be writeable");
+    return const_cast<T*>(p);
+}
+
 template <typename T>
 T* out_ptr(py::array& a, const char* name, std::vector<py::ssize_t> shape) {
-    in_ptr<T>(a, name, shape);
-    if (!a.writeable()) fail(std::string(name) + ": must be writeable");
-    return static_cast<T*>(a.mutable_data());
+    return writeable(a, name, in_ptr<T>(a, name, shape));
 }
 
 void check_finite(const float* x, size_t n, const char* name) {
@@ -372,6 +377,11 @@ const uint8_t* scales_ptr(const py::array& a, WeightFormat f, const char* name, 
 // The layout a format's values are in for a kernel table: values only make sense to kernels of
 // the same layout.
 std::string layout_name(const KernelTable& kt, WeightFormat f) { return kt.of(f).weight_layout ? kt.name : "natural"; }
+// The layout the kernels read at a precision: the exact ones read values as stored, the fast ones
+// in their weight_layout.
+std::string layout_read(const KernelTable& kt, WeightFormat f, Precision p) {
+    return p == Precision::Exact ? "natural" : layout_name(kt, f);
+}
 
 py::tuple py_q8_quantize(const py::array& w, const std::optional<std::string>& isa) {
     if (w.ndim() != 2) fail("w: expected shape (N, K), got " + shape_str(w));
@@ -397,9 +407,8 @@ void py_quantize(const std::string& format, const py::array& w, py::array& value
     const int64_t N = w.shape(0), K = w.shape(1);
     if (K % 32) fail("w: K = " + std::to_string(K) + " is not a multiple of 32");
     const uint16_t* wp = in_ptr<uint16_t>(w, "w", {N, K});
-    auto* vp = const_cast<uint8_t*>(values_ptr(values, f, "values", {N, K / 32}));
-    auto* sp = const_cast<uint8_t*>(scales_ptr(scales, f, "scales", {N, K / 32}));
-    if (!values.writeable() || !scales.writeable()) fail("values, scales: must be writeable");
+    uint8_t* vp = writeable(values, "values", values_ptr(values, f, "values", {N, K / 32}));
+    uint8_t* sp = writeable(scales, "scales", scales_ptr(scales, f, "scales", {N, K / 32}));
     for (int64_t i = 0; i < N * K; ++i)
         if ((wp[i] & 0x7F80) == 0x7F80) fail("w: contains NaN or Inf at flat index " + std::to_string(i));
     py::gil_scoped_release nogil;
@@ -417,8 +426,7 @@ std::string py_weight_layout(const std::string& format, py::array& values, const
     if (values.ndim() < 2) fail("values: expected shape (..., n_blocks, block bytes), got " + shape_str(values));
     std::vector<py::ssize_t> shape = shape_of(values);
     shape.pop_back();
-    auto* vp = const_cast<uint8_t*>(values_ptr(values, f, "values", shape));
-    if (!values.writeable()) fail("values: must be writeable");
+    uint8_t* vp = writeable(values, "values", values_ptr(values, f, "values", shape));
     const int64_t n_blocks = values.shape(values.ndim() - 2);
     const KernelTable& kt = resolve_kernels(isa);
     py::gil_scoped_release nogil;
@@ -440,8 +448,7 @@ void py_q8_matmul(const py::array& x, const py::array& values, const py::array& 
     check_finite(xp, size_t(T * K), "x");
     const Precision p = parse_precision(precision);
     const KernelTable& kt = resolve_kernels(isa);
-    // The exact kernels read values as stored, the fast ones in their weight_layout.
-    const std::string expected = p == Precision::Exact ? "natural" : layout_name(kt, WeightFormat::Q8);
+    const std::string expected = layout_read(kt, WeightFormat::Q8, p);
     if (layout != expected)
         fail("layout: the copy was made in layout '" + layout + "', the " + kt.name + " kernels read '" + expected +
              "' at " + precision + " precision");
@@ -472,8 +479,7 @@ void py_moe_experts(const py::array& x, const py::array& expert_ids, const py::a
     const int64_t I = I2 / 2;
     const Precision p = parse_precision(precision);
     const KernelTable& kt = resolve_kernels(isa);
-    // The exact kernels read values as stored, the fast ones in their weight_layout.
-    const std::string expected = p == Precision::Exact ? "natural" : layout_name(kt, f);
+    const std::string expected = layout_read(kt, f, p);
     if (layout != expected)
         fail("layout: the values are in layout '" + layout + "', the " + kt.name + " kernels read " + format +
              " values in '" + expected + "' at " + precision + " precision");

@@ -400,17 +400,16 @@ void q8_quantize(const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16
     });
 }
 
-void q8_copy(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {
-    q8_quantize(w, N, K, values, scales);
-    if (const auto layout = kt.of(WeightFormat::Q8).weight_layout)
-        global_pool().parallel_for(N, [&](int64_t r) { layout(reinterpret_cast<uint8_t*>(values + r * K), K / Q8::kBlock); });
-}
-
 void weight_layout(const KernelTable& kt, WeightFormat f, uint8_t* values, int64_t rows, int64_t n_blocks) {
     const auto layout = kt.of(f).weight_layout;
     if (!layout) return;
     const int64_t row_bytes = n_blocks * format_info(f).block_bytes;
     global_pool().parallel_for(rows, [&](int64_t r) { layout(values + r * row_bytes, n_blocks); });
+}
+
+void q8_copy(const KernelTable& kt, const uint16_t* w, int64_t N, int64_t K, int8_t* values, uint16_t* scales) {
+    q8_quantize(w, N, K, values, scales);
+    weight_layout(kt, WeightFormat::Q8, reinterpret_cast<uint8_t*>(values), N, K / Q8::kBlock);
 }
 
 void q4_quantize(const uint16_t* w, int64_t N, int64_t K, uint8_t* blocks, uint16_t* scales) {

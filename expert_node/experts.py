@@ -129,8 +129,7 @@ class LayerExperts(ExpertPieces):
         dn_b, dn_s = q.packed_shapes(H, I)
 
         def scales(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            a = ckpt.tensor(p + name, shape, (q.scales_dtype,))
-            return a.view(np.uint16) if q.scale_bytes == 2 else a  # fp16 scales: the kernels take their bits
+            return ckpt.tensor(p + name, shape, (q.scales_dtype,)).view(q.scales_np)  # fp16 scales: their bits
 
         def bias(name: str, shape: tuple[int, ...]) -> np.ndarray:
             """A model without expert biases (Qwen3-MoE converted) has none: zeros."""
@@ -154,9 +153,7 @@ class LayerExperts(ExpertPieces):
         H, I, q = shape.hidden, shape.inter, cls.QUANT
         gu_b, gu_s = q.packed_shapes(2 * I, H)
         dn_b, dn_s = q.packed_shapes(H, I)
-        values = np.dtype(np.int8) if q.values_dtype == "I8" else np.dtype(np.uint8)
-        scales = np.dtype("<u2") if q.scale_bytes == 2 else np.dtype(np.uint8)
-        u16 = np.dtype("<u2")
+        values, scales, u16 = q.values_np, q.scales_np, np.dtype("<u2")
         return [(gu_b, values), (gu_s, scales), ((2 * I,), u16), (dn_b, values), (dn_s, scales), ((H,), u16)]
 
     def float_weights(self, expert: int) -> tuple[np.ndarray, ...]:
@@ -202,9 +199,10 @@ class Q8LayerExperts(LayerExperts):
             return self.gate_up_blocks, self.down_blocks, "natural"
         laid_out = self.__dict__.get("_laid_out")
         if laid_out is None or laid_out[2] != native.active_isa():
-            copies = [np.array(v) for v in (self.gate_up_blocks, self.down_blocks)]
-            layout = [native.weight_layout("q8", c) for c in copies][0]
-            laid_out = (*copies, native.active_isa(), layout)
+            gate_up, down = np.array(self.gate_up_blocks), np.array(self.down_blocks)
+            layout = native.weight_layout("q8", gate_up)
+            native.weight_layout("q8", down)
+            laid_out = (gate_up, down, native.active_isa(), layout)
             object.__setattr__(self, "_laid_out", laid_out)  # a cache: the dataclass's fields stay as they are
         return laid_out[0], laid_out[1], laid_out[3]
 

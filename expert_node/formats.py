@@ -153,6 +153,16 @@ class QuantFormat:
     values_dtype: str  # safetensors dtype of the blocks tensor (numpy: checkpoint.SAFETENSORS_DTYPES)
     scales_dtype: str  # ... and of the scales tensor; F16 scales are handled as their uint16 bits
 
+    @property
+    def values_np(self) -> np.dtype:
+        """The blocks' numpy dtype, in a checkpoint and in the kernels."""
+        return np.dtype(np.int8) if self.values_dtype == "I8" else np.dtype(np.uint8)
+
+    @property
+    def scales_np(self) -> np.dtype:
+        """The scales' numpy dtype as the kernels take them (fp16 scales as their uint16 bits)."""
+        return np.dtype("<u2") if self.scale_bytes == 2 else np.dtype(np.uint8)
+
     def packed_shapes(self, rows: int, cols: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
         """Shapes of the blocks and scales tensors for a [rows, cols] weight matrix."""
         groups = cols // self.block_size

@@ -171,6 +171,10 @@ def add_experts(x: np.ndarray, outputs: np.ndarray, weights: np.ndarray) -> np.n
     return x + combine_experts(outputs, weights)
 
 
+# Where `convert --dense q8` puts a matrix's scales: beside it, under its name with this suffix.
+Q8_SCALE_SUFFIX = "_scale"
+
+
 @dataclass(frozen=True)
 class Q8Matrix:
     """A dense matrix `moemesh convert --dense q8` stored in 8 bits (llama.cpp's Q8_0): int8 values
@@ -205,10 +209,6 @@ def dense_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int]):
         scales = ckpt.tensor(name + Q8_SCALE_SUFFIX, (rows, cols // Q8.block_size), ("F16",))
         return Q8Matrix(ckpt.tensor(name, shape, ("I8",)), scales.view(np.uint16))
     return ckpt.tensor(name, shape, ("BF16",))
-
-
-# Where `convert --dense q8` puts a matrix's scales: beside it, under its name with this suffix.
-Q8_SCALE_SUFFIX = "_scale"
 
 
 def reference_linear(x: np.ndarray, w, b: np.ndarray | None) -> np.ndarray:
