@@ -15,6 +15,7 @@ import numpy as np
 from expert_node.checkpoint import Checkpoint, CheckpointError
 from expert_node.experts import ExpertBackend, NativeExpertBackend, ReferenceExpertBackend
 from expert_node.formats import Q8
+from expert_node.heap import keep_large_buffers
 
 from .drafting import DraftParams
 from .generation import ContextLimitError, ConversationCache, Generation, NonFiniteError
@@ -178,6 +179,7 @@ class Engine:
             raise ValueError("the 8-bit dense copy (dense q8) runs with the fast precision only")
         if precision != "reference":
             limit_blas_threads()
+            keep_large_buffers()
         from tqdm import tqdm
 
         with tqdm(unit="B", unit_scale=True, desc="reading", leave=False,

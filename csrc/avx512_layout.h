@@ -31,5 +31,31 @@ static inline __m512 f16_scales16(int n, const uint16_t* s) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1u), s));
 }
 
+// rows r[i] lane j = M[i][j] -> r[j] lane i = M[i][j].
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i]), pd(t[i + 2])));
+        u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i]), pd(t[i + 2])));
+        u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i + 1]), pd(t[i + 3])));
+        u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i + 1]), pd(t[i + 3])));
+    }
+    // u[4b + c], 128-bit lane L: rows 4b .. 4b + 3 of column 4L + c.
+    for (int c = 0; c < 4; ++c) {
+        const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
+                     f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xDD);
+        r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xDD);
+    }
+}
+
 }  // namespace avx512
 }  // namespace moemesh

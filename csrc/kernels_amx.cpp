@@ -76,6 +76,16 @@ inline __m256i plane_order(const int8_t* row, int bytes_per_element, int64_t n_b
                                   planes, 4);
 }
 
+// B tile rows from 16 tokens' vectors: lane j of v[t] (token t's dword for tile row j) -> row j at
+// out + 64 j, token t at its byte 4 t. A 16 x 16 dword transpose and a store per row: the scatters
+// it replaced (a store per dword) were most of a tile group's packing.
+inline void store_token_columns(const __m512i v[16], int8_t* out) {
+    __m512 r[16];
+    for (int t = 0; t < 16; ++t) r[t] = _mm512_castsi512_ps(v[t]);
+    avx512::transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + 64 * j, r[j]);
+}
+
 // A tiles 4-5 (two row tiles of a decoded block, rows of a_bytes) and B tiles 6-7 (a packed block).
 inline void load_tiles(const uint8_t* a_block, int a_bytes, const int8_t* pb, int b_tile_bytes) {
     _tile_loadd(4, a_block, a_bytes);
@@ -181,9 +191,8 @@ struct NibblesBf16 {
     static const float* code_scales(const int8_t* pb) { return reinterpret_cast<const float*>(pb + 2 * kBTileBytes); }
 
     // B row j holds plane-order elements 2j and 2j + 1 of each token: [hi * 256 tile | lo tile | scales].
+    // Tokens past n_tok: zeros.
     static void pack(const Q16Row* x, int n_tok, int64_t nb, int8_t* packed) {
-        const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(16));  // dword index of row j, token 0
         auto bf16_pairs = [](__m256i bytes, float scale) {
             auto half = [&](__m128i b) {
                 const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
@@ -192,14 +201,21 @@ struct NibblesBf16 {
             return _mm512_inserti64x4(_mm512_castsi256_si512(half(_mm256_castsi256_si128(bytes))),
                                       half(_mm256_extracti128_si256(bytes, 1)), 1);
         };
-        for (int t = 0; t < n_tok; ++t) {
-            const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
-            for (int64_t b = 0; b < nb; ++b) {
-                int8_t* pb = packed + b * kPackedBlockBytes;
-                _mm512_i32scatter_epi32(pb + 4 * t, rows, bf16_pairs(plane_order(codes, 2, nb, b, 0), 256.f), 4);
-                _mm512_i32scatter_epi32(pb + kBTileBytes + 4 * t, rows, bf16_pairs(plane_order(codes, 2, nb, b, 8), 1.f), 4);
-                reinterpret_cast<float*>(pb + 2 * kBTileBytes)[t] = x[t].d[b];
+        for (int64_t b = 0; b < nb; ++b) {
+            int8_t* pb = packed + b * kPackedBlockBytes;
+            float* d = reinterpret_cast<float*>(pb + 2 * kBTileBytes);
+            __m512i hi[kTileTokens], lo[kTileTokens];
+            for (int t = 0; t < kTileTokens; ++t) {
+                hi[t] = lo[t] = _mm512_setzero_si512();
+                d[t] = 0.f;
+                if (t >= n_tok) continue;
+                const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
+                hi[t] = bf16_pairs(plane_order(codes, 2, nb, b, 0), 256.f);
+                lo[t] = bf16_pairs(plane_order(codes, 2, nb, b, 8), 1.f);
+                d[t] = x[t].d[b];
             }
+            store_token_columns(hi, pb);
+            store_token_columns(lo, pb + kBTileBytes);
         }
     }
 };
@@ -260,19 +276,26 @@ struct Q8Int8 {
     }
     static const float* code_scales(const int8_t* pb) { return reinterpret_cast<const float*>(pb + 2 * kBTileBytes); }
 
-    // B row j holds plane j's 4 bytes of each token: [hi tile | lo tile | scales | code sums].
+    // B row j holds plane j's 4 bytes of each token: [hi tile | lo tile | scales | code sums]; the
+    // lo tile's rows follow the hi tile's, so a token's hi and lo dwords transpose as one vector.
+    // Tokens past n_tok: zeros.
     static void pack(const Q16Row* x, int n_tok, int64_t nb, int8_t* packed) {
-        const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(16));
-        for (int t = 0; t < n_tok; ++t) {
-            const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
-            for (int64_t b = 0; b < nb; ++b) {
-                int8_t* pb = packed + b * kPackedBlockBytes;
-                _mm256_i32scatter_epi32(pb + 4 * t, rows, plane_order(codes, 2, nb, b, 0), 4);
-                _mm256_i32scatter_epi32(pb + kBTileBytes + 4 * t, rows, plane_order(codes, 2, nb, b, 8), 4);
-                float* d = reinterpret_cast<float*>(pb + 2 * kBTileBytes);
+        static_assert(kBTileBytes == 8 * 64, "the lo tile starts at row 8");
+        for (int64_t b = 0; b < nb; ++b) {
+            int8_t* pb = packed + b * kPackedBlockBytes;
+            float* d = reinterpret_cast<float*>(pb + 2 * kBTileBytes);
+            __m512i hi_lo[kTileTokens];
+            for (int t = 0; t < kTileTokens; ++t) {
+                hi_lo[t] = _mm512_setzero_si512();
+                d[t] = d[kTileTokens + t] = 0.f;
+                if (t >= n_tok) continue;
+                const int8_t* codes = reinterpret_cast<const int8_t*>(x[t].q);
+                hi_lo[t] = _mm512_inserti64x4(_mm512_castsi256_si512(plane_order(codes, 2, nb, b, 0)),
+                                              plane_order(codes, 2, nb, b, 8), 1);
                 d[t] = x[t].d[b];
                 d[kTileTokens + t] = float(x[t].s[b]);
             }
+            store_token_columns(hi_lo, pb);
         }
     }
 };
@@ -382,8 +405,6 @@ int64_t tile_group_bytes(WeightFormat format, int64_t n_blocks) {
 }
 
 void tile_pack(WeightFormat format, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
-    if (n_tok < kTileTokens)  // a full group's packing writes every byte
-        std::memset(packed, 0, size_t(tile_group_bytes(format, n_blocks)));
     if (format == WeightFormat::Q8) Q8Int8::pack(x, n_tok, n_blocks, packed);
     else NibblesBf16<Mxfp4>::pack(x, n_tok, n_blocks, packed);
 }
@@ -419,15 +440,16 @@ constexpr int64_t kDenseStepBytes = 3 * kDenseTileBytes;  // one step of 32 K: t
 int64_t bf16_tile_bytes(int64_t K) { return K / 32 * kDenseStepBytes; }
 
 void bf16_tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed) {
-    if (n_tok < kTileTokens)  // a full group's packing writes every byte
-        std::memset(packed, 0, size_t(bf16_tile_bytes(K)));
     const __m512i high_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
                                                 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    const __m512i pair_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(16));  // dword index of pair row j, token 0
     const __m512i top = _mm512_set1_epi32(int(0xFFFF0000u));
-    for (int t = 0; t < n_tok; ++t)
-        for (int64_t s = 0; s < K / 32; ++s) {
+    for (int64_t s = 0; s < K / 32; ++s) {
+        __m512i words[3][kTileTokens];  // by part, then token; tokens past n_tok: zeros
+        for (int t = 0; t < kTileTokens; ++t) {
+            if (t >= n_tok) {
+                for (auto& part : words) part[t] = _mm512_setzero_si512();
+                continue;
+            }
             __m512 rest[2] = {_mm512_loadu_ps(x[t] + 32 * s), _mm512_loadu_ps(x[t] + 32 * s + 16)};
             for (int part = 0; part < 3; ++part) {
                 __m512 bf[2];
@@ -436,11 +458,13 @@ void bf16_tile_pack(const float* const* x, int n_tok, int64_t K, int8_t* packed)
                     rest[h] = _mm512_sub_ps(rest[h], bf[h]);  // exact: the low bits of the same float
                 }
                 // The high halves of 32 floats are their bf16 values, element pairs in dword order.
-                const __m512i words = _mm512_permutex2var_epi16(_mm512_castps_si512(bf[0]), high_words,
-                                                                _mm512_castps_si512(bf[1]));
-                _mm512_i32scatter_epi32(packed + s * kDenseStepBytes + part * kDenseTileBytes + 4 * t, pair_rows, words, 4);
+                words[part][t] = _mm512_permutex2var_epi16(_mm512_castps_si512(bf[0]), high_words,
+                                                           _mm512_castps_si512(bf[1]));
             }
         }
+        for (int part = 0; part < 3; ++part)
+            store_token_columns(words[part], packed + s * kDenseStepBytes + part * kDenseTileBytes);
+    }
 }
 
 void bf16_tile_f32(const uint16_t* w, int64_t K, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out) {

@@ -284,32 +284,6 @@ void bf16_dot_f32(const uint16_t* w, int64_t n_rows, int64_t n, const float* con
 // attention.h's attention with 16 lanes: the same float operations in the same order, so the same
 // bits as the portable code.
 
-// rows r[i] lane j = M[i][j] -> r[j] lane i = M[i][j].
-inline void transpose16(__m512 r[16]) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
-    for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i]), pd(t[i + 2])));
-        u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i]), pd(t[i + 2])));
-        u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i + 1]), pd(t[i + 3])));
-        u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i + 1]), pd(t[i + 3])));
-    }
-    // u[4b + c], 128-bit lane L: rows 4b .. 4b + 3 of column 4L + c.
-    for (int c = 0; c < 4; ++c) {
-        const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-        const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
-                     f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-        r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
-        r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xDD);
-        r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
-        r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xDD);
-    }
-}
-
 inline __m512 exp_nonpositive16(__m512 x) {
     auto k = [](float v) { return _mm512_set1_ps(v); };
     const __m512 xc = _mm512_max_ps(k(-87.f), x);  // NaN stays NaN, as std::max(x, -87.f)
@@ -376,7 +350,7 @@ void score_block(const float* q, int group, const float* k, int64_t j0, int n, i
             if (j0 + kKeysAhead + j < S) prefetch_row(k + (j0 + kKeysAhead + j) * stride + 16 * r);
             kt[j] = j < n ? _mm512_loadu_ps(k + (j0 + j) * stride + 16 * r) : _mm512_setzero_ps();
         }
-        transpose16(kt);  // kt[i] lane j = k_{j0 + j}[16 r + i]
+        avx512::transpose16(kt);  // kt[i] lane j = k_{j0 + j}[16 r + i]
         for (int h = 0; h < group; ++h) {
             const float* qh = q + h * D + 16 * r;
             __m512 acc = _mm512_load_ps(sums[h]);

@@ -203,6 +203,8 @@ void py_add_experts(const py::array& x, const py::array& outputs, const py::arra
     const float* op = in_ptr<float>(outputs, "outputs", {T, k, H});
     const float* wp = in_ptr<float>(weights, "weights", {T, k});
     float* rp = out_ptr<float>(out, "out", {T, H});
+    if (k < 1) fail("outputs: needs at least one expert per token, got shape " + shape_str(outputs));
+    check_no_overlap(out, x, "out", "x");  // out's row is built before x is added
     check_no_overlap(out, outputs, "out", "outputs");
     check_no_overlap(out, weights, "out", "weights");
     py::gil_scoped_release nogil;

@@ -717,13 +717,21 @@ void router_topk(const float* logits, int64_t T, int64_t E, int64_t k, int32_t* 
 
 void add_experts(const float* x, const float* outputs, const float* weights, int64_t T, int64_t k, int64_t H,
                  float* out) {
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t i = 0; i < H; ++i) {
-            const float* o = outputs + t * k * H + i;
-            float acc = o[0] * weights[t * k];
-            for (int64_t s = 1; s < k; ++s) acc = acc + o[s * H] * weights[t * k + s];
-            out[t * H + i] = x[t * H + i] + acc;
+    // A token's row accumulates one expert at a time (unit-stride loops the compiler vectorises),
+    // each element through the same operations in the same order as the reference: o0 w0, then
+    // + os ws for s = 1 .. k-1, then x +. Tokens in parallel: a prefill's 512 x 8 x 2048 was 4 ms.
+    constexpr int64_t kTokensPerTask = 16;
+    for_ranges(T, kTokensPerTask, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const float* o = outputs + t * k * H;
+            const float* w = weights + t * k;
+            float* y = out + t * H;
+            for (int64_t i = 0; i < H; ++i) y[i] = o[i] * w[0];
+            for (int64_t s = 1; s < k; ++s)
+                for (int64_t i = 0; i < H; ++i) y[i] = y[i] + o[s * H + i] * w[s];
+            for (int64_t i = 0; i < H; ++i) y[i] = x[t * H + i] + y[i];
         }
+    });
 }
 
 uint64_t stream_read(const uint8_t* buf, int64_t n_bytes, bool prefetch) {

@@ -15,7 +15,6 @@ kernels have the cores); slow work (hashing, disk, building layers) runs in a th
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import math
 import os
@@ -32,6 +31,7 @@ from .checkpoint import Checkpoint, CheckpointError
 from .identity import INSECURE_WARNING, Identity, TrustStore, server_credentials
 from .paths import cache_root
 from .experts import EXPERT_FORMATS, ExpertShape, experts_format, native_experts
+from .heap import return_large_buffers_to_the_system, trim_heap
 from .proto import moemesh_pb2 as pb
 from .proto import moemesh_pb2_grpc as pb_grpc
 from .protocol import (MAX_ACTIVATION, MAX_HIDDEN, MAX_REQUEST_TOKENS, MAX_STREAMS, MAX_STREAMS_PER_PEER,
@@ -78,38 +78,6 @@ def persistent_node_id(cache_dir: Path, fingerprint: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(node_id + "\n")
     return node_id
-
-
-@functools.cache
-def glibc_malloc():
-    """The C library when it is glibc (mallopt, malloc_trim), else None. Looked up once: ctypes'
-    find_library runs ldconfig."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def return_large_buffers_to_the_system(threshold: int = 1 << 20) -> None:
-    """Have glibc map every buffer of `threshold` bytes or more on its own, so freeing one gives
-    the memory back. By default glibc raises that threshold to the largest buffer freed so far
-    (up to 32 MB), after which request-sized buffers stay in the heap: a node held 55 MB after
-    refusing a few crafted requests. No-op off glibc."""
-    M_MMAP_THRESHOLD = -3  # malloc.h
-    if glibc_malloc():
-        glibc_malloc().mallopt(M_MMAP_THRESHOLD, threshold)
-
-
-def trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim; no-op elsewhere). After a
-    refused oversized request: gRPC receives a message in slices below the mmap threshold, so even
-    with return_large_buffers_to_the_system a node kept 26-56 MB after refusing one 16 MB request."""
-    if glibc_malloc():
-        glibc_malloc().malloc_trim(0)
 
 
 class RequestTooLarge(WireError):

@@ -390,6 +390,11 @@ def test_router_and_expert_sum_match_the_reference():
     x = rng.standard_normal((9, 64)).astype(np.float32)
     outputs = rng.standard_normal((9, 4, 64)).astype(np.float32)
     np.testing.assert_array_equal(native_add_experts(x, outputs, weights), add_experts(x, outputs, weights))
+    # A prefill's tokens in several tasks on the pool, 8 experts, a width no vector length divides.
+    x = rng.standard_normal((53, 70)).astype(np.float32)
+    outputs = rng.standard_normal((53, 8, 70)).astype(np.float32)
+    weights = rng.random((53, 8)).astype(np.float32)
+    np.testing.assert_array_equal(native_add_experts(x, outputs, weights), add_experts(x, outputs, weights))
 
 
 def test_router_and_expert_sum_refuse_bad_arguments():
@@ -400,6 +405,12 @@ def test_router_and_expert_sum_refuse_bad_arguments():
     with pytest.raises(ValueError, match="weights: expected shape"):
         native.add_experts(np.zeros((2, 8), np.float32), np.zeros((2, 4, 8), np.float32), np.zeros((2, 3), np.float32),
                            np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="at least one expert"):
+        native.add_experts(np.zeros((2, 8), np.float32), np.zeros((2, 0, 8), np.float32), np.zeros((2, 0), np.float32),
+                           np.zeros((2, 8), np.float32))
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap x"):
+        native.add_experts(x, np.zeros((2, 4, 8), np.float32), np.zeros((2, 4), np.float32), x)
 
 
 def test_rmsnorm_refuses_bad_arguments():
