@@ -332,16 +332,19 @@ template <typename Format>
 void token_group(const DecodedRows<Format>& a, const float* scales, int64_t n_blocks, int n_rows,
                  const int8_t* packed, float* out) {
     alignas(64) float c[2][4 * kCTileFloats];  // two blocks in flight: C tiles of block b land in c[b % 2]
+    // A lane's first block adds to a zero of its own (the same bits as adding to a zeroed array,
+    // without 32 KB of stores per call); lanes no block reaches start at zero.
     __m512 acc[avx512::kChunk][kRowGroup];
-    for (auto& lane : acc)
-        for (auto& v : lane) v = _mm512_setzero_ps();
+    for (int64_t k = std::min<int64_t>(n_blocks, avx512::kChunk); k < avx512::kChunk; ++k)
+        for (int r = 0; r < n_rows; ++r) acc[k][r] = _mm512_setzero_ps();
     auto accumulate = [&](int64_t b) {
         const int8_t* pb = packed + b * Format::kPackedBlockBytes;
         const __m512 code_scales = _mm512_loadu_ps(Format::code_scales(pb));
         __m512* acc_lane = acc[b % avx512::kChunk];
+        const bool first = b < avx512::kChunk;
         for (int r = 0; r < n_rows; ++r) {
             const __m512 csv = _mm512_mul_ps(_mm512_set1_ps(scales[r * n_blocks + b]), code_scales);
-            acc_lane[r] = _mm512_fmadd_ps(Format::sums(c[b % 2], r, pb), csv, acc_lane[r]);
+            acc_lane[r] = _mm512_fmadd_ps(Format::sums(c[b % 2], r, pb), csv, first ? _mm512_setzero_ps() : acc_lane[r]);
         }
     };
     // Block b's tiles are issued before the vector work of block b - 1, whose C tiles are stored by then.

@@ -45,7 +45,8 @@ struct Inputs {
     std::vector<float> x;
     std::vector<int32_t> ids;
 
-    Inputs(std::mt19937& rng, int64_t tokens) : T(tokens) {
+    Inputs(std::mt19937& rng, int64_t tokens, int64_t hidden = 640, int64_t intermediate = 544)
+        : H(hidden), I(intermediate), T(tokens) {
         std::uniform_int_distribution<int> byte(0, 255), scale(118, 124), expert(-1, int(E) - 1), q8(-127, 127);
         std::uniform_int_distribution<int> f16(0x2000, 0x2C00);  // fp16 scales 2^-7 .. 2^-4
         std::normal_distribution<float> normal(0.f, 1.f);
@@ -104,15 +105,15 @@ void expect(bool ok, const char* isa, const char* what) {
 int main() {
     std::mt19937 rng(1234);
     // 7 tokens: 4-token passes only; 80: ~27 per expert, so matrix-unit paths (AMX) take one and
-    // two groups of 16 too.
-    const Inputs few(rng, 7), many(rng, 80);
+    // two groups of 16 too; 81 over rows of 7 and 3 blocks: fewer blocks than a 16-block chunk.
+    const Inputs few(rng, 7), many(rng, 80), narrow(rng, 81, 224, 96);
     const Inputs& in = few;
     const KernelTable& scalar = *kernel_table(Isa::Scalar);
     // Variants of one path must agree bit for bit: key (path, token count).
     std::map<std::pair<std::string, int64_t>, std::vector<float>> fast_by_path;
     for (const KernelTable* kt : all_kernel_tables()) {
         for (int fi = 0; fi < kWeightFormats; ++fi)
-            for (const Inputs* inputs : {&few, &many})
+            for (const Inputs* inputs : {&few, &many, &narrow})
                 for (Precision p : {Precision::Exact, Precision::Fast}) {
                     const WeightFormat f = WeightFormat(fi);
                     const Inputs& v = *inputs;
