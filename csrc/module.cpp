@@ -588,6 +588,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("park_workers", [] { global_pool().park(); },
           "Idle kernel threads sleep now rather than spin (call before waiting on the network).");
     m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
+    m.attr("TILE_TOKENS") = kTileTokens;  // calls with fewer tokens take the vector kernels
     m.def("matrix_tiles", [] { return kernel_table(active_isa())->of(WeightFormat::Mxfp4).tile_q16 != nullptr; },
           "Whether the active path multiplies many tokens' experts on matrix tiles (AMX; MOEMESH_AMX=0 turns it off).");
     m.def("kernel_variant", [] { return std::string(table_variant(kernel_table(active_isa()))); },

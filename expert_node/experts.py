@@ -238,8 +238,12 @@ class Bf16LayerExperts(ExpertPieces):
         return gate, up, zeros, zeros, down, np.zeros(down.shape[0], np.float32)
 
     def run_native(self, native, shape, x, expert_ids, precision):
-        """Each selected expert's three projections on the native bf16 matmul (the rows routed to
-        it at once), the activation in numpy: no dedicated fused kernel yet."""
+        """Each selected expert's three projections on the native bf16 matmul, the activation in
+        numpy: no fused kernel (this is the unconverted checkpoint's slow path; `moemesh convert`
+        makes the fast one). A call takes fewer rows than a matrix-tile group: the vector kernels
+        give a row the same bits whatever rows share the call, the tiles' rounding depends on
+        them, and a token's numbers must not depend on the other sequences or drafts of its step
+        (continuous batching, speculation)."""
         if shape.activation != "swiglu":
             raise ValueError(f"bf16 experts compute the plain SwiGLU, not {shape.activation!r}")
         x = np.ascontiguousarray(x, np.float32)
@@ -254,7 +258,9 @@ class Bf16LayerExperts(ExpertPieces):
     @staticmethod
     def _matmul(native, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        native.bf16_matmul(np.ascontiguousarray(x, np.float32), w, None, out)
+        step = native.TILE_TOKENS - 1
+        for a in range(0, x.shape[0], step):
+            native.bf16_matmul(np.ascontiguousarray(x[a:a + step], np.float32), w, None, out[a:a + step])
         return out
 
 

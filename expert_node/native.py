@@ -7,6 +7,7 @@ from __future__ import annotations
 
 try:
     from ._native import (  # noqa: F401  (re-exports)
+        TILE_TOKENS,
         active_isa,
         add_experts,
         attend,

@@ -135,6 +135,23 @@ def test_bf16_matmul_matches_reference(isa, T, K, N):
     assert_close(out, reference_linear(x, w, (b.astype(np.uint32) << 16).view(np.float32)), TOL["exact"])
 
 
+def test_bf16_experts_give_a_token_the_same_bits_whatever_shares_its_step():
+    """Unconverted bf16 experts (Qwen3's hub layout) run on the bf16 matmul: 40 rows routed to one
+    expert in a step (a batch of sequences with drafts) must give each token what it gets alone,
+    which the matrix tiles' rounding would not."""
+    rng = np.random.default_rng(8)
+    E, H, I = 2, 128, 64
+    bf16 = lambda *s: f32_to_bf16((rng.standard_normal(s) * 0.2).astype(np.float32))  # noqa: E731
+    w = EXPERT_FORMATS["bf16"](bf16(E, I, H), bf16(E, I, H), bf16(E, H, I))
+    shape = ExpertShape(E, H, I, float("inf"), top_k=1, format="bf16", activation="swiglu")
+    x = rng.standard_normal((40, H)).astype(np.float32)
+    ids = np.zeros((40, 1), np.int32)
+    together = w.run_native(native, shape, x, ids, "exact")
+    alone = np.concatenate([w.run_native(native, shape, x[t:t + 1], ids[t:t + 1], "exact") for t in range(40)])
+    np.testing.assert_array_equal(together, alone)
+    assert_close(together, ReferenceExpertBackend({0: w}, shape).run(0, x, ids), TOL["exact"])
+
+
 def test_results_are_bit_identical_across_threads_and_request_splits():
     rng = np.random.default_rng(4)
     w, shape = random_experts(rng, E=6, H=128, I=96)
