@@ -37,6 +37,17 @@ bool cpu_supports(Isa isa) {
 #if defined(__aarch64__)
 // The dot-product instructions when Linux reports them, unless MOEMESH_DOTPROD=0.
 bool neon_dot_usable() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) && !disabled_by_env("MOEMESH_DOTPROD"); }
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)  // older kernel headers
+#endif
+// The int8 matrix multiply beside them when Linux reports it, unless MOEMESH_I8MM=0.
+bool neon_i8mm_usable() {
+#if defined(MOEMESH_I8MM_BUILT)
+    return neon_dot_usable() && (getauxval(AT_HWCAP2) & HWCAP2_I8MM) && !disabled_by_env("MOEMESH_I8MM");
+#else
+    return false;
+#endif
+}
 #endif
 #if defined(MOEMESH_AMX)
 // AMX tiles when the CPU and kernel allow them, unless MOEMESH_AMX=0.
@@ -61,7 +72,11 @@ const KernelTable* kernel_table(Isa isa) {
             return __builtin_cpu_supports("avx512vbmi") ? &kAvx512VbmiKernels : &kAvx512Kernels;
 #endif
 #if defined(__aarch64__)
-        case Isa::Neon: return neon_dot_usable() ? &kNeonDotKernels : &kNeonKernels;
+        case Isa::Neon:
+#if defined(MOEMESH_I8MM_BUILT)
+            if (neon_i8mm_usable()) return &kNeonI8mmKernels;
+#endif
+            return neon_dot_usable() ? &kNeonDotKernels : &kNeonKernels;
 #endif
         default: return nullptr;
     }
@@ -80,7 +95,9 @@ std::vector<const KernelTable*> all_kernel_tables() {
     }
 #endif
 #if defined(__aarch64__)
-    if (neon_dot_usable()) tables.push_back(&kNeonKernels);  // the baseline build beside the sdot one
+    // The builds below the best one beside it: sdot beside smmla, the baseline beside sdot.
+    if (neon_i8mm_usable()) tables.push_back(&kNeonDotKernels);
+    if (neon_dot_usable()) tables.push_back(&kNeonKernels);
 #endif
     return tables;
 }
@@ -97,6 +114,9 @@ const char* table_variant(const KernelTable* kt) {
 #endif
 #if defined(__aarch64__)
     if (kt == &kNeonDotKernels) return "dotprod";
+#if defined(MOEMESH_I8MM_BUILT)
+    if (kt == &kNeonI8mmKernels) return "i8mm";
+#endif
 #endif
     (void)kt;
     return "";

@@ -61,4 +61,18 @@ elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64")
   target_compile_options(moemesh_kernels_neon_dot PRIVATE -O3 -fno-fast-math -ffp-contract=off
                          -march=armv8.2-a+dotprod)
   target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_neon_dot>)
+  # A third build with the int8 matrix multiply (ARMv8.6 smmla, optional from ARMv8.2: Cortex-A510,
+  # A710, X2 and later phone cores) for many tokens, where the compiler knows it.
+  include(CheckCXXCompilerFlag)
+  check_cxx_compiler_flag("-march=armv8.2-a+dotprod+i8mm" MOEMESH_COMPILER_HAS_I8MM)
+  if(MOEMESH_COMPILER_HAS_I8MM)
+    add_library(moemesh_kernels_neon_i8mm OBJECT ${MOEMESH_CSRC}/kernels_neon.cpp)
+    set_target_properties(moemesh_kernels_neon_i8mm PROPERTIES POSITION_INDEPENDENT_CODE ON)
+    target_include_directories(moemesh_kernels_neon_i8mm PRIVATE ${MOEMESH_CSRC})
+    target_compile_definitions(moemesh_kernels_neon_i8mm PRIVATE MOEMESH_DOTPROD MOEMESH_I8MM)
+    target_compile_options(moemesh_kernels_neon_i8mm PRIVATE -O3 -fno-fast-math -ffp-contract=off
+                           -march=armv8.2-a+dotprod+i8mm)
+    target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_neon_i8mm>)
+    target_compile_definitions(moemesh_kernels PUBLIC MOEMESH_I8MM_BUILT)
+  endif()
 endif()

@@ -157,6 +157,7 @@ bool amx_usable();                            // the CPU has AMX-INT8/BF16 and L
 #if defined(__aarch64__)
 extern const KernelTable kNeonKernels;
 extern const KernelTable kNeonDotKernels;  // the same path with the dot-product instructions
+extern const KernelTable kNeonI8mmKernels;  // the sdot build plus smmla tiles for many tokens (if built)
 #endif
 
 }  // namespace moemesh

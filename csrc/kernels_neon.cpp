@@ -1,5 +1,7 @@
-// NEON kernels for AArch64 (phones, Raspberry Pi), built twice: baseline ARMv8, which runs on a
-// Cortex-A72 Pi, and with MOEMESH_DOTPROD for the dot-product instructions (ARMv8.2 sdot).
+// NEON kernels for AArch64 (phones, Raspberry Pi), built three times: baseline ARMv8, which runs on
+// a Cortex-A72 Pi; with MOEMESH_DOTPROD for the dot-product instructions (ARMv8.2 sdot); and with
+// MOEMESH_I8MM besides for the int8 matrix multiply (smmla: Cortex-A510/A710/X2 and later) on many
+// tokens, as AMX tiles are on x86.
 #include <arm_neon.h>
 
 #include <cstring>
@@ -239,9 +241,131 @@ void q8_dot_q16(const uint8_t* w, const uint8_t* scales, int64_t n_blocks, const
     with_token_count(n_tok, [&](auto nt) { dot_q16_n<decltype(nt)::value>(row, n_blocks, x, out); });
 }
 
+#if defined(MOEMESH_I8MM)
+// Many tokens (prefill) with the int8 matrix multiply: smmla multiplies two rows' 8 weights by two
+// tokens' 8 code bytes into a 2 x 2 tile of int32 sums, twice sdot's work per instruction. A
+// block is 8 of them (4 slices of 8 for the hi bytes, 4 for the lo), giving each row and token its
+// exact sum, then dot_q16_n's float steps per row and token in block order: the same bits as
+// dot_q16 (and the scalar kernels). Activations are packed kTileTokens at a time: per block and
+// token pair, its 4 planes (activation_layout) cut into 8-byte slices with the pair's two tokens
+// side by side, as smmla reads them, then the pair's scales as [d0 d1 d0 d1].
+constexpr int kPairs = kTileTokens / 2;
+constexpr int64_t kPairBytes = 8 * 16;
+constexpr int64_t kI8mmBlockBytes = kPairs * kPairBytes + kPairs * 4 * sizeof(float);
+
+int64_t i8mm_group_bytes(WeightFormat, int64_t n_blocks) { return n_blocks * kI8mmBlockBytes; }
+
+void i8mm_pack(WeightFormat, const Q16Row* x, int n_tok, int64_t n_blocks, int8_t* packed) {
+    auto plane = [&](int t, int64_t b, int p) {  // tokens past n_tok: zeros
+        return t < n_tok ? vld1q_s64(reinterpret_cast<const int64_t*>(x[t].q + b * 32) + 2 * p) : vdupq_n_s64(0);
+    };
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        int8_t* pb = packed + b * kI8mmBlockBytes;
+        float* d = reinterpret_cast<float*>(pb + kPairs * kPairBytes);
+        for (int pair = 0; pair < kPairs; ++pair) {
+            const int t0 = 2 * pair, t1 = t0 + 1;
+            int64_t* slices = reinterpret_cast<int64_t*>(pb + pair * kPairBytes);
+            for (int p = 0; p < 4; ++p) {
+                const int64x2_t a = plane(t0, b, p), c = plane(t1, b, p);
+                vst1q_s64(slices + 4 * p, vzip1q_s64(a, c));
+                vst1q_s64(slices + 4 * p + 2, vzip2q_s64(a, c));
+            }
+            const float d0 = t0 < n_tok ? x[t0].d[b] : 0.f, d1 = t1 < n_tok ? x[t1].d[b] : 0.f;
+            const float pair_scales[4] = {d0, d1, d0, d1};
+            std::memcpy(d + 4 * pair, pair_scales, sizeof pair_scales);
+        }
+    }
+}
+
+// Rows a and b (b absent: zero weights, results dropped) against one packed token group:
+// out_a[t], out_b[t] for its kTileTokens tokens.
+template <typename Row>
+void i8mm_row_pair(const Row& a, const Row* b, int64_t n_blocks, const int8_t* packed, float* out_a, float* out_b) {
+    float32x4_t acc[kPairs];  // lanes (a, t0) (a, t1) (b, t0) (b, t1) of token pair t0 = 2 pair
+    for (auto& v : acc) v = vdupq_n_f32(0.f);
+    for (int64_t g = 0; g < n_blocks; ++g) {
+        int8x16_t wa[2], wb[2] = {vdupq_n_s8(0), vdupq_n_s8(0)};
+        a.weights(g, wa);
+        if (b) b->weights(g, wb);
+        // Slices [a's 8 | b's 8] of the even elements (0, 1) and the odd ones (2, 3).
+        int8x16_t w[4];
+        for (int h = 0; h < 2; ++h) {
+            const int64x2_t ra = vreinterpretq_s64_s8(wa[h]), rb = vreinterpretq_s64_s8(wb[h]);
+            w[2 * h] = vreinterpretq_s8_s64(vzip1q_s64(ra, rb));
+            w[2 * h + 1] = vreinterpretq_s8_s64(vzip2q_s64(ra, rb));
+        }
+        const float wsa = a.scale(g), wsb = b ? b->scale(g) : 0.f;
+        const float32x4_t ws = {wsa, wsa, wsb, wsb};
+        const int8_t* pb = packed + g * kI8mmBlockBytes;
+        const float* d = reinterpret_cast<const float*>(pb + kPairs * kPairBytes);
+        for (int pair = 0; pair < kPairs; ++pair) {
+            const int8_t* B = pb + pair * kPairBytes;
+            int32x4_t hi = vmmlaq_s32(vdupq_n_s32(0), w[0], vld1q_s8(B));
+            int32x4_t lo = vmmlaq_s32(vdupq_n_s32(0), w[0], vld1q_s8(B + 64));
+            for (int i = 1; i < 4; ++i) {
+                hi = vmmlaq_s32(hi, w[i], vld1q_s8(B + 16 * i));
+                lo = vmmlaq_s32(lo, w[i], vld1q_s8(B + 64 + 16 * i));
+            }
+            const int32x4_t sums = vaddq_s32(vshlq_n_s32(hi, 8), lo);
+            acc[pair] = vaddq_f32(acc[pair], vmulq_f32(vcvtq_f32_s32(sums), vmulq_f32(ws, vld1q_f32(d + 4 * pair))));
+        }
+    }
+    for (int pair = 0; pair < kPairs; ++pair) {
+        vst1_f32(out_a + 2 * pair, vget_low_f32(acc[pair]));
+        if (out_b) vst1_f32(out_b + 2 * pair, vget_high_f32(acc[pair]));
+    }
+}
+
+// out[(g * n_rows + r) * kTileTokens + t] for every row and packed token group; row(r) gives row r.
+template <typename RowOf>
+void i8mm_tiles(const RowOf& row, int64_t n_blocks, int64_t n_rows, const int8_t* packed, int64_t n_groups, float* out) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int8_t* pg = packed + g * n_blocks * kI8mmBlockBytes;
+        float* og = out + g * n_rows * kTileTokens;
+        for (int64_t r = 0; r < n_rows; r += 2) {
+            const auto a = row(r);
+            if (r + 1 < n_rows) {
+                const auto b = row(r + 1);
+                i8mm_row_pair(a, &b, n_blocks, pg, og + r * kTileTokens, og + (r + 1) * kTileTokens);
+            } else {
+                i8mm_row_pair(a, static_cast<const decltype(a)*>(nullptr), n_blocks, pg, og + r * kTileTokens, nullptr);
+            }
+        }
+    }
+}
+
+template <typename Format>
+void nibbles_tile_q16(const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, int64_t n_rows,
+                      const int8_t* packed, int64_t n_groups, float* out) {
+    const int64_t scale_bytes = n_blocks * int64_t(sizeof(typename Format::Scale));
+    i8mm_tiles([&](int64_t r) { return NibbleRow<Format>{blocks + r * n_blocks * Format::kBlockBytes, scales + r * scale_bytes}; },
+               n_blocks, n_rows, packed, n_groups, out);
+}
+
+void q8_tile_q16(const uint8_t* values, const uint8_t* scales, int64_t n_blocks, int64_t n_rows, const int8_t* packed,
+                 int64_t n_groups, float* out) {
+    i8mm_tiles([&](int64_t r) {
+        return Q8Row{reinterpret_cast<const int8_t*>(values) + r * n_blocks * Q8::kBlock,
+                     reinterpret_cast<const uint16_t*>(scales) + r * n_blocks};
+    }, n_blocks, n_rows, packed, n_groups, out);
+}
+#endif
+
 }  // namespace
 
-#if defined(MOEMESH_DOTPROD)
+#if defined(MOEMESH_I8MM)
+const KernelTable kNeonI8mmKernels = {"neon",
+                                      {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, nibbles_tile_q16<Mxfp4>},
+                                       {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, nibbles_tile_q16<Q4>},
+                                       {blocks_dot_f32<Q8>, q8_dot_q16, q8_weight_layout, q8_tile_q16}},
+                                      activation_layout,
+                                      bf16_dot_f32,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr,
+                                      i8mm_group_bytes,
+                                      i8mm_pack};
+#elif defined(MOEMESH_DOTPROD)
 const KernelTable kNeonDotKernels = {"neon",
                                      {{blocks_dot_f32<Mxfp4>, nibbles_dot_q16<Mxfp4>, nullptr, nullptr},
                                       {blocks_dot_f32<Q4>, nibbles_dot_q16<Q4>, nullptr, nullptr},

@@ -34,19 +34,20 @@ def test_native_isa_paths_match_scalar(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_neon_paths_under_qemu(tmp_path):
-    """`-cpu max` has the dot-product instructions: both NEON builds run (sdot, and the baseline
-    one beside it); `-cpu cortex-a72` (Raspberry Pi 4) has none: the baseline build alone. The
-    fast path (MXFP4, Q4 and Q8 experts) and the Q8 copy must equal the scalar kernels bit for bit
-    in every build."""
+    """`-cpu max` has the dot-product instructions and the int8 matrix multiply: all three NEON
+    builds run (smmla tiles, sdot and the baseline one beside them); `-cpu cortex-a76` has sdot
+    only (two builds); `-cpu cortex-a72` (Raspberry Pi 4) neither: the baseline build alone. The
+    fast path (MXFP4, Q4 and Q8 experts; tiles where built) and the Q8 copy must equal the scalar
+    kernels bit for bit in every build."""
     require_tools(CROSS_CXX, QEMU, install="apt-get install g++-aarch64-linux-gnu qemu-user")
     exe = build(tmp_path / "aarch64", f"-DCMAKE_CXX_COMPILER={CROSS_CXX}", "-DCMAKE_SYSTEM_NAME=Linux",
                 "-DCMAKE_SYSTEM_PROCESSOR=aarch64")
     checks = {"moe_experts exact T=7", "moe_experts fast T=80", "token split identical T=80", "bf16_matmul", "q8_matmul",
               "fast bit-identical to scalar T=80", "q8 bit-identical to scalar T=40", "moe_experts q4 fast T=80",
               "q4 fast bit-identical to scalar T=80", "moe_experts q8 exact T=7", "q8 fast bit-identical to scalar T=80"}
-    for cpu, builds in (("max", 2), ("cortex-a72", 1)):
+    for cpu, builds in (("max", 3), ("cortex-a76", 2), ("cortex-a72", 1)):
         out = run_check([QEMU, "-cpu", cpu, "-L", "/usr/aarch64-linux-gnu", str(exe)])
         neon = [line for line in out.splitlines() if line.startswith("neon")]
         assert all(any(check in line for line in neon) for check in checks), out
-        assert sum("fast bit-identical to scalar" in line for line in neon) == 2 * 3 * builds, out  # T, formats
+        assert sum("fast bit-identical to scalar" in line for line in neon) == 3 * 3 * builds, out  # T, formats
         assert all(line.endswith("ok") for line in neon) and " 0 failed" in out, out
