@@ -10,36 +10,38 @@ add_library(moemesh_kernels STATIC
 set_target_properties(moemesh_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 target_include_directories(moemesh_kernels PUBLIC ${MOEMESH_CSRC})
 # No -ffast-math anywhere: results must not depend on the compiler reassociating sums.
-target_compile_options(moemesh_kernels PRIVATE -O3 -fno-fast-math -ffp-contract=off)
+set(MOEMESH_KERNEL_FLAGS -O3 -fno-fast-math -ffp-contract=off)
+target_compile_options(moemesh_kernels PRIVATE ${MOEMESH_KERNEL_FLAGS})
+include(CheckCXXCompilerFlag)
+
+# A kernel source built once more with extra definitions and instruction-set flags, linked into the
+# kernels: the variant's own table, which the runtime dispatch picks when the CPU has them.
+function(moemesh_kernel_variant name source defines flags)
+  add_library(${name} OBJECT ${source})
+  set_target_properties(${name} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_include_directories(${name} PRIVATE ${MOEMESH_CSRC})
+  target_compile_definitions(${name} PRIVATE ${defines})
+  target_compile_options(${name} PRIVATE ${MOEMESH_KERNEL_FLAGS} ${flags})
+  target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:${name}>)
+endfunction()
 
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_avx2.cpp ${MOEMESH_CSRC}/kernels_avx512.cpp)
   set_source_files_properties(${MOEMESH_CSRC}/kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
   # The AVX2 source again with AVX-VNNI's 256-bit vpdpbusd (Alder Lake, Zen 5 and later laptops):
   # its own table, chosen at run time when the CPU has it.
-  include(CheckCXXCompilerFlag)
   check_cxx_compiler_flag("-mavxvnni" MOEMESH_COMPILER_HAS_AVXVNNI)
   if(MOEMESH_COMPILER_HAS_AVXVNNI)
-    add_library(moemesh_kernels_avx2_vnni OBJECT ${MOEMESH_CSRC}/kernels_avx2.cpp)
-    set_target_properties(moemesh_kernels_avx2_vnni PROPERTIES POSITION_INDEPENDENT_CODE ON)
-    target_include_directories(moemesh_kernels_avx2_vnni PRIVATE ${MOEMESH_CSRC})
-    target_compile_definitions(moemesh_kernels_avx2_vnni PRIVATE MOEMESH_AVXVNNI)
-    target_compile_options(moemesh_kernels_avx2_vnni PRIVATE -O3 -fno-fast-math -ffp-contract=off
-                           -mavx2 -mfma -mf16c -mavxvnni)
-    target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_avx2_vnni>)
+    moemesh_kernel_variant(moemesh_kernels_avx2_vnni ${MOEMESH_CSRC}/kernels_avx2.cpp MOEMESH_AVXVNNI
+                           "-mavx2;-mfma;-mf16c;-mavxvnni")
     target_compile_definitions(moemesh_kernels PUBLIC MOEMESH_AVXVNNI_BUILT)
   endif()
   set(MOEMESH_AVX512_FLAGS -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512vnni)
   set_source_files_properties(${MOEMESH_CSRC}/kernels_avx512.cpp PROPERTIES COMPILE_OPTIONS "${MOEMESH_AVX512_FLAGS}")
   # The same source again with VBMI's byte permutes (Ice Lake, Zen 4 and later): its own table,
   # chosen at run time; Cascade Lake has VNNI without VBMI and takes the first build.
-  add_library(moemesh_kernels_avx512_vbmi OBJECT ${MOEMESH_CSRC}/kernels_avx512.cpp)
-  set_target_properties(moemesh_kernels_avx512_vbmi PROPERTIES POSITION_INDEPENDENT_CODE ON)
-  target_include_directories(moemesh_kernels_avx512_vbmi PRIVATE ${MOEMESH_CSRC})
-  target_compile_definitions(moemesh_kernels_avx512_vbmi PRIVATE MOEMESH_VBMI)
-  target_compile_options(moemesh_kernels_avx512_vbmi PRIVATE -O3 -fno-fast-math -ffp-contract=off
-                         ${MOEMESH_AVX512_FLAGS} -mavx512vbmi)
-  target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_avx512_vbmi>)
+  moemesh_kernel_variant(moemesh_kernels_avx512_vbmi ${MOEMESH_CSRC}/kernels_avx512.cpp MOEMESH_VBMI
+                         "${MOEMESH_AVX512_FLAGS};-mavx512vbmi")
   # AMX tiles (Sapphire Rapids and later) where the compiler knows them; used only when the CPU
   # has them and the kernel grants the tile state (dispatch.cpp).
   check_cxx_compiler_flag("-mamx-tile -mamx-int8 -mamx-bf16" MOEMESH_COMPILER_HAS_AMX)
@@ -54,25 +56,14 @@ elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64")
   target_sources(moemesh_kernels PRIVATE ${MOEMESH_CSRC}/kernels_neon.cpp)
   # The same source again with the dot-product instructions (ARMv8.2 sdot: Cortex-A55/A76 and
   # later), chosen at run time from HWCAP; the baseline build stays for the Cortex-A72.
-  add_library(moemesh_kernels_neon_dot OBJECT ${MOEMESH_CSRC}/kernels_neon.cpp)
-  set_target_properties(moemesh_kernels_neon_dot PROPERTIES POSITION_INDEPENDENT_CODE ON)
-  target_include_directories(moemesh_kernels_neon_dot PRIVATE ${MOEMESH_CSRC})
-  target_compile_definitions(moemesh_kernels_neon_dot PRIVATE MOEMESH_DOTPROD)
-  target_compile_options(moemesh_kernels_neon_dot PRIVATE -O3 -fno-fast-math -ffp-contract=off
+  moemesh_kernel_variant(moemesh_kernels_neon_dot ${MOEMESH_CSRC}/kernels_neon.cpp MOEMESH_DOTPROD
                          -march=armv8.2-a+dotprod)
-  target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_neon_dot>)
   # A third build with the int8 matrix multiply (ARMv8.6 smmla, optional from ARMv8.2: Cortex-A510,
   # A710, X2 and later phone cores) for many tokens, where the compiler knows it.
-  include(CheckCXXCompilerFlag)
   check_cxx_compiler_flag("-march=armv8.2-a+dotprod+i8mm" MOEMESH_COMPILER_HAS_I8MM)
   if(MOEMESH_COMPILER_HAS_I8MM)
-    add_library(moemesh_kernels_neon_i8mm OBJECT ${MOEMESH_CSRC}/kernels_neon.cpp)
-    set_target_properties(moemesh_kernels_neon_i8mm PROPERTIES POSITION_INDEPENDENT_CODE ON)
-    target_include_directories(moemesh_kernels_neon_i8mm PRIVATE ${MOEMESH_CSRC})
-    target_compile_definitions(moemesh_kernels_neon_i8mm PRIVATE MOEMESH_DOTPROD MOEMESH_I8MM)
-    target_compile_options(moemesh_kernels_neon_i8mm PRIVATE -O3 -fno-fast-math -ffp-contract=off
-                           -march=armv8.2-a+dotprod+i8mm)
-    target_sources(moemesh_kernels PRIVATE $<TARGET_OBJECTS:moemesh_kernels_neon_i8mm>)
+    moemesh_kernel_variant(moemesh_kernels_neon_i8mm ${MOEMESH_CSRC}/kernels_neon.cpp
+                           "MOEMESH_DOTPROD;MOEMESH_I8MM" -march=armv8.2-a+dotprod+i8mm)
     target_compile_definitions(moemesh_kernels PUBLIC MOEMESH_I8MM_BUILT)
   endif()
 endif()
