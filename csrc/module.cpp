@@ -68,6 +68,14 @@ T* out_ptr(py::array& a, const char* name, std::vector<py::ssize_t> shape) {
 }
 
 void check_finite(const float* x, size_t n, const char* name) {
+    // A float is NaN or Inf when its exponent bits are all ones: an integer OR over the array,
+    // which the compiler vectorises (a float test per element was 2.5% of a prefill); the slow
+    // search for the index only once something was found.
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+    constexpr uint32_t kExponent = 0x7F800000u;
+    uint32_t non_finite = 0;
+    for (size_t i = 0; i < n; ++i) non_finite |= uint32_t((bits[i] & kExponent) == kExponent);
+    if (!non_finite) return;
     for (size_t i = 0; i < n; ++i)
         if (!std::isfinite(x[i])) fail(std::string(name) + ": contains NaN or Inf at flat index " + std::to_string(i));
 }

@@ -135,6 +135,22 @@ def test_bf16_matmul_matches_reference(isa, T, K, N):
     assert_close(out, reference_linear(x, w, (b.astype(np.uint32) << 16).view(np.float32)), TOL["exact"])
 
 
+def test_inputs_are_checked_finite_naming_the_first_bad_index():
+    """NaN and both infinities are refused with the flat index of the first one; the largest finite
+    float, denormals and negative zero pass."""
+    w = np.full((8, 64), 0x3F80, np.uint16)  # bf16 ones
+    out = np.empty((3, 8), np.float32)
+    x = np.zeros((3, 64), np.float32)
+    x[0, :4] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -0.0]
+    native.bf16_matmul(x, w, None, out)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[2, 9] = bad
+        y[2, 40] = np.nan
+        with pytest.raises(ValueError, match="x: contains NaN or Inf at flat index 137$"):
+            native.bf16_matmul(y, w, None, out)
+
+
 def test_bf16_experts_give_a_token_the_same_bits_whatever_shares_its_step():
     """Unconverted bf16 experts (Qwen3's hub layout) run on the bf16 matmul: 40 rows routed to one
     expert in a step (a batch of sequences with drafts) must give each token what it gets alone,
