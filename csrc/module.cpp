@@ -67,17 +67,21 @@ T* out_ptr(py::array& a, const char* name, std::vector<py::ssize_t> shape) {
     return writeable(a, name, in_ptr<T>(a, name, shape));
 }
 
-void check_finite(const float* x, size_t n, const char* name) {
-    // A float is NaN or Inf when its exponent bits are all ones: an integer OR over the array,
-    // which the compiler vectorises (a float test per element was 2.5% of a prefill); the slow
-    // search for the index only once something was found.
-    const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
-    constexpr uint32_t kExponent = 0x7F800000u;
+// Refuses NaN and Inf, floats given as their bits (fp32 or bf16): those whose exponent bits are
+// all ones. An integer OR over the array, which the compiler vectorises (a float test per element
+// was 2.5% of a prefill), then the search for the first one's index only when there is one.
+template <typename Bits>
+void check_finite_bits(const Bits* bits, size_t n, Bits exponent, const char* name) {
     uint32_t non_finite = 0;
-    for (size_t i = 0; i < n; ++i) non_finite |= uint32_t((bits[i] & kExponent) == kExponent);
+    for (size_t i = 0; i < n; ++i) non_finite |= uint32_t((bits[i] & exponent) == exponent);
     if (!non_finite) return;
     for (size_t i = 0; i < n; ++i)
-        if (!std::isfinite(x[i])) fail(std::string(name) + ": contains NaN or Inf at flat index " + std::to_string(i));
+        if ((bits[i] & exponent) == exponent)
+            fail(std::string(name) + ": contains NaN or Inf at flat index " + std::to_string(i));
+}
+
+void check_finite(const float* x, size_t n, const char* name) {
+    check_finite_bits(reinterpret_cast<const uint32_t*>(x), n, uint32_t(0x7F800000u), name);
 }
 
 void check_no_overlap(const py::array& out, const py::array& in, const char* out_name, const char* in_name) {
@@ -419,8 +423,7 @@ void py_quantize(const std::string& format, const py::array& w, py::array& value
     const uint16_t* wp = in_ptr<uint16_t>(w, "w", {N, K});
     uint8_t* vp = writeable(values, "values", values_ptr(values, f, "values", {N, K / 32}));
     uint8_t* sp = writeable(scales, "scales", scales_ptr(scales, f, "scales", {N, K / 32}));
-    for (int64_t i = 0; i < N * K; ++i)
-        if ((wp[i] & 0x7F80) == 0x7F80) fail("w: contains NaN or Inf at flat index " + std::to_string(i));
+    check_finite_bits(wp, size_t(N * K), uint16_t(0x7F80), "w");  // bf16
     py::gil_scoped_release nogil;
     switch (f) {
         case WeightFormat::Mxfp4: mxfp4_quantize(wp, N, K, vp, sp); break;
