@@ -8,7 +8,9 @@ first use) unless -m names a checkpoint. Decodes with all experts in-process, th
 this 2-core machine), and reports per hop: round trip, the node's own time (decode, queue,
 compute, encode) and the difference — the software overhead of a hop — next to grpcio's own
 floor measured in the same run (echoes in other processes that hold each request for the node's
-time on a busy core and answer as many bytes: see grpc_floor_us). Last line: JSON.
+time on a busy core and answer as many bytes: see grpc_floor_us) over the same transport: mutual
+TLS with this device's identity as the nodes use, or plaintext for both with --insecure. The
+plaintext floor is printed beside the TLS one, so TLS's own share of a hop shows. Last line: JSON.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import queue
+import struct
 import subprocess
 import sys
 import threading
@@ -34,6 +37,8 @@ from coordinator.sampling import SamplingParams
 from coordinator.tracing import Tracer
 from expert_node import native
 from expert_node.checkpoint import Checkpoint
+from expert_node.identity import (CHANNEL_TLS_OPTIONS, Identity, TrustStore, channel_credentials,
+                                  server_credentials)
 from expert_node.paths import cache_root
 
 
@@ -59,23 +64,31 @@ def start_node(i: int, *extra: str, threads: int = 1) -> tuple[subprocess.Popen,
     return node.proc, node.address
 
 
-def serve_echo(hold_us: float, reply_bytes: int) -> None:
+ECHO_ORDER = struct.Struct("<dI")  # an echo request's head: how long to hold it, how many bytes to answer
+
+
+def serve_echo(tls: bool) -> None:
     """A bidi-stream echo server (for grpc_floor_us), in this process until killed: each request
-    is held hold_us on a busy core (a node computing) and answered with reply_bytes."""
-    reply = bytes(reply_bytes)
+    says how long to hold it on a busy core (a node computing) and how many bytes to answer;
+    with tls, over mutual TLS with this device's identity (as a bench node serves)."""
 
     def echo(requests, context):
-        for _ in requests:
+        for request in requests:
+            hold_us, reply_bytes = ECHO_ORDER.unpack_from(request)
             until = time.perf_counter() + hold_us * 1e-6
             while time.perf_counter() < until:
                 pass
-            yield reply
+            yield bytes(reply_bytes)
 
     ident = lambda b: b  # noqa: E731
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
         "Stream": grpc.stream_stream_rpc_method_handler(echo, request_deserializer=ident, response_serializer=ident)}),))
-    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    if tls:
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(Identity.load_or_create(), TrustStore()))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    print(port, flush=True)
     server.start()
     server.wait_for_termination()
 
@@ -108,25 +121,60 @@ class EchoStream:
         self.reader.join(timeout=10)
 
 
-def grpc_floor_us(n: int = 1000, hold_us: float = 0.0, servers: int = 1, reply_bytes: int = 2880 * 2 + 400,
-                  gap_s: float = 0.001) -> np.ndarray:
-    """What grpcio itself costs a hop on this machine: round trips minus hold_us through `servers`
-    echo processes that do no work of ours but hold each request hold_us on a busy core (as a
-    node computing does), sent to all at once and awaited together as RemoteExpertBackend does.
+def echo_channel(port: int, tls: bool) -> grpc.Channel:
+    address = f"127.0.0.1:{port}"
+    if not tls:
+        return grpc.insecure_channel(address)
+    creds = channel_credentials(Identity.load_or_create(), TrustStore())
+    return grpc.secure_channel(address, creds, options=CHANNEL_TLS_OPTIONS)
 
-    The hold matters on this VM: a thread that waited 4 ms wakes far slower than one that waited
-    0.4 (a halted vCPU), so an echo that answers at once measured 390 us where the same echo
-    holding 4 ms measured 680-820. A floor without the hold was a yardstick the real hop could
-    never reach for reasons that are not our software."""
-    procs = [subprocess.Popen([sys.executable, __file__, "--echo-server", str(hold_us), str(reply_bytes)],
+
+Echo = tuple[float, int]  # one node's part of a round: (its time in us, the bytes it answered)
+
+
+def echo_rounds(hops: list, row_bytes: int, hold_us) -> list[list[Echo | None]]:
+    """The decode rounds a cluster run made, for grpc_floor_us to replay: per round (one layer's
+    requests, sent together), per node in a fixed order, hold_us(span) and the bytes of the expert
+    rows it answered (None: that node had nothing in that round). hops: one traced span per hop
+    (args layer, node, outputs)."""
+    nodes = sorted({h.args["node"] for h in hops})
+    rounds, current, layer = [], {}, None
+    for h in sorted(hops, key=lambda s: s.start_us):
+        if h.args["layer"] != layer or h.args["node"] in current:
+            if current:
+                rounds.append(current)
+            current, layer = {}, h.args["layer"]
+        current[h.args["node"]] = (float(hold_us(h)), int(h.args["outputs"]) * row_bytes)
+    if current:
+        rounds.append(current)
+    return [[r.get(n) for n in nodes] for r in rounds]
+
+
+def grpc_floor_us(rounds: list[list[Echo | None]], n: int = 1000, gap_s: float = 0.001, tls: bool = True,
+                  request_bytes: int = 2880 * 2 + 400) -> np.ndarray:
+    """What grpcio itself costs a hop on this machine: round trips minus the hold through echo
+    processes (one per node) that do no work of ours, replaying the rounds a cluster run made
+    (echo_rounds, cycled to n): each echo holds its request for that node's time on a busy core
+    and answers as many bytes, the requests of a round sent at once and awaited together as
+    RemoteExpertBackend does, over the transport the nodes use (tls: mutual TLS).
+
+    The pattern matters on this VM: a thread that waited 4 ms wakes far slower than one that
+    waited 0.4 (a halted vCPU), so an echo that answers at once measured 390 us where the same
+    echo holding 4 ms measured 680-820; and when one node answers 1.2 ms after the other, the
+    coordinator's threads fall asleep in between and wake twice: with equal holds of 1.8 ms a hop
+    cost 680-700 us, with 1.8 and 0.6 ms 800-910 (the later reply's return path 170 -> 310-335 us).
+    A yardstick of equal holds is one the real hop cannot reach for reasons that are not ours."""
+    servers = len(rounds[0])
+    procs = [subprocess.Popen([sys.executable, __file__, "--echo-server"] + (["--echo-tls"] if tls else []),
                               stdout=subprocess.PIPE, text=True) for _ in range(servers)]
     try:
-        streams = [EchoStream(grpc.insecure_channel(f"127.0.0.1:{int(p.stdout.readline())}")) for p in procs]
-        payload, times = bytes(2880 * 2 + 400), []
-        for _ in range(n):
+        streams = [EchoStream(echo_channel(int(p.stdout.readline()), tls)) for p in procs]
+        padding, times = bytes(request_bytes - ECHO_ORDER.size), []
+        for i in range(n):
+            parts = [(s, part) for s, part in zip(streams, rounds[i % len(rounds)]) if part is not None]
             t = time.perf_counter()
-            futs = [s.submit(payload) for s in streams]
-            for fut in futs:
+            futs = [(s.submit(ECHO_ORDER.pack(*part) + padding), part[0]) for s, part in parts]
+            for fut, hold_us in futs:
                 fut.result(timeout=10)
                 times.append((fut.arrived - t) * 1e6 - hold_us)
             time.sleep(gap_s)
@@ -144,10 +192,12 @@ def main() -> None:
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--precision", default="fast", choices=("fast", "exact"))
-    ap.add_argument("--echo-server", nargs=2, type=float, metavar=("HOLD_US", "REPLY_BYTES"), help=argparse.SUPPRESS)
+    ap.add_argument("--insecure", action="store_true", help="plaintext nodes and floor (default: mutual TLS)")
+    ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--echo-tls", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo_server:
-        serve_echo(args.echo_server[0], int(args.echo_server[1]))
+        serve_echo(args.echo_tls)
         return
     folder = Path(args.model) if args.model else default_model()
     machine = f"{platform.machine()} isa={native.kernel_path()} threads={native.get_threads()}"
@@ -156,9 +206,11 @@ def main() -> None:
     single.warm(progress=False)
     tps_single = decode_tps(single, args.tokens)
 
-    nodes = [start_node(i) for i in range(2)]
+    tls = not args.insecure
+    nodes = [start_node(i, *([] if tls else ["--insecure"])) for i in range(2)]
     try:
-        experts, _ = cluster.connect(Checkpoint(folder), args.precision, [a for _, a in nodes], progress=False)
+        experts, _ = cluster.connect(Checkpoint(folder), args.precision, [a for _, a in nodes], progress=False,
+                                     **({} if tls else {"creds": None}))
         engine = Engine.load(folder, precision=args.precision, experts=experts)
         engine.warm(progress=False)
         decode_tps(engine, 4)  # warm the streams
@@ -176,19 +228,21 @@ def main() -> None:
     rtt = np.array([h.dur_us for h in hops])
     node_time = np.array([h.args["node_us"] for h in hops])
     config = Checkpoint(folder).config
-    # the same pattern without our software: 2 echo servers holding each request for a node's time,
-    # each answering its share of a token's expert rows (q16: 2 bytes a value, 4 per 32 for scales)
+    # the same rounds without our software: an echo per node holding each request for that node's
+    # time and answering its expert rows (q16: 2 bytes a value, 4 per 32 for scales)
     row_bytes = config["hidden_size"] * 2 + config["hidden_size"] // 32 * 4
-    floor = grpc_floor_us(hold_us=float(np.median(node_time)), servers=2,
-                          reply_bytes=row_bytes * config["num_experts_per_tok"] // 2)
+    replay = echo_rounds(hops, row_bytes, lambda h: h.args["node_us"])
+    floor = grpc_floor_us(replay, tls=tls)
+    plain_floor = grpc_floor_us(replay, tls=False) if tls else floor
     overhead = rtt - node_time
+    transport = "mutual TLS" if tls else "plaintext"
     pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731
     print(f"machine: {machine}; model: {folder} ({Checkpoint(folder).config['num_hidden_layers']} layers); "
-          f"precision {args.precision}")
+          f"precision {args.precision}; nodes and floor over {transport}")
     print(f"{'per decode hop (us)':<28}{'p50':>10}{'p99':>10}")
     for name, a in (("round trip", rtt), ("node total", node_time), ("node compute", compute),
                     ("overhead = rtt - node total", overhead), ("rtt - node compute", rtt - compute),
-                    ("gRPC floor (busy echo)", floor)):
+                    (f"gRPC floor ({transport} echo)", floor), ("gRPC floor (plaintext echo)", plain_floor)):
         print(f"{name:<28}{pct(a, 50):>10.0f}{pct(a, 99):>10.0f}")
     print(f"hop overhead p50 = {pct(overhead, 50) / pct(floor, 50):.2f} x grpcio's own floor measured in this run")
     print(f"decode: single device {tps_single:.2f} tok/s, 2-node cluster {tps_cluster:.2f} tok/s "
@@ -196,7 +250,8 @@ def main() -> None:
     print(json.dumps({"machine": machine, "hops": len(hops), "hop_overhead_us_p50": pct(overhead, 50),
                       "hop_overhead_us_p99": pct(overhead, 99), "hop_rtt_us_p50": pct(rtt, 50),
                       "hop_rtt_minus_compute_us_p50": pct(rtt - compute, 50),
-                      "grpc_echo_floor_us_p50": pct(floor, 50),
+                      "grpc_echo_floor_us_p50": pct(floor, 50), "grpc_plaintext_floor_us_p50": pct(plain_floor, 50),
+                      "transport": transport,
                       "node_compute_us_p50": pct(compute, 50), "decode_tps_single": tps_single,
                       "decode_tps_cluster2": tps_cluster, "cluster2_ratio": tps_cluster / tps_single}))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster import default_model, grpc_floor_us, start_node
+from cluster import default_model, echo_rounds, grpc_floor_us, start_node
 from yardstick import cpu_model
 from coordinator import Engine, cluster
 from coordinator import latency as lm
@@ -203,7 +203,7 @@ def main() -> None:
             return engine, experts
 
         engine, experts = connect([a for _, a in nodes])
-        node_samples, one_token_compute_us = [], []
+        node_samples, one_token_computes = [], []
         for k in (0, 2, 4, 8):
             tracer = Tracer()
             decode(engine, n, k, "oracle" if k else "none", continuation, tracer)
@@ -214,14 +214,13 @@ def main() -> None:
                         node_samples.append((share_union, tokens * shape.top_k / 2, s.dur_us / 1e6))
                 if tokens == 1:
                     overhead_us.extend(hop_overheads_us(spans))
-                    one_token_compute_us.extend(s.dur_us for s in spans if s.name == "node compute")
+                    one_token_computes.extend(s for s in spans if s.name == "node compute")
         experts.close()
         remote = fit_compute(node_samples)
         overhead = float(np.median(overhead_us)) / 1e6
-        # grpcio alone, echoes holding each request for a node's kernel time and answering its
-        # share of a token's expert rows (q16: 2 bytes a value plus 4 per 32 for scales)
-        floor = grpc_floor_us(hold_us=float(np.median(one_token_compute_us)), servers=2,
-                              reply_bytes=(shape.hidden * 2 + shape.hidden // 8) * shape.top_k // 2)
+        # grpcio alone: the same one-token rounds through echoes holding each request for that
+        # node's kernel time and answering its expert rows (q16: 2 bytes a value plus 4 per 32 for scales)
+        floor = grpc_floor_us(echo_rounds(one_token_computes, shape.hidden * 2 + shape.hidden // 8, lambda s: s.dur_us))
 
         def cluster_nodes(link: lm.Link, compute: lm.Compute) -> list[lm.Node]:
             return [lm.Node(link, compute, overhead, 0.5) for _ in range(2)]

@@ -235,7 +235,7 @@ class RemoteExpertBackend(Failover, ExpertBackend):
         out[mask] = y
         self.deadlines.observe(node, n_tokens, fut.arrived - t1)
         if self.tracer.enabled:
-            self._trace_hop(node, layer, n_tokens, t0, t1, fut.arrived, t3, time.perf_counter(), reply.timing)
+            self._trace_hop(node, layer, n_tokens, y.shape[0], t0, t1, fut.arrived, t3, time.perf_counter(), reply.timing)
 
     def _compute_locally(self, layer, x, expert_ids, mask, out) -> None:
         if self.local is None:
@@ -247,14 +247,14 @@ class RemoteExpertBackend(Failover, ExpertBackend):
             out[rows] += np.where(mask[rows][..., None], self.local.run(layer, x[rows], ids), 0.0)
 
     # -- liveness --------------------------------------------------------------------------------
-    def _trace_hop(self, node, layer, tokens, t0, t1, t2, t3, t4, timing: pb.NodeTiming) -> None:
+    def _trace_hop(self, node, layer, tokens, outputs, t0, t1, t2, t3, t4, timing: pb.NodeTiming) -> None:
         """serialize [t0, t1], round trip [t1, t2] (wire = rtt - node time), deserialize [t3, t4];
-        the node's own spans are centred in the round trip."""
+        the node's own spans are centred in the round trip. outputs: the expert rows it answered."""
         tr, label, us = self.tracer, self.node_label(node), self.tracer.us
         node_us = timing.decode_us + timing.queue_us + timing.compute_us + timing.encode_us
         rtt_us = (t2 - t1) * 1e6
         wire_us = max(rtt_us - node_us, 0.0)
-        args = dict(layer=layer, node=label, tokens=tokens)
+        args = dict(layer=layer, node=label, tokens=tokens, outputs=outputs)
         track = f"rpc {label}"
         tr.add("serialize", "coordinator", track, us(t0), (t1 - t0) * 1e6, **args)
         tr.add("round trip", "coordinator", track, us(t1), rtt_us, wire_us=wire_us, node_us=node_us, **args)
