@@ -218,8 +218,11 @@ def main() -> None:
         tracer = Tracer()
         engine.set_tracer(tracer)
         decode_tps(engine, args.tokens)
-        hops = [s for s in tracer.spans if s.name == "round trip" and s.args["tokens"] == 1]  # decode steps
-        compute = np.array([s.dur_us for s in tracer.spans if s.name == "node compute" and s.args["tokens"] == 1])
+        decode_spans = [s for s in tracer.spans if s.args.get("tokens") == 1 and "node" in s.args]  # decode steps
+        hops = [s for s in decode_spans if s.name == "round trip"]
+        span_us = {name: np.array([s.dur_us for s in decode_spans if s.name == name])
+                   for name in ("serialize", "deserialize", "node decode", "node compute", "node encode")}
+        compute = span_us["node compute"]
         experts.close()
     finally:
         for proc, _ in nodes:
@@ -240,7 +243,10 @@ def main() -> None:
     print(f"machine: {machine}; model: {folder} ({Checkpoint(folder).config['num_hidden_layers']} layers); "
           f"precision {args.precision}; nodes and floor over {transport}")
     print(f"{'per decode hop (us)':<28}{'p50':>10}{'p99':>10}")
-    for name, a in (("round trip", rtt), ("node total", node_time), ("node compute", compute),
+    for name, a in (("coordinator serialize", span_us["serialize"]), ("round trip", rtt),
+                    ("coordinator deserialize", span_us["deserialize"]), ("node total", node_time),
+                    ("node decode", span_us["node decode"]), ("node compute", compute),
+                    ("node encode", span_us["node encode"]),
                     ("overhead = rtt - node total", overhead), ("rtt - node compute", rtt - compute),
                     (f"gRPC floor ({transport} echo)", floor), ("gRPC floor (plaintext echo)", plain_floor)):
         print(f"{name:<28}{pct(a, 50):>10.0f}{pct(a, 99):>10.0f}")
