@@ -7,12 +7,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from coordinator.local_node import LocalNode
+import numpy as np
 
+from coordinator.local_node import LocalNode
+from coordinator.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
 TESTS = Path(__file__).resolve().parent
 MOEMESH = [sys.executable, "-m", "coordinator.cli"]
 
@@ -133,3 +138,51 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+
+
+# -- continuous batching: submit several requests at once, collect each one's tokens ------------
+def prompts(n: int, length: int = 12, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, 1000, length + 3 * i)] for i in range(n)]
+
+
+class Collector:
+    """deliver() target: the tokens of one request, its error, and when it ended."""
+
+    def __init__(self):
+        self.tokens, self.error, self.done = [], None, threading.Event()
+
+    def __call__(self, item):
+        if isinstance(item, Exception):
+            self.error = item
+            self.done.set()
+        elif item is None:
+            self.done.set()
+        else:
+            self.tokens += [s.token for s in item]
+
+
+def alone(engine, prompt, n, params=GREEDY, draft=None) -> list[int]:
+    return [s.token for s in engine.stream(prompt, n, params, draft=draft)]
+
+
+def run_batched(engine, jobs, parallel=4, during=None) -> list[Collector]:
+    """jobs: (prompt, max_tokens, params, draft); all submitted at once. during(collectors), if
+    given, runs while they decode (a fault to inject)."""
+    from coordinator.batching import Scheduler
+
+    scheduler = Scheduler(engine, parallel=parallel)
+    try:
+        outs = []
+        with scheduler._wake:  # the scheduler admits none before all are in line
+            for prompt, n, params, draft in jobs:
+                c = Collector()
+                scheduler.submit(engine.stream(prompt, n, params, draft=draft), c)
+                outs.append(c)
+        if during is not None:
+            during(outs)
+        for c in outs:
+            assert c.done.wait(120)
+        return outs
+    finally:
+        scheduler.close()

@@ -2,60 +2,17 @@
 get alone — greedy, sampled with a seed, with speculative drafts, joining while others decode,
 with a prompt longer than a prefill chunk — and a cancelled request frees its slot."""
 import queue
-import threading
 
 import numpy as np
 import pytest
+
+from support import GREEDY, Collector, alone, prompts, run_batched
 
 from coordinator import Engine
 from coordinator.batching import Scheduler, SchedulerFull
 from coordinator.drafting import DraftParams
 from coordinator.generation import PREFILL_CHUNK
 from coordinator.sampling import SamplingParams
-
-GREEDY = SamplingParams(temperature=0.0)
-
-
-def prompts(n: int, length: int = 12, seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(0, 1000, length + 3 * i)] for i in range(n)]
-
-
-class Collector:
-    """deliver() target: the tokens of one request, its error, and when it ended."""
-
-    def __init__(self):
-        self.tokens, self.error, self.done = [], None, threading.Event()
-
-    def __call__(self, item):
-        if isinstance(item, Exception):
-            self.error = item
-            self.done.set()
-        elif item is None:
-            self.done.set()
-        else:
-            self.tokens += [s.token for s in item]
-
-
-def alone(engine, prompt, n, params=GREEDY, draft=None) -> list[int]:
-    return [s.token for s in engine.stream(prompt, n, params, draft=draft)]
-
-
-def run_batched(engine, jobs, parallel=4) -> list[Collector]:
-    """jobs: (prompt, max_tokens, params, draft); all submitted at once."""
-    scheduler = Scheduler(engine, parallel=parallel)
-    try:
-        outs = []
-        with scheduler._wake:  # the scheduler admits none before all are in line
-            for prompt, n, params, draft in jobs:
-                c = Collector()
-                scheduler.submit(engine.stream(prompt, n, params, draft=draft), c)
-                outs.append(c)
-        for c in outs:
-            assert c.done.wait(120)
-        return outs
-    finally:
-        scheduler.close()
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])

@@ -10,7 +10,7 @@ from coordinator import Engine, cluster
 from coordinator.sampling import SamplingParams
 from coordinator.tracing import Tracer
 from expert_node.checkpoint import Checkpoint
-from support import free_port, stream_with_fault, wait_until
+from support import alone, free_port, prompts, run_batched, stream_with_fault, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 KILL_RUNS = 20
@@ -40,6 +40,27 @@ def test_kill_minus_nine_mid_generation(tiny_dir, start_node, tmp_path):
                                    cache_dir=caches[victim])
         assert wait_until(lambda: experts.is_up(node_id), 10), f"run {run}: restarted node not used again"
     print(f"{KILL_RUNS} runs identical; longest stall {longest_stall * 1e3:.0f} ms")
+    experts.close()
+
+
+def test_node_killed_while_a_batch_takes_turns(tiny_dir, start_node):
+    """Two halves of a batch with requests out on a node at once: killed mid-batch, both halves'
+    work goes to the replicas and every sequence's tokens stay those of a single device."""
+    nodes = [start_node("--no-mdns", "--host", "127.0.0.1") for _ in range(3)]
+    experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [n.address for n in nodes], replicas=2,
+                                 progress=False, local_fallback=False)
+    remote, local = Engine.load(tiny_dir, "fast", experts=experts), Engine.load(tiny_dir, "fast")
+    jobs = [(p, TOKENS, SamplingParams(temperature=0.8, seed=i), None) for i, p in enumerate(prompts(4))]
+
+    def kill_after_two_tokens(outs):
+        assert wait_until(lambda: min(len(c.tokens) for c in outs) >= 2, 60)
+        nodes[0].stop(signal.SIGKILL)
+
+    outs = run_batched(remote, jobs, during=kill_after_two_tokens)
+    for (prompt, n, params, _), c in zip(jobs, outs):
+        assert c.error is None
+        assert c.tokens == alone(local, prompt, n, params)
+    assert not all(experts.is_up(n) for n in experts.clients)  # the kill was seen, not missed
     experts.close()
 
 
