@@ -70,6 +70,13 @@ def test_latency_and_jitter(link):
     assert 1.5 < rtts.std() < 5.0  # two directions of N(0, 2 ms): 2.8 ms
 
 
+def test_sub_millisecond_latency(link):
+    """A lan link's 0.3 ms is emulated as such, not rounded up to the millisecond timers of an
+    event loop (which once made it 3 ms)."""
+    base = np.median(ping_ms(link().address, 100))  # the emulator's own cost
+    assert np.median(ping_ms(link("--rtt-ms", "0.3").address, 100)) - base == pytest.approx(0.3, abs=0.25)
+
+
 def test_bandwidth(link):
     s = connect(link("--rate-mbit", "40").address)
     payload = b"y" * (1 << 20)
