@@ -209,7 +209,7 @@ def main() -> None:
             return engine, experts
 
         engine, experts = connect([a for _, a in nodes])
-        node_samples, one_token_computes = [], []
+        node_samples, one_token_hops = [], []
         for k in (0, 2, 4, 8):
             tracer = Tracer()
             decode(engine, n, k, "oracle" if k else "none", continuation, tracer)
@@ -221,13 +221,15 @@ def main() -> None:
                 if tokens == 1:
                     overhead_us.extend(hop_overheads_us(spans))
                     cost_us.extend(hop_costs_us(spans))
-                    one_token_computes.extend(s for s in spans if s.name == "node compute")
+                    one_token_hops.extend(s for s in spans if s.name == "round trip")
         experts.close()
         remote = fit_compute(node_samples)
         overhead = float(np.median(cost_us)) / 1e6
         # grpcio alone: the same one-token rounds through echoes holding each request for that
-        # node's kernel time and answering its expert rows (q16: 2 bytes a value plus 4 per 32 for scales)
-        floor = grpc_floor_us(echo_rounds(one_token_computes, shape.hidden * 2 + shape.hidden // 8, lambda s: s.dur_us))
+        # node's time (as hop_overheads_us subtracts it) and answering its expert rows (q16: 2
+        # bytes a value plus 4 per 32 for scales), as bench/cluster.py does
+        floor = grpc_floor_us(echo_rounds(one_token_hops, shape.hidden * 2 + shape.hidden // 8,
+                                          lambda s: s.args["node_us"]))
 
         def cluster_nodes(link: lm.Link, compute: lm.Compute) -> list[lm.Node]:
             return [lm.Node(link, compute, overhead, 0.5) for _ in range(2)]
