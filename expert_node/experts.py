@@ -10,7 +10,6 @@ coordinator's job, in a fixed order (see coordinator.models.layers.combine_exper
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -277,19 +276,9 @@ def experts_format(shape: ExpertShape) -> type[ExpertPieces]:
 class ExpertBackend(ABC):
     """Computes the selected experts of one layer for a batch of tokens."""
 
-    # True when start() returns before the work is done (it runs on other devices), so a caller
-    # has something to gain from computing while it waits.
-    overlaps = False
-
     @abstractmethod
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
         """x [T, H] float32, expert_ids [T, k] int32 -> unweighted outputs [T, k, H] float32."""
-
-    def start(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> Callable[[], np.ndarray]:
-        """run() in two halves: begin the work, return what waits for its outputs. Here the work
-        is done at once; a backend whose work runs elsewhere returns while it is under way."""
-        out = self.run(layer, x, expert_ids)
-        return lambda: out
 
 
 class ReferenceExpertBackend(ExpertBackend):

@@ -43,9 +43,9 @@ def test_kill_minus_nine_mid_generation(tiny_dir, start_node, tmp_path):
     experts.close()
 
 
-def test_node_killed_while_a_batch_takes_turns(tiny_dir, start_node):
-    """Two halves of a batch with requests out on a node at once: killed mid-batch, both halves'
-    work goes to the replicas and every sequence's tokens stay those of a single device."""
+def test_node_killed_while_a_batch_decodes(tiny_dir, start_node):
+    """Four sequences sharing every round: a node killed mid-batch, its work goes to the replicas
+    and every sequence's tokens stay those of a single device."""
     nodes = [start_node("--no-mdns", "--host", "127.0.0.1") for _ in range(3)]
     experts, _ = cluster.connect(Checkpoint(tiny_dir), "fast", [n.address for n in nodes], replicas=2,
                                  progress=False, local_fallback=False)

@@ -150,7 +150,6 @@ class RemoteExpertBackend(Failover, ExpertBackend):
         self.planned = self.placement  # who serves what while every node is up
         self._closed = threading.Event()
         self.deadlines = Deadlines()
-        self._last_reply: dict[str, float] = {}  # node -> when its latest reply arrived (perf_counter)
         for node, client in self.clients.items():
             self.deadlines.announce(node, client.info, client.rtt_s)
         self.events: list[tuple[float, str, str]] = []  # (time, node, "down: why" / "up" / "repaired: ...")
@@ -176,68 +175,38 @@ class RemoteExpertBackend(Failover, ExpertBackend):
                         break
         return owners
 
-    overlaps = True  # start() returns while the nodes compute: a caller can work meanwhile
-
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
-        return self.start(layer, x, expert_ids)()
-
-    def start(self, layer: int, x: np.ndarray, expert_ids: np.ndarray):
-        """Send the layer's requests and return what waits for the replies (failing over to
-        replicas or this device as run() does). x must stay unchanged until then: a re-send
-        reads it."""
         if not np.isfinite(native.max_abs(np.ascontiguousarray(x, np.float32))):
             # Our own numbers, not a node's fault: no node refusing them may be marked down.
             raise NonFiniteError(f"layer {layer}: the activations reaching the experts contain NaN or Inf")
         out = np.zeros(expert_ids.shape + (x.shape[1],), np.float32)
         todo = np.ones(expert_ids.shape, bool)
         excluded: set[str] = set()
-        sent = self._send_round(layer, x, expert_ids, todo, excluded, out)
-
-        def wait() -> np.ndarray:
-            nonlocal sent
-            while True:
-                self._collect(layer, sent, todo, excluded, out)
-                if not todo.any():
-                    return out
-                sent = self._send_round(layer, x, expert_ids, todo, excluded, out)
-
-        return wait
-
-    def _send_round(self, layer, x, expert_ids, todo, excluded, out) -> list:
-        """Send what is left to do to each live owner (computing orphans here)."""
-        owner = self._owners(layer, excluded)[expert_ids]
-        orphan = todo & (owner < 0)
-        if orphan.any():
-            self._compute_locally(layer, x, expert_ids, orphan, out)
-            todo &= ~orphan
-        sent = [self._send(node, layer, x, expert_ids, todo & (owner == i))
-                for i, node in enumerate(self._node_ids) if (todo & (owner == i)).any()]
-        native.park_workers()  # spinning kernel threads would take the cores of nodes on this machine
-        return sent
-
-    def _collect(self, layer, sent, todo, excluded, out) -> None:
-        """Wait for each sent request: its node's reply fills `out` and leaves `todo`; a node that
-        fails, misses its deadline or answers malformed is marked down and excluded.
-
-        A node answers its stream in order, so a request sent behind another one (a caller with
-        two starts out, waiting for them in the order it started them) begins when the earlier
-        reply arrived: its deadline and its observed round trip count from there."""
-        for node, mask, n_tokens, t0, t1, fut in sent:
-            began = max(t1, self._last_reply.get(node, 0.0))
-            try:
-                reply = fut.result(timeout=max(0.0, began + self.deadlines.deadline(node, n_tokens) - time.perf_counter()))
-            except (FutureTimeout, ClusterError) as e:
-                why = "no reply within its deadline" if isinstance(e, FutureTimeout) else str(e)
-                self.mark_down(node, why)
-                excluded.add(node)
-                continue
-            try:
-                self._receive(node, layer, mask, n_tokens, t0, t1, began, fut, reply, out)
-            except ClusterError as e:  # a malformed reply is that node's fault: fail over
-                self.mark_down(node, str(e))
-                excluded.add(node)
-                continue
-            todo &= ~mask
+        while todo.any():
+            owner = self._owners(layer, excluded)[expert_ids]
+            orphan = todo & (owner < 0)
+            if orphan.any():
+                self._compute_locally(layer, x, expert_ids, orphan, out)
+                todo &= ~orphan
+            sent = [self._send(node, layer, x, expert_ids, todo & (owner == i))
+                    for i, node in enumerate(self._node_ids) if (todo & (owner == i)).any()]
+            native.park_workers()  # spinning kernel threads would take the cores of nodes on this machine
+            for node, mask, n_tokens, t0, t1, fut in sent:
+                try:
+                    reply = fut.result(timeout=max(0.0, t1 + self.deadlines.deadline(node, n_tokens) - time.perf_counter()))
+                except (FutureTimeout, ClusterError) as e:
+                    why = "no reply within its deadline" if isinstance(e, FutureTimeout) else str(e)
+                    self.mark_down(node, why)
+                    excluded.add(node)
+                    continue
+                try:
+                    self._receive(node, layer, mask, n_tokens, t0, t1, fut, reply, out)
+                except ClusterError as e:  # a malformed reply is that node's fault: fail over
+                    self.mark_down(node, str(e))
+                    excluded.add(node)
+                    continue
+                todo &= ~mask
+        return out
 
     def _send(self, node, layer, x, expert_ids, mask):
         rows = mask.any(axis=1)
@@ -254,7 +223,7 @@ class RemoteExpertBackend(Failover, ExpertBackend):
             fut.set_exception(e)
         return node, mask, int(rows.sum()), t0, t1, fut
 
-    def _receive(self, node, layer, mask, n_tokens, t0, t1, began, fut, reply, out) -> None:
+    def _receive(self, node, layer, mask, n_tokens, t0, t1, fut, reply, out) -> None:
         t3 = time.perf_counter()
         try:
             y = decode_tensor(reply.y, "y", (activation_dtype(self.precision),), 2, limit=MAX_ACTIVATION_REPLY, codec=WIRE)
@@ -264,10 +233,9 @@ class RemoteExpertBackend(Failover, ExpertBackend):
             raise ClusterError(f"node {self.clients[node].address}: malformed reply (shape {list(y.shape)} for "
                                f"{int(mask.sum())} expert outputs)")
         out[mask] = y
-        self._last_reply[node] = fut.arrived
-        self.deadlines.observe(node, n_tokens, fut.arrived - began)
+        self.deadlines.observe(node, n_tokens, fut.arrived - t1)
         if self.tracer.enabled:
-            self._trace_hop(node, layer, n_tokens, y.shape[0], t0, began, fut.arrived, t3, time.perf_counter(), reply.timing)
+            self._trace_hop(node, layer, n_tokens, y.shape[0], t0, t1, fut.arrived, t3, time.perf_counter(), reply.timing)
 
     def _compute_locally(self, layer, x, expert_ids, mask, out) -> None:
         if self.local is None:
@@ -280,9 +248,8 @@ class RemoteExpertBackend(Failover, ExpertBackend):
 
     # -- liveness --------------------------------------------------------------------------------
     def _trace_hop(self, node, layer, tokens, outputs, t0, t1, t2, t3, t4, timing: pb.NodeTiming) -> None:
-        """serialize [t0, t1], round trip [t1, t2] (wire = rtt - node time; t1: the send, or the
-        earlier reply's arrival for a request queued behind it), deserialize [t3, t4]; the node's
-        own spans are centred in the round trip. outputs: the expert rows it answered."""
+        """serialize [t0, t1], round trip [t1, t2] (wire = rtt - node time), deserialize [t3, t4];
+        the node's own spans are centred in the round trip. outputs: the expert rows it answered."""
         tr, label, us = self.tracer, self.node_label(node), self.tracer.us
         node_us = timing.decode_us + timing.queue_us + timing.compute_us + timing.encode_us
         rtt_us = (t2 - t1) * 1e6

@@ -357,9 +357,8 @@ class MoeTransformer:
     def forward_batch(self, batch: list[tuple[np.ndarray, KVCache, bool]],
                       router_log: list | None = None) -> list[np.ndarray]:
         """One pass over several sequences, each (ids, its cache, all_logits): the rows of all of
-        them go through every matmul and the experts together (a cluster: each layer's round trips
-        carry them all, in two overlapping halves, see _layers_in_turns), each attends over its
-        own cache. Logits per sequence, as forward() returns them.
+        them go through every matmul and the experts together (a cluster: one round per layer
+        for all), each attends over its own cache. Logits per sequence, as forward() returns them.
 
         Batching must not change a sequence's numbers, and the bf16 matrix tiles round
         differently from the vector kernels a lone decode uses (csrc/ops.cpp bf16_matmul: whole
@@ -385,10 +384,19 @@ class MoeTransformer:
         tr = self.tracer
         with tr.span("embed", tokens=int(ids.size)):
             x = bf16_to_f32(self.embed[ids])
-        if len(batch) > 1 and self.experts.overlaps:
-            x = self._layers_in_turns(x, rows, caches, pos, linear, router_log)
-        else:
-            x = self._layers(x, rows, caches, pos, linear, router_log)
+        rope = rope_tables(pos, self.inv_freq, self.concentration)
+        for i in range(cfg.num_hidden_layers):
+            with tr.span("attention", layer=i):
+                x = x + self.attention(i, x, rows, caches, pos, rope, linear)
+            with tr.span("router", layer=i):
+                xn = self.ops.rmsnorm(x, self.layers[i].post_norm, cfg.rms_norm_eps)
+                expert_ids, weights = self.route(i, xn, linear)
+            if router_log is not None:
+                router_log.append((i, expert_ids))
+            with tr.span("experts", layer=i):
+                outputs = self.experts.run(i, xn, expert_ids)
+            with tr.span("combine", layer=i):
+                x = self.ops.add_experts(x, outputs, weights)
         for r, cache in zip(rows, caches):
             cache.length += r.stop - r.start
         keep = [r if all_logits else slice(r.stop - 1, r.stop) for r, (_, _, all_logits) in zip(rows, batch)]
@@ -397,63 +405,6 @@ class MoeTransformer:
             logits = linear(h, self.lm_head, None)
         bounds = np.cumsum([0] + [r.stop - r.start for r in keep])
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def _layers(self, x, rows, caches, pos, linear, router_log) -> np.ndarray:
-        """Every layer over the rows of x (rows: each sequence's, attending over its cache)."""
-        tr = self.tracer
-        rope = rope_tables(pos, self.inv_freq, self.concentration)
-        for i in range(self.cfg.num_hidden_layers):
-            with tr.span("attention", layer=i):
-                x = x + self.attention(i, x, rows, caches, pos, rope, linear)
-            with tr.span("router", layer=i):
-                xn = self.ops.rmsnorm(x, self.layers[i].post_norm, self.cfg.rms_norm_eps)
-                expert_ids, weights = self.route(i, xn, linear)
-            if router_log is not None:
-                router_log.append((i, expert_ids))
-            with tr.span("experts", layer=i):
-                outputs = self.experts.run(i, xn, expert_ids)
-            with tr.span("combine", layer=i):
-                x = self.ops.add_experts(x, outputs, weights)
-        return x
-
-    def _layers_in_turns(self, x, rows, caches, pos, linear, router_log) -> np.ndarray:
-        """_layers for a batch whose experts run on other devices: its sequences split in two
-        halves that take turns, so while one half's experts are out on the nodes, the other half's
-        attention and router run here — the coordinator computes through the network's round trip
-        instead of waiting it out (each layer then has two rounds, overlapping). Every row meets
-        the same operations as in one pass (matmuls row by row, see forward_batch; attention per
-        sequence; experts per token), so no sequence's numbers change."""
-        tr, cfg = self.tracer, self.cfg
-        sizes = np.array([r.stop - r.start for r in rows])
-        cut = 1 + int(np.argmin(np.abs(2 * np.cumsum(sizes)[:-1] - sizes.sum())))  # rows split near even
-        halves = []
-        for part in (slice(0, cut), slice(cut, None)):
-            a, b = rows[part][0].start, rows[part][-1].stop
-            halves.append({"x": x[a:b], "rows": [slice(r.start - a, r.stop - a) for r in rows[part]],
-                           "caches": caches[part], "pos": pos[a:b],
-                           "rope": rope_tables(pos[a:b], self.inv_freq, self.concentration), "out": None})
-        for i in range(cfg.num_hidden_layers + 1):
-            for h, half in enumerate(halves):
-                if half["out"] is not None:  # the previous layer's experts of this half
-                    wait, weights, resid = half["out"]
-                    with tr.span("experts", layer=i - 1, half=h):
-                        outputs = wait()
-                    with tr.span("combine", layer=i - 1, half=h):
-                        half["x"] = self.ops.add_experts(resid, outputs, weights)
-                    half["out"] = None
-                if i == cfg.num_hidden_layers:
-                    continue
-                with tr.span("attention", layer=i, half=h):
-                    resid = half["x"] + self.attention(i, half["x"], half["rows"], half["caches"], half["pos"],
-                                                       half["rope"], linear)
-                with tr.span("router", layer=i, half=h):
-                    xn = self.ops.rmsnorm(resid, self.layers[i].post_norm, cfg.rms_norm_eps)
-                    expert_ids, weights = self.route(i, xn, linear)
-                half["ids"] = expert_ids
-                half["out"] = (self.experts.start(i, xn, expert_ids), weights, resid)
-            if router_log is not None and i < cfg.num_hidden_layers:
-                router_log.append((i, np.concatenate([half["ids"] for half in halves])))
-        return np.concatenate([half["x"] for half in halves])
 
     def _rows_alone(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """`linear` kTileTokens - 1 rows at a time (see forward_batch)."""
