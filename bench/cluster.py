@@ -132,6 +132,17 @@ def echo_channel(port: int, tls: bool) -> grpc.Channel:
 Echo = tuple[float, int]  # one node's part of a round: (its time in us, the bytes it answered)
 
 
+def wire_row_bytes(hidden: int) -> int:
+    """One activation row on the wire: q16, 2 bytes a value and a float32 scale per 32 values."""
+    return hidden * 2 + hidden // 32 * 4
+
+
+def hop_overheads_us(spans: list) -> list[float]:
+    """Per hop: the software overhead issue 19 measures, a round trip minus the node's own time
+    (decode, compute, encode), from the traced round trip spans."""
+    return [s.dur_us - s.args["node_us"] for s in spans if s.name == "round trip"]
+
+
 def echo_rounds(hops: list, row_bytes: int, hold_us) -> list[list[Echo | None]]:
     """The decode rounds a cluster run made, for grpc_floor_us to replay: per round (one layer's
     requests, sent together), per node in a fixed order, hold_us(span) and the bytes of the expert
@@ -232,12 +243,11 @@ def main() -> None:
     node_time = np.array([h.args["node_us"] for h in hops])
     config = Checkpoint(folder).config
     # the same rounds without our software: an echo per node holding each request for that node's
-    # time and answering its expert rows (q16: 2 bytes a value, 4 per 32 for scales)
-    row_bytes = config["hidden_size"] * 2 + config["hidden_size"] // 32 * 4
-    replay = echo_rounds(hops, row_bytes, lambda h: h.args["node_us"])
+    # time and answering its expert rows
+    replay = echo_rounds(hops, wire_row_bytes(config["hidden_size"]), lambda h: h.args["node_us"])
     floor = grpc_floor_us(replay, tls=tls)
     plain_floor = grpc_floor_us(replay, tls=False) if tls else floor
-    overhead = rtt - node_time
+    overhead = np.array(hop_overheads_us(hops))
     transport = "mutual TLS" if tls else "plaintext"
     pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731
     print(f"machine: {machine}; model: {folder} ({Checkpoint(folder).config['num_hidden_layers']} layers); "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster import default_model, echo_rounds, grpc_floor_us, start_node
+from cluster import default_model, echo_rounds, grpc_floor_us, hop_overheads_us, start_node, wire_row_bytes
 from yardstick import cpu_model
 from coordinator import Engine, cluster
 from coordinator import latency as lm
@@ -99,12 +99,6 @@ def spans_by_round(tracer: Tracer) -> list[tuple[tuple[float, float], int, list]
         a, b = s.start_us, s.start_us + s.dur_us
         out.append(((a, b), 1 + s.args.get("drafts", 0), [x for x in tracer.spans if a <= x.start_us <= b]))
     return out
-
-
-def hop_overheads_us(spans: list) -> list[float]:
-    """Per hop: the issue's software overhead, its round trip minus the node's own time (decode,
-    compute, encode), as bench/cluster.py measures it against grpcio's floor."""
-    return [s.dur_us - s.args["node_us"] for s in spans if s.name == "round trip"]
 
 
 def hop_costs_us(spans: list) -> list[float]:
@@ -224,15 +218,14 @@ def main() -> None:
                     one_token_hops.extend(s for s in spans if s.name == "round trip")
         experts.close()
         remote = fit_compute(node_samples)
-        overhead = float(np.median(cost_us)) / 1e6
+        hop_cost_s = float(np.median(cost_us)) / 1e6
         # grpcio alone: the same one-token rounds through echoes holding each request for that
-        # node's time (as hop_overheads_us subtracts it) and answering its expert rows (q16: 2
-        # bytes a value plus 4 per 32 for scales), as bench/cluster.py does
-        floor = grpc_floor_us(echo_rounds(one_token_hops, shape.hidden * 2 + shape.hidden // 8,
-                                          lambda s: s.args["node_us"]))
+        # node's time (as hop_overheads_us subtracts it) and answering its expert rows, as
+        # bench/cluster.py does
+        floor = grpc_floor_us(echo_rounds(one_token_hops, wire_row_bytes(shape.hidden), lambda s: s.args["node_us"]))
 
         def cluster_nodes(link: lm.Link, compute: lm.Compute) -> list[lm.Node]:
-            return [lm.Node(link, compute, overhead, 0.5) for _ in range(2)]
+            return [lm.Node(link, compute, hop_cost_s, 0.5) for _ in range(2)]
 
         # the emulator's own forwarding cost: a zero-delay link, k = 0
         proxies = [start_linkem(a, Link()) for _, a in nodes]
@@ -244,7 +237,7 @@ def main() -> None:
         emulator_s = max(0.0, (zero["round_ms"] / 1e3 - lm.cluster_round_seconds(
             shape, coord(1), cluster_nodes(lm.Link(), remote), 1)) / shape.layers)
         print(f"terms: hop overhead p50 {np.median(overhead_us):.0f} us (rtt - node time; grpc floor "
-              f"{np.median(floor):.0f} us), hop cost {overhead * 1e6:.0f} us (serialize + rtt + deserialize - "
+              f"{np.median(floor):.0f} us), hop cost {hop_cost_s * 1e6:.0f} us (serialize + rtt + deserialize - "
               f"node compute), "
               f"emulator {emulator_s * 1e6:.0f} us per hop, node compute per round {remote}, local {local}")
 
@@ -301,7 +294,7 @@ def main() -> None:
         "decode_tps_single_lookup": row("single", "lookup", 4),
         "decode_tps_single_wrong_k4": row("single", "wrong", 4),
         "hop_overhead_us_p50": float(np.median(overhead_us)),
-        "hop_overhead_us_p99": float(np.percentile(overhead_us, 99)), "hop_cost_us_p50": overhead * 1e6,
+        "hop_overhead_us_p99": float(np.percentile(overhead_us, 99)), "hop_cost_us_p50": hop_cost_s * 1e6,
         "grpc_floor_us_p50": float(np.median(floor)), "model_error_max": max(errors) if errors else None,
         "separate_devices": separate,
         "rows": [{"where": w, **{k: v for k, v in r.items() if k != "tokens"}} for w, r in rows] +

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.batching import Scheduler
 from coordinator.local_node import LocalNode
 from coordinator.sampling import SamplingParams
 
@@ -169,8 +170,6 @@ def alone(engine, prompt, n, params=GREEDY, draft=None) -> list[int]:
 def run_batched(engine, jobs, parallel=4, during=None) -> list[Collector]:
     """jobs: (prompt, max_tokens, params, draft); all submitted at once. during(collectors), if
     given, runs while they decode (a fault to inject)."""
-    from coordinator.batching import Scheduler
-
     scheduler = Scheduler(engine, parallel=parallel)
     try:
         outs = []
